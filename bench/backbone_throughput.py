@@ -1,0 +1,191 @@
+"""Throughput of SkipAt-ViT against the plain ViT of the same size, measured interleaved in one run.
+
+    python -m bench.backbone_throughput                       # CPU: fp32; CUDA: bf16, batch 256 and 1024, eager and compiled
+    python -m bench.backbone_throughput --size tiny --mode train --batch-sizes 64
+
+Each repeat times both models back to back (order alternating), so drift of the machine hits both;
+the reported ratio is the median of per-repeat ratios. Results go to bench/results/ as JSON.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import timm
+import torch
+
+import skipssl  # noqa: F401  (registers skipat_vit_*)
+from skipssl.models import count_macs, count_params
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def build(name: str, device: torch.device, compile_model: bool, channels_last: bool) -> torch.nn.Module:
+    model = timm.create_model(name, num_classes=0, dynamic_img_size=True).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def make_step(model, x, mode: str, amp_dtype: Optional[torch.dtype], device: torch.device):
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast():
+                model(x)
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            with autocast():
+                loss = model(x).float().square().mean()
+            loss.backward()
+            for p in params:
+                p.grad = None
+    return step
+
+
+def time_steps(step, iters: int, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
+    amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
+    names = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'skipat_vit_{args.size}_patch16_224'}
+    x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=device)
+    steps = {}
+    for key, name in names.items():
+        torch.manual_seed(0)
+        model = build(name, device, compile_model, args.channels_last)
+        steps[key] = make_step(model, x, args.mode, amp_dtype, device)
+        for _ in range(args.warmup):
+            steps[key]()
+    synchronize(device)
+
+    rates: Dict[str, List[float]] = {k: [] for k in names}
+    ratios = []
+    for r in range(args.repeats):
+        order = list(names) if r % 2 == 0 else list(reversed(names))
+        for key in order:
+            elapsed = time_steps(steps[key], args.iters, device)
+            rates[key].append(batch_size * args.iters / elapsed)
+        ratios.append(rates['skipat'][-1] / rates['vit'][-1])
+    result = {
+        'batch_size': batch_size,
+        'compile': compile_model,
+        'vit_img_per_s': statistics.median(rates['vit']),
+        'skipat_img_per_s': statistics.median(rates['skipat']),
+        'ratio_skipat_over_vit': statistics.median(ratios),
+        'per_repeat_img_per_s': rates,
+    }
+    print(f"  batch {batch_size:5d} compile={str(compile_model):5s}  ViT {result['vit_img_per_s']:9.1f} img/s  "
+          f"SkipAt {result['skipat_img_per_s']:9.1f} img/s  ratio {result['ratio_skipat_over_vit']:.3f}x",
+          flush=True)
+    return result
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--size', default='small', choices=['tiny', 'small', 'base'])
+    p.add_argument('--mode', default='infer', choices=['infer', 'train'], help='forward only, or forward+backward')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1 ...')
+    p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
+                   help='default: bf16 autocast on CUDA, fp32 on CPU')
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=None,
+                   help='default: 256 1024 on CUDA, 16 on CPU')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--compile', default=None, choices=['off', 'on', 'both'],
+                   help='torch.compile the models; default: both on CUDA, off on CPU')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--repeats', type=int, default=None, help='default: 7 on CUDA, 3 on CPU')
+    p.add_argument('--iters', type=int, default=None, help='steps per timing; default: 20 on CUDA, 2 on CPU')
+    p.add_argument('--warmup', type=int, default=None, help='default: 5 on CUDA, 1 on CPU')
+    p.add_argument('--out', type=Path, default=None, help='JSON path (default: bench/results/<name>.json)')
+    args = p.parse_args(argv)
+
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
+                          else ('cpu' if args.device == 'auto' else args.device))
+    cuda = device.type == 'cuda'
+    args.precision = args.precision or ('bf16' if cuda else 'fp32')
+    args.batch_sizes = args.batch_sizes or ([256, 1024] if cuda else [16])
+    args.compile = args.compile or ('both' if cuda else 'off')
+    args.repeats = args.repeats or (7 if cuda else 3)
+    args.iters = args.iters or (20 if cuda else 2)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    compiles = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+
+    vit_name, skip_name = f'vit_{args.size}_patch16_224', f'skipat_vit_{args.size}_patch16_224'
+    vit_cpu = timm.create_model(vit_name, num_classes=0)
+    skip_cpu = timm.create_model(skip_name, num_classes=0)
+    img = (1, 3, args.img_size, args.img_size)
+    header = {
+        'benchmark': 'backbone_throughput',
+        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'device': device_name(device),
+        'device_type': device.type,
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'models': {'vit': vit_name, 'skipat': skip_name},
+        'params': {'vit': count_params(vit_cpu), 'skipat': count_params(skip_cpu)},
+        'gmacs_per_image': {'vit': count_macs(vit_cpu, img) / 1e9, 'skipat': count_macs(skip_cpu, img) / 1e9},
+        'mode': args.mode,
+        'precision': args.precision,
+        'img_size': args.img_size,
+        'channels_last': args.channels_last,
+        'repeats': args.repeats,
+        'iters_per_repeat': args.iters,
+    }
+    del vit_cpu, skip_cpu
+    print(f"{args.mode} throughput, {args.size} at {args.img_size}px, {args.precision}, on {header['device']}")
+    print(f"  params ViT {header['params']['vit'] / 1e6:.2f}M  SkipAt {header['params']['skipat'] / 1e6:.2f}M;  "
+          f"GMACs ViT {header['gmacs_per_image']['vit']:.2f}  SkipAt {header['gmacs_per_image']['skipat']:.2f}")
+    results = [run_config(args, device, bs, c) for c in compiles for bs in args.batch_sizes]
+    report = dict(header, results=results)
+
+    out = args.out or RESULTS_DIR / f"backbone_{args.mode}_{args.size}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(report, indent=2) + '\n')
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == '__main__':
+    main()

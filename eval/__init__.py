@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, faiss k-NN, linear probe, reports."""

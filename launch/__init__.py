@@ -1,0 +1,1 @@
+"""Launchers: SLURM / local jobs through submitit."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Entry point: pretrain (not yet implemented; see the project's open issues)."""
+import sys
+
+
+def main() -> int:
+    print("pretrain.py: not yet implemented", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

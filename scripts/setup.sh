@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs the project with its pinned dependencies.
+# Idempotent: a second run with unchanged pyproject.toml / constraints.txt returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('skipssl') is None)" 2>/dev/null; then
+    exit 0
+fi
+
+echo "[setup] installing into .venv (first run: a few minutes, ~5 GB for torch)" >&2
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# --isolated: ignore machine-wide pip settings, whose local torch "+cpu" wheel cannot run torchvision
+# (REFERENCE.md section 3); constraints.txt pins a torch/torchvision pair that works on CPU and GPU.
+pip_install() { .venv/bin/python -m pip install --isolated --disable-pip-version-check -q "$@"; }
+pip_install -c constraints.txt -e '.[test]'
+rm -f .venv/.installed-*
+touch "$stamp"
+echo "[setup] done" >&2

@@ -1,0 +1,60 @@
+"""SkipAt-ViT entries in timm's model registry (``timm.create_model('skipat_vit_small_patch16_224')``)."""
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+from .skipat_vit import SkipAtVisionTransformer
+
+
+def _cfg(**kwargs: Any) -> dict:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'skipat_vit_tiny_patch16_224': _cfg(),
+    'skipat_vit_small_patch16_224': _cfg(),
+    'skipat_vit_base_patch16_224': _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> SkipAtVisionTransformer:
+    if pretrained:
+        raise ValueError(
+            f"no pretrained weights are published for {variant}; build it from a pretrained ViT with "
+            "skipssl.models.convert_to_skipat(timm.create_model('vit_...', pretrained=True))")
+    # DINO feeds 224 and 96 px crops through one network, so inputs of any size are the default.
+    kwargs.setdefault('dynamic_img_size', True)
+    return build_model_with_cfg(
+        SkipAtVisionTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def skipat_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+    """SkipAt-ViT-T/16: ViT-T/16 with blocks 3-8 skipping self-attention."""
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create('skipat_vit_tiny_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def skipat_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+    """SkipAt-ViT-S/16: ViT-S/16 with blocks 3-8 skipping self-attention."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create('skipat_vit_small_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def skipat_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+    """SkipAt-ViT-B/16: ViT-B/16 with blocks 3-8 skipping self-attention."""
+    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create('skipat_vit_base_patch16_224', pretrained, **dict(args, **kwargs))
