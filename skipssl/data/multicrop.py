@@ -1,0 +1,310 @@
+"""DINO's multi-crop augmentation, two ways with one recipe.
+
+- ``MultiCropTransform``: per image, torchvision.transforms.v2, for data-loader workers.
+- ``BatchedMultiCrop``: per batch of uint8 images on the training device (GPU), vectorised: every crop of
+  every image gets its own random parameters, without a Python loop over images and without host syncs.
+  Use it when the CPU has too few cores per GPU to keep up.
+
+Recipe (Caron et al. 2021): 2 global crops (RandomResizedCrop bicubic, scale (0.4, 1)) and N local crops
+(scale (0.05, 0.4)); horizontal flip; colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, in random order;
+grayscale p 0.2; Gaussian blur sigma in (0.1, 2) with p 1.0 / 0.1 / 0.5 (global 1 / global 2 / local);
+solarisation p 0.2 on global crop 2 only; ImageNet normalisation. Every number is a field of MultiCropConfig.
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
+
+
+@dataclass
+class MultiCropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 10
+    global_scale: Tuple[float, float] = (0.4, 1.0)
+    local_scale: Tuple[float, float] = (0.05, 0.4)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 0          # 0: 2 * ceil(3 * max sigma) + 1
+    blur_p_global1: float = 1.0
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    solarize_p: float = 0.2            # global crop 2 only
+    solarize_threshold: float = 0.5    # on [0, 1] images (128 / 255 for uint8)
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.n_global != 2:
+            raise ValueError(f"DINO uses exactly 2 global crops (the teacher's views), got n_global={self.n_global}")
+        if self.n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {self.n_local}")
+        for name in ('global_scale', 'local_scale', 'ratio', 'blur_sigma'):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ('flip_p', 'jitter_p', 'grayscale_p', 'blur_p_global1', 'blur_p_global2', 'blur_p_local',
+                     'solarize_p'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} must have one value per channel")
+        if self.blur_kernel_size and self.blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+
+    @property
+    def n_crops(self) -> int:
+        return self.n_global + self.n_local
+
+    @property
+    def kernel_size(self) -> int:
+        return self.blur_kernel_size or 2 * math.ceil(3 * self.blur_sigma[1]) + 1
+
+    def crop_specs(self) -> List[dict]:
+        """Size, scale and per-crop probabilities of each crop, in output order."""
+        g = dict(size=self.global_size, scale=self.global_scale)
+        specs = [dict(g, blur_p=self.blur_p_global1, solarize_p=0.0),
+                 dict(g, blur_p=self.blur_p_global2, solarize_p=self.solarize_p)]
+        specs += [dict(size=self.local_size, scale=self.local_scale, blur_p=self.blur_p_local, solarize_p=0.0)
+                  for _ in range(self.n_local)]
+        return specs
+
+
+# -- CPU path: torchvision.transforms.v2, one image at a time -------------------------------------------
+class MultiCropTransform:
+    """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised; for loader workers."""
+
+    def __init__(self, cfg: MultiCropConfig = MultiCropConfig()) -> None:
+        self.cfg = cfg
+        self.transforms = [self._crop_transform(spec) for spec in cfg.crop_specs()]
+
+    def _crop_transform(self, spec: dict) -> v2.Compose:
+        c = self.cfg
+        steps = [
+            v2.ToImage(),
+            v2.RandomResizedCrop(spec['size'], scale=spec['scale'], ratio=c.ratio,
+                                 interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(c.flip_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([v2.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)], p=c.jitter_p),
+            v2.RandomGrayscale(c.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(c.kernel_size, sigma=c.blur_sigma)], p=spec['blur_p']),
+        ]
+        if spec['solarize_p'] > 0:
+            steps.append(v2.RandomSolarize(c.solarize_threshold, p=spec['solarize_p']))
+        steps.append(v2.Normalize(c.mean, c.std))
+        return v2.Compose(steps)
+
+    def __call__(self, image) -> List[torch.Tensor]:
+        return [t(image) for t in self.transforms]
+
+
+# -- device path: whole batches, per-sample random parameters --------------------------------------------
+def _uniform(n: int, lo: float, hi: float, device, generator) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
+
+
+def _bernoulli(n: int, p: float, device, generator) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=generator) < p
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    s = delta / maxc.clamp_min(1e-8)
+    d = delta.clamp_min(1e-8)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack((
+        torch.stack((v, q, p, p, t, v), dim=1),
+        torch.stack((t, v, v, q, p, p), dim=1),
+        torch.stack((p, p, t, v, v, q), dim=1),
+    ), dim=1)  # (B, 3, 6, H, W)
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def _per_sample(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def _adjust_brightness(x, f):
+    return (x * _per_sample(f)).clamp(0, 1)
+
+
+def _adjust_contrast(x, f):
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (_per_sample(f) * x + (1 - _per_sample(f)) * mean).clamp(0, 1)
+
+
+def _adjust_saturation(x, f):
+    if x.shape[1] == 1:
+        return x
+    return (_per_sample(f) * x + (1 - _per_sample(f)) * _gray(x)).clamp(0, 1)
+
+
+def _adjust_hue(x, f):
+    if x.shape[1] == 1:
+        return x
+    hsv = _rgb_to_hsv(x)
+    h = (hsv[:, 0] + f.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+class BatchedMultiCrop:
+    """uint8 image batch on any device -> list of n_crops float batches (B, C, s, s), normalised.
+
+    ``images``: (B, C, H, W) uint8. ``orig_sizes`` (optional, (B, 2) of (h, w)): the images' sizes before a
+    loader resized them to this common canvas; crop boxes are drawn in that original pixel space so crop
+    areas and aspect ratios follow RandomResizedCrop on the original image, then resampled from the canvas.
+    Crop + resize + flip are one bicubic ``grid_sample`` per crop (no antialiasing: keep the canvas close to
+    the crop sizes, e.g. 256 px, so that downscaling stays mild).
+    """
+
+    def __init__(self, cfg: MultiCropConfig = MultiCropConfig()) -> None:
+        self.cfg = cfg
+
+    def __call__(self, images: torch.Tensor, orig_sizes: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"BatchedMultiCrop takes a (B, C, H, W) uint8 batch, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if images.shape[1] != len(self.cfg.mean):
+            raise ValueError(f"images have {images.shape[1]} channels, the config normalises {len(self.cfg.mean)}")
+        B, _, H, W = images.shape
+        if orig_sizes is None:
+            orig_sizes = torch.tensor([[H, W]], device=images.device).expand(B, 2)
+        orig_sizes = orig_sizes.to(device=images.device, dtype=torch.float32)
+        x = images.float().div_(255)
+        return [self._crop(x, orig_sizes, spec, generator) for spec in self.cfg.crop_specs()]
+
+    def _crop(self, x: torch.Tensor, sizes: torch.Tensor, spec: dict, gen) -> torch.Tensor:
+        c, dev, B = self.cfg, x.device, x.shape[0]
+        theta = self._crop_boxes(sizes, spec['scale'], gen)
+        flip = _bernoulli(B, c.flip_p, dev, gen)
+        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])
+        s = spec['size']
+        grid = F.affine_grid(theta, [B, x.shape[1], s, s], align_corners=False)
+        y = F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False).clamp_(0, 1)
+        y = self._color_jitter(y, gen)
+        gray = _bernoulli(B, c.grayscale_p, dev, gen)
+        if y.shape[1] > 1:
+            y = torch.where(_per_sample(gray), _gray(y).expand_as(y), y)
+        y = self._blur(y, spec['blur_p'], gen)
+        if spec['solarize_p'] > 0:
+            sol = _per_sample(_bernoulli(B, spec['solarize_p'], dev, gen))
+            y = torch.where(sol & (y >= c.solarize_threshold), 1.0 - y, y)
+        mean = y.new_tensor(c.mean).view(1, -1, 1, 1)
+        std = y.new_tensor(c.std).view(1, -1, 1, 1)
+        return (y - mean) / std
+
+    def _crop_boxes(self, sizes: torch.Tensor, scale, gen, attempts: int = 10) -> torch.Tensor:
+        """RandomResizedCrop's box sampling (10 tries, then a centre crop), vectorised; returns affine thetas
+        mapping output coordinates to normalised input coordinates."""
+        c, dev, B = self.cfg, sizes.device, sizes.shape[0]
+        Hs, Ws = sizes[:, 0:1], sizes[:, 1:2]
+        area = Hs * Ws * _uniform(B * attempts, *scale, dev, gen).view(B, attempts)
+        log_r = _uniform(B * attempts, math.log(c.ratio[0]), math.log(c.ratio[1]), dev, gen).view(B, attempts)
+        r = torch.exp(log_r)
+        w = torch.round(torch.sqrt(area * r))
+        h = torch.round(torch.sqrt(area / r))
+        ok = (w > 0) & (h > 0) & (w <= Ws) & (h <= Hs)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1, device=dev))
+        pick = first.clamp_min(0).view(B, 1)
+        w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+        Hs, Ws = Hs.squeeze(1), Ws.squeeze(1)
+        # fallback: centre crop at the ratio clamped into range (torchvision's behaviour)
+        in_ratio = Ws / Hs
+        fw = torch.where(in_ratio < c.ratio[0], Ws, torch.where(in_ratio > c.ratio[1], torch.round(Hs * c.ratio[1]), Ws))
+        fh = torch.where(in_ratio < c.ratio[0], torch.round(Ws / c.ratio[0]), Hs)
+        fallback = first < 0
+        w, h = torch.where(fallback, fw, w), torch.where(fallback, fh, h)
+        u = torch.rand(B, 2, device=dev, generator=gen)
+        top = torch.where(fallback, (Hs - h) / 2, torch.floor(u[:, 0] * (Hs - h + 1)))
+        left = torch.where(fallback, (Ws - w) / 2, torch.floor(u[:, 1] * (Ws - w + 1)))
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0] = w / Ws
+        theta[:, 0, 2] = (2 * left + w) / Ws - 1
+        theta[:, 1, 1] = h / Hs
+        theta[:, 1, 2] = (2 * top + h) / Hs - 1
+        return theta
+
+    def _color_jitter(self, x: torch.Tensor, gen) -> torch.Tensor:
+        c, dev, B = self.cfg, x.device, x.shape[0]
+        apply = _bernoulli(B, c.jitter_p, dev, gen)
+
+        def factor(amount: float, center: float) -> torch.Tensor:
+            f = _uniform(B, max(0.0, center - amount), center + amount, dev, gen)
+            return torch.where(apply, f, torch.full_like(f, center))
+
+        ops = [
+            (_adjust_brightness, factor(c.brightness, 1.0), c.brightness > 0),
+            (_adjust_contrast, factor(c.contrast, 1.0), c.contrast > 0),
+            (_adjust_saturation, factor(c.saturation, 1.0), c.saturation > 0),
+            (_adjust_hue, factor(c.hue, 0.0), c.hue > 0),
+        ]
+        # ColorJitter applies its four adjustments in a fresh random order for every image.
+        order = torch.rand(B, 4, device=dev, generator=gen).argsort(dim=1)
+        for slot in range(4):
+            for j, (fn, f, enabled) in enumerate(ops):
+                if enabled:
+                    x = torch.where(_per_sample(order[:, slot] == j), fn(x, f), x)
+        return x
+
+    def _blur(self, x: torch.Tensor, p: float, gen) -> torch.Tensor:
+        if p <= 0:
+            return x
+        c, dev = self.cfg, x.device
+        B, C, H, W = x.shape
+        apply = _bernoulli(B, p, dev, gen)
+        sigma = _uniform(B, *c.blur_sigma, dev, gen)
+        k = c.kernel_size
+        r = torch.arange(k, device=dev, dtype=x.dtype) - (k - 1) / 2
+        kernel = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+        kernel = kernel / kernel.sum(1, keepdim=True)
+        delta = torch.zeros_like(kernel)
+        delta[:, k // 2] = 1.0
+        kernel = torch.where(apply[:, None], kernel, delta).repeat_interleave(C, dim=0)  # (B*C, k)
+        y = x.reshape(1, B * C, H, W)
+        pad = k // 2
+        y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode='reflect'), kernel.view(B * C, 1, 1, k), groups=B * C)
+        y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode='reflect'), kernel.view(B * C, 1, k, 1), groups=B * C)
+        return y.view(B, C, H, W)
+
+
+def stack_crops(per_image: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+    """Collate: list over images of lists of crops -> list over crops of (B, C, s, s) batches."""
+    return [torch.stack(crops) for crops in zip(*per_image)]

@@ -1,0 +1,77 @@
+"""DINO's self-distillation loss with teacher centring, and the collapse monitors it gets for free."""
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred, sharpened teacher and student distributions over crop pairs.
+
+    ``forward(student_out, teacher_out, teacher_temp)``: ``student_out`` is (n_crops * B, K), crop-major
+    (crop 0 of every image, then crop 1, ...); ``teacher_out`` is (n_teacher_crops * B, K), the global crops
+    likewise. The loss averages -sum P_t log P_s over every (teacher crop i, student crop v) pair with
+    v != i. The centre is then updated from the teacher outputs, averaged over all ranks.
+
+    After each call ``metrics`` holds detached tensors (no host sync): ``teacher_entropy`` (mean entropy of
+    P_t; near ln K when collapsed to uniform, near 0 when collapsed to one prototype), ``teacher_marginal_entropy``
+    (entropy of the batch-mean P_t: how many prototypes are used), ``kl`` (mean KL(P_t || P_s) over the pairs)
+    and ``center_norm``.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 n_teacher_crops: int = 2) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.n_teacher_crops = n_teacher_crops
+        self.register_buffer('center', torch.zeros(1, out_dim))
+        self.metrics: Dict[str, torch.Tensor] = {}
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        nt = self.n_teacher_crops
+        if teacher_out.shape[0] % nt or student_out.shape[-1] != self.out_dim or teacher_out.shape[-1] != self.out_dim:
+            raise ValueError(
+                f"DINOLoss(out_dim={self.out_dim}, n_teacher_crops={nt}) got student {tuple(student_out.shape)}, "
+                f"teacher {tuple(teacher_out.shape)}")
+        B = teacher_out.shape[0] // nt
+        if student_out.shape[0] % B or student_out.shape[0] // B < nt:
+            raise ValueError(f"student_out has {student_out.shape[0]} rows, not a multiple >= {nt} of batch {B}")
+        n_crops = student_out.shape[0] // B
+        # fp32 softmax: bf16/fp16 logits at temperature 0.04 overflow or lose all resolution.
+        log_ps = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(n_crops, B, -1)
+        teacher = teacher_out.detach().float()
+        pt = F.softmax((teacher - self.center) / teacher_temp, dim=-1).view(nt, B, -1)
+
+        # ce[i, v] = mean over the batch of -sum_k P_t[i] log P_s[v]; one matmul over (batch, prototypes).
+        ce = -(pt.reshape(nt, -1) @ log_ps.reshape(n_crops, -1).T) / B
+        diag = torch.diagonal(ce[:, :nt]).sum()
+        n_pairs = nt * n_crops - nt
+        loss = (ce.sum() - diag) / n_pairs
+
+        with torch.no_grad():
+            log_pt = torch.log(pt.clamp_min(1e-30))
+            teacher_entropy = -(pt * log_pt).sum(-1).mean()
+            marginal = pt.mean(dim=(0, 1))
+            self.metrics = {
+                'teacher_entropy': teacher_entropy,
+                'teacher_marginal_entropy': -(marginal * marginal.clamp_min(1e-30).log()).sum(),
+                # every teacher crop pairs with n_crops - 1 student crops, so the mean KL is CE - H(P_t)
+                'kl': loss.detach() - teacher_entropy,
+            }
+            self.update_center(teacher)
+            self.metrics['center_norm'] = self.center.norm()
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        batch_center = teacher_out.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([float(teacher_out.shape[0])], device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            dist.all_reduce(count)
+        batch_center = batch_center / count
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -1,0 +1,246 @@
+"""DINO method pieces against plain formulas (REFERENCE.md section 2)."""
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import skipssl  # noqa: F401
+from skipssl.dino import (
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    apply_schedules,
+    clip_gradients_per_param,
+    collapse_state,
+    cosine_schedule,
+    ema_update,
+    linear_warmup_schedule,
+    make_teacher,
+    matching_parameters,
+    param_groups,
+    scaled_lr,
+)
+
+
+def reference_dino_loss(student_out, teacher_out, center, teacher_temp, student_temp, n_crops, momentum):
+    """DINO's loss and centre update written as the paper's loops."""
+    student = (student_out / student_temp).chunk(n_crops)
+    teacher = F.softmax((teacher_out - center) / teacher_temp, dim=-1).chunk(2)
+    total, n_terms = 0.0, 0
+    for iq, q in enumerate(teacher):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            total += torch.sum(-q * F.log_softmax(student[v], dim=-1), dim=-1).mean()
+            n_terms += 1
+    new_center = center * momentum + teacher_out.mean(0, keepdim=True) * (1 - momentum)
+    return total / n_terms, new_center
+
+
+@pytest.mark.parametrize('n_crops, batch, out_dim', [(2, 1, 16), (4, 3, 32), (12, 5, 64)])
+def test_loss_and_center_match_loop_reference(n_crops, batch, out_dim):
+    torch.manual_seed(n_crops)
+    loss_fn = DINOLoss(out_dim, student_temp=0.1, center_momentum=0.9)
+    center = torch.randn(1, out_dim) * 0.1
+    loss_fn.center.copy_(center)
+    for step in range(3):  # several steps: the centre carries over
+        s = torch.randn(n_crops * batch, out_dim)
+        t = torch.randn(2 * batch, out_dim)
+        expected, center = reference_dino_loss(s, t, center, 0.04 + 0.01 * step, 0.1, n_crops, 0.9)
+        got = loss_fn(s, t, 0.04 + 0.01 * step)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_fn.center, center)
+
+
+def test_loss_gradient_matches_reference():
+    torch.manual_seed(0)
+    s = torch.randn(6 * 4, 32, requires_grad=True)
+    t = torch.randn(2 * 4, 32)
+    DINOLoss(32)(s, t, 0.07).backward()
+    g = s.grad.clone()
+    s.grad = None
+    reference_dino_loss(s, t, torch.zeros(1, 32), 0.07, 0.1, 6, 0.9)[0].backward()
+    torch.testing.assert_close(g, s.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_low_for_matching_views_and_ln_k_for_uniform_student():
+    K, B = 256, 8
+    logits = F.one_hot(torch.randint(0, K, (B,)), K).float() * 10
+    loss_fn = DINOLoss(K)
+    same = loss_fn(torch.cat([logits, logits]), torch.cat([logits, logits]), teacher_temp=0.04)
+    assert same < 0.01
+    uniform = DINOLoss(K)(torch.zeros(4 * B, K), torch.randn(2 * B, K), teacher_temp=0.04)
+    assert uniform.item() == pytest.approx(math.log(K), rel=1e-5)
+
+
+def test_loss_is_safe_in_half_precision():
+    torch.manual_seed(0)
+    s = (torch.randn(4 * 8, 4096) * 30).to(torch.bfloat16)
+    t = (torch.randn(2 * 8, 4096) * 30).to(torch.float16)
+    loss = DINOLoss(4096)(s, t, teacher_temp=0.04)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected, _ = reference_dino_loss(s.float(), t.float(), torch.zeros(1, 4096), 0.04, 0.1, 4, 0.9)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match='out_dim'):
+        DINOLoss(16)(torch.randn(8, 16), torch.randn(4, 8), 0.04)
+    with pytest.raises(ValueError, match='multiple'):
+        DINOLoss(16)(torch.randn(7, 16), torch.randn(4, 16), 0.04)
+
+
+def test_center_is_a_saved_buffer():
+    loss_fn = DINOLoss(8)
+    loss_fn(torch.randn(8, 8), torch.randn(4, 8) + 3, 0.04)
+    restored = DINOLoss(8)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(restored.center, loss_fn.center) and restored.center.abs().sum() > 0
+
+
+def test_collapse_monitors_detect_both_collapse_modes():
+    K, B = 1024, 16
+    loss_fn = DINOLoss(K)
+    # teacher collapsed to uniform: identical logits everywhere
+    loss_fn(torch.randn(4 * B, K), torch.zeros(2 * B, K), teacher_temp=0.04)
+    m = {k: v.item() for k, v in loss_fn.metrics.items()}
+    assert m['teacher_entropy'] == pytest.approx(math.log(K), rel=1e-4)
+    assert collapse_state(m, K) == 'uniform'
+    # teacher collapsed to one prototype for every image
+    one = torch.full((2 * B, K), -50.0)
+    one[:, 3] = 50.0
+    loss_fn = DINOLoss(K)
+    loss_fn(torch.randn(4 * B, K), one, teacher_temp=0.04)
+    m = {k: v.item() for k, v in loss_fn.metrics.items()}
+    assert m['teacher_entropy'] < 1e-3 and collapse_state(m, K) == 'one-hot'
+    # healthy: sharp per image, different prototypes across images
+    healthy = torch.randn(2 * B, K) * 0.2
+    healthy[torch.arange(2 * B), torch.randperm(K)[:2 * B]] += 1.0
+    loss_fn = DINOLoss(K)
+    loss_fn(torch.randn(4 * B, K), healthy, teacher_temp=0.04)
+    m = {k: v.item() for k, v in loss_fn.metrics.items()}
+    assert collapse_state(m, K) is None
+    assert m['kl'] > 0 and m['center_norm'] > 0
+
+
+def test_head_structure_and_fixed_last_layer_norm():
+    head = DINOHead(384)
+    n_mlp = 384 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 256 + 256
+    assert sum(p.numel() for p in head.parameters()) == n_mlp + 256 * 65536
+    assert head(torch.randn(3, 384)).shape == (3, 65536)
+
+    torch.manual_seed(0)
+    head = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1)
+    for _ in range(5):
+        head(torch.randn(4, 32)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(64))
+    # bottleneck output is L2-normalised before the last layer: logits bounded by the row norms
+    assert head(torch.randn(10, 32) * 100).abs().max() <= 1.0 + 1e-5
+
+    free = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16, norm_last_layer=False)
+    assert 'last_layer.weight_g' in dict(free.named_parameters())
+    assert DINOHead(32, out_dim=8, nlayers=1).mlp.out_features == 256
+
+
+def test_multicrop_wrapper_runs_backbone_once_per_resolution():
+    torch.manual_seed(0)
+    backbone = timm.create_model('skipat_vit_tiny_patch16_224', num_classes=0, depth=4, skip_indices=(2,)).eval()
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    head = DINOHead(192, out_dim=32, hidden_dim=64, bottleneck_dim=16)
+    model = MultiCropWrapper(backbone, head)
+    crops = [torch.randn(2, 3, 64, 64) for _ in range(2)] + [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    with torch.no_grad():
+        out = model(crops)
+        per_crop = torch.cat([head(backbone(c)) for c in crops])
+    assert out.shape == (5 * 2, 32)
+    assert [tuple(s) for s in calls[:2]] == [(4, 3, 64, 64), (6, 3, 32, 32)]
+    torch.testing.assert_close(out, per_crop, rtol=1e-4, atol=1e-5)
+
+
+def test_schedules_at_warmup_end_midpoint_and_end():
+    base, final, total, warm = 5e-4, 1e-6, 1000, 100
+    s = cosine_schedule(base, final, total, warm, start_warmup_value=0.0)
+    assert len(s) == total
+    assert s[0] == 0.0 and s[warm - 1] == pytest.approx(base) and s[warm] == pytest.approx(base)
+    n = total - warm
+    assert s[warm + n // 2] == pytest.approx((base + final) / 2)
+    assert s[-1] == pytest.approx(final + 0.5 * (base - final) * (1 + math.cos(math.pi * (n - 1) / n)))
+    assert np.all(np.diff(s[warm:]) <= 0)
+    momentum = cosine_schedule(0.996, 1.0, 500)
+    assert momentum[0] == pytest.approx(0.996) and momentum[-1] == pytest.approx(1.0, abs=1e-7)
+    temp = linear_warmup_schedule(0.04, 0.07, 300, 30)
+    assert temp[0] == 0.04 and temp[29] == pytest.approx(0.07) and np.all(temp[29:] == pytest.approx(0.07))
+    assert scaled_lr(5e-4, 1024) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match='warmup_iters'):
+        cosine_schedule(1, 0, 10, warmup_iters=11)
+
+
+def test_ema_teacher_momentum_extremes_and_no_drop_path():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(
+        timm.create_model('vit_tiny_patch16_224', num_classes=0, depth=2, drop_path_rate=0.5),
+        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8))
+    teacher = make_teacher(student)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert not any(type(m).__name__ == 'DropPath' for m in teacher.modules())
+    t_params, s_params = matching_parameters(teacher, student)
+    with torch.no_grad():
+        for p in s_params:
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in t_params]
+    ema_update(t_params, s_params, momentum=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(t_params, before))
+    ema_update(t_params, s_params, momentum=0.5)
+    for t, b, s in zip(t_params, before, s_params):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * s)
+    ema_update(t_params, s_params, momentum=0.0)
+    assert all(torch.equal(t, s) for t, s in zip(t_params, s_params))
+    # a bf16 student (engine working copy) still updates an fp32 teacher
+    ema_update(t_params, [s.bfloat16() for s in s_params], momentum=0.0)
+    assert all(t.dtype == torch.float32 for t in t_params)
+
+
+def test_per_parameter_gradient_clipping():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad = torch.tensor([0.3, 0.4, 0.0])          # norm 0.5: untouched
+    b.grad = torch.full((2, 2), 5.0)                # norm 10: scaled to 3
+    norms = clip_gradients_per_param([a, b], 3.0)
+    torch.testing.assert_close(norms, torch.tensor([0.5, 10.0]))
+    torch.testing.assert_close(a.grad, torch.tensor([0.3, 0.4, 0.0]))
+    assert b.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(b.grad / b.grad.norm(), torch.full((2, 2), 0.5))
+
+
+def test_param_groups_weight_decay_and_last_layer_freeze():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        timm.create_model('vit_tiny_patch16_224', num_classes=0, depth=1),
+        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8))
+    groups = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g['params']:
+            n = names[id(p)]
+            assert g['apply_wd'] == (not n.endswith('.bias') and p.ndim > 1), n
+            assert g['last_layer'] == ('last_layer' in n)
+    assert sum(len(g['params']) for g in groups) == len(names)
+
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    last = model[1].last_layer.weight_v
+    before, other_before = last.detach().clone(), model[0].patch_embed.proj.weight.detach().clone()
+    apply_schedules(opt, lr=1e-2, weight_decay=0.04, freeze_last_layer=True)
+    model(torch.randn(2, 3, 224, 224)).sum().backward()
+    opt.step()
+    assert torch.equal(last, before)
+    assert not torch.equal(model[0].patch_embed.proj.weight, other_before)
+    apply_schedules(opt, lr=1e-2, weight_decay=0.04, freeze_last_layer=False)
+    assert {g['name']: (g['lr'], g['weight_decay']) for g in opt.param_groups}['no_decay'] == (1e-2, 0.0)
+    assert all(g['lr'] == 1e-2 for g in opt.param_groups)
