@@ -2,3 +2,9 @@
 from .multicrop import BatchedMultiCrop, MultiCropConfig, MultiCropTransform, stack_crops
 
 __all__ = ['BatchedMultiCrop', 'MultiCropConfig', 'MultiCropTransform', 'stack_crops']
+from .reader import (EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, decode_sample,
+                     eval_transform)
+from .shards import read_index, resolve_shards
+
+__all__ += ['EvalShards', 'PretrainShards', 'ReaderState', 'TooManyBadSamples', 'canvas_resize', 'decode_sample',
+            'eval_transform', 'read_index', 'resolve_shards']

@@ -1,0 +1,295 @@
+"""Reading WebDataset shards for pretraining (shuffled, split, resumable) and evaluation (fixed order).
+
+Pretraining stream: every (rank, worker) pair is a *slot* with its own deterministic sample stream: its
+shards (``shards[slot::n_slots]``; with fewer shards than slots, every slot reads all shards and keeps
+every n_slots-th sample), repeated as needed, shard order and shuffle buffer seeded by (seed, epoch, slot).
+An epoch is a fixed number of samples, so every rank runs exactly ``steps_per_epoch`` steps however
+unevenly the shards divide. Batches are built in the workers; PyTorch's DataLoader hands them out
+round-robin (batch b comes from worker b % num_workers), so each batch carries its worker's position
+(raw samples consumed, samples skipped) and :class:`ReaderState` records it: a resumed reader skips
+exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
+"""
+import io
+import itertools
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+from webdataset import tariterators
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+# -- raw samples ----------------------------------------------------------------------------------------
+class _Counter:
+    """Warns about and counts what the tar layer could not read (unreadable or truncated shards)."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+
+
+def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> Iterator[Dict]:
+    """Samples (dicts of key -> bytes, with __key__ and __url__) of ``urls``, in order."""
+    stream = tariterators.url_opener(({'url': u} for u in urls), handler=handler)
+    files = tariterators.tar_file_expander(stream, handler=handler)
+    return tariterators.group_by_keys(files, handler=handler)
+
+
+def decode_sample(sample: Dict, channels: int = 3) -> (torch.Tensor, int):
+    """(uint8 CxHxW image, label) of a raw sample; raises ValueError naming shard and key when bad."""
+    where = f"shard {sample.get('__url__')} key {sample.get('__key__')}"
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise ValueError(f"{where}: no image ({'/'.join(IMAGE_KEYS)}) in sample")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+    except Exception as exn:  # torchvision raises RuntimeError for corrupt or truncated data
+        raise ValueError(f"{where}: cannot decode image: {exn}") from exn
+    label = -1
+    if 'cls' in sample:
+        label = int(sample['cls'])
+    elif 'json' in sample:
+        label = int(json.loads(sample['json']).get('label', -1))
+    return image, label
+
+
+# -- pretraining ----------------------------------------------------------------------------------------
+@dataclass
+class ReaderState:
+    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker the raw
+    samples consumed, bad samples skipped and unreadable shard parts met, up to the last batch the trainer
+    used. (Unreadable parts are met again when a resumed worker re-reads up to its offset, so only
+    ``offsets`` and ``skipped`` are restored.)"""
+    epoch: int = 0
+    step: int = 0
+    offsets: List[int] = field(default_factory=list)
+    skipped: List[int] = field(default_factory=list)
+    unreadable: List[int] = field(default_factory=list)
+
+    def update(self, batch: Dict) -> None:
+        w = batch['worker']
+        for values in (self.offsets, self.skipped, self.unreadable):
+            values.extend([0] * (w + 1 - len(values)))
+        self.offsets[w] = batch['offset']
+        self.skipped[w] = batch['skipped']
+        self.unreadable[w] = batch['unreadable']
+        self.step = batch['step'] + 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.offsets, self.skipped, self.unreadable = self.epoch + 1, 0, [], [], []
+
+    @property
+    def total_skipped(self) -> int:
+        """Bad samples plus unreadable shard parts in this epoch so far (reported with training metrics)."""
+        return sum(self.skipped) + sum(self.unreadable)
+
+    def state_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> 'ReaderState':
+        return cls(**d)
+
+
+def canvas_resize(size: int) -> Callable[[torch.Tensor], Dict]:
+    """For the device-side augmentation: resize to a common ``size`` x ``size`` uint8 canvas, keep the
+    original (h, w) so crop boxes are drawn in the original geometry."""
+    def fn(image: torch.Tensor) -> Dict:
+        h, w = image.shape[-2:]
+        return {'image': TF.resize(image, [size, size], antialias=True), 'size': torch.tensor([h, w])}
+    return fn
+
+
+class PretrainShards(IterableDataset):
+    """Shuffled, split, fixed-length, resumable batches for one rank; use with ``DataLoader(batch_size=None,
+    num_workers=num_workers)`` (non-persistent workers, so each epoch's position reaches them).
+
+    ``transform`` maps a uint8 CxHxW image to a list of crops (CPU multi-crop) or to a dict with 'image'
+    and 'size' (``canvas_resize``, for BatchedMultiCrop on the device). Batches are dicts with 'crops'
+    (list of (B, C, s, s)) or 'images' + 'sizes', plus 'labels', and the position fields.
+    """
+
+    def __init__(self, urls: List[str], *, batch_size: int, samples_per_epoch: int, transform: Callable,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 2000, channels: int = 3, max_skip_fraction: float = 0.01,
+                 min_samples_before_skip_check: int = 200) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("PretrainShards needs at least one shard")
+        self.urls = list(urls)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self.steps_per_epoch = samples_per_epoch // (world_size * batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch={samples_per_epoch} is less than one global batch "
+                             f"({world_size} ranks x {batch_size})")
+        self.transform, self.seed, self.shuffle_buffer, self.channels = transform, seed, shuffle_buffer, channels
+        self.max_skip_fraction = max_skip_fraction
+        self.min_samples_before_skip_check = min_samples_before_skip_check
+        self.state = ReaderState()
+
+    def set_state(self, state: ReaderState) -> None:
+        if state.offsets and len(state.offsets) > self.num_workers:
+            raise ValueError(f"the saved reader position has {len(state.offsets)} workers, this reader "
+                             f"{self.num_workers}: resume with the same number of data-loader workers")
+        self.state = ReaderState.from_dict(state.state_dict())
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.state.step
+
+    # the slot's endless, deterministic stream of raw samples for an epoch
+    def slot_urls(self, slot: int, n_slots: int) -> (List[str], Optional[int]):
+        """(shards this slot reads, sample stride or None): shards split by slot when there are enough,
+        else all shards with every n_slots-th sample."""
+        if len(self.urls) >= n_slots:
+            return self.urls[slot::n_slots], None
+        return self.urls, n_slots
+
+    def raw_stream(self, epoch: int, slot: int, n_slots: int, handler) -> Iterator[Dict]:
+        rng = random.Random(f"{self.seed}/{epoch}/{slot}")
+        urls, stride = self.slot_urls(slot, n_slots)
+
+        def cycles():
+            for _ in itertools.count():
+                order = list(urls)
+                if stride is None:
+                    rng.shuffle(order)
+                samples = iter_raw_samples(order, handler)
+                if stride is not None:
+                    samples = itertools.islice(samples, slot, None, stride)
+                empty = True
+                for s in samples:
+                    empty = False
+                    yield s
+                if empty:
+                    raise RuntimeError(f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
+
+        return _shuffle(cycles(), self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[Dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if nw != self.num_workers:
+            raise ValueError(f"PretrainShards was built for {self.num_workers} workers but runs in {nw}")
+        st = self.state
+        slot, n_slots = self.rank * nw + wid, self.world_size * nw
+        offset = st.offsets[wid] if wid < len(st.offsets) else 0
+        skipped = st.skipped[wid] if wid < len(st.skipped) else 0
+        counter = _Counter()
+        stream = itertools.islice(self.raw_stream(st.epoch, slot, n_slots, counter), offset, None)
+        for step in range(st.step, self.steps_per_epoch):
+            if step % nw != wid:
+                continue
+            items, labels = [], []
+            while len(items) < self.batch_size:
+                sample = next(stream)
+                offset += 1
+                try:
+                    image, label = decode_sample(sample, self.channels)
+                    items.append(self.transform(image))
+                    labels.append(label)
+                except ValueError as exn:
+                    skipped += 1
+                    log.warning("skipping sample: %s", exn)
+                    self._check_skips(skipped + counter.errors, offset)
+            batch = _collate(items)
+            batch.update(labels=torch.tensor(labels), worker=wid, offset=offset, skipped=skipped,
+                         unreadable=counter.errors, step=step, epoch=st.epoch)
+            yield batch
+
+    def _check_skips(self, skipped: int, seen: int) -> None:
+        if seen >= self.min_samples_before_skip_check and skipped > self.max_skip_fraction * seen:
+            raise TooManyBadSamples(
+                f"{skipped} of {seen} samples could not be read (more than max_skip_fraction="
+                f"{self.max_skip_fraction}); check the shards (warnings above name them)")
+
+
+def _collate(items: List) -> Dict:
+    if isinstance(items[0], dict):
+        return {'images': torch.stack([i['image'] for i in items]), 'sizes': torch.stack([i['size'] for i in items])}
+    return {'crops': [torch.stack(c) for c in zip(*items)]}
+
+
+def _shuffle(samples: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Reservoir shuffle with an explicit rng (deterministic per slot and epoch)."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        k = rng.randrange(bufsize)
+        buf[k], s = s, buf[k]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+class EvalShards(IterableDataset):
+    """Labelled samples in a fixed order, no augmentation: yields (image, label, key).
+
+    Each (rank, worker) slot reads a disjoint part: whole shards when there are at least as many shards as
+    slots, else every n-th sample; sort by key after gathering for a fixed global order.
+    """
+
+    def __init__(self, urls: List[str], transform: Optional[Callable] = None, rank: int = 0, world_size: int = 1,
+                 channels: int = 3, require_labels: bool = True) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("EvalShards needs at least one shard")
+        self.urls, self.transform, self.rank, self.world_size = list(urls), transform, rank, world_size
+        self.channels, self.require_labels = channels, require_labels
+        self.skipped = 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, n_slots = self.rank * nw + wid, self.world_size * nw
+        if len(self.urls) >= n_slots:
+            samples = iter_raw_samples(self.urls[slot::n_slots], _Counter())
+        else:
+            samples = itertools.islice(iter_raw_samples(self.urls, _Counter()), slot, None, n_slots)
+        for sample in samples:
+            try:
+                image, label = decode_sample(sample, self.channels)
+            except ValueError as exn:
+                self.skipped += 1
+                log.warning("skipping sample: %s", exn)
+                continue
+            if self.require_labels and label < 0:
+                raise ValueError(f"shard {sample['__url__']} key {sample['__key__']} has no label (.cls or json "
+                                 "'label'); evaluation needs labelled shards")
+            yield (self.transform(image) if self.transform else image), label, sample['__key__']
+
+
+def eval_transform(resize: int = 256, crop: int = 224, mean=(0.485, 0.456, 0.406),
+                   std=(0.229, 0.224, 0.225)) -> Callable[[torch.Tensor], torch.Tensor]:
+    """DINO's evaluation preprocessing: resize the shorter side, centre crop, normalise."""
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([
+        v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(crop),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])

@@ -1,0 +1,79 @@
+"""Where shards are: a folder, an index file, a brace pattern, or a list of URLs (``pipe:``, http(s))."""
+import json
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from webdataset.shardlists import expand_urls
+
+INDEX_SUFFIX = '-index.json'
+_REMOTE = ('pipe:', 'http://', 'https://', 'gs://', 's3://')
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE)
+
+
+def read_index(path: Union[str, Path]) -> dict:
+    with open(path) as f:
+        index = json.load(f)
+    if 'shards' not in index:
+        raise ValueError(f"{path} is not a shard index (no 'shards' list)")
+    return index
+
+
+def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> List[str]:
+    """Shard URLs from ``spec``; fails at once, naming the path, if nothing usable is there.
+
+    - a folder: the shards of its ``*-index.json`` (``prefix`` picks one when there are several, e.g.
+      train and test), else every ``*.tar`` in it, sorted;
+    - an index file (``*-index.json``): its shards, relative to the file;
+    - a ``.txt`` file: one URL or path per line;
+    - a brace pattern or URL (``data/train-{000000..000099}.tar``, ``pipe:curl -s ...``), or a list of them.
+    Local paths must exist and be non-empty; remote URLs are checked when read.
+    """
+    if isinstance(spec, (list, tuple)):
+        urls = [u for s in spec for u in resolve_shards(s, prefix)]
+    else:
+        spec = str(spec)
+        if _is_remote(spec):
+            urls = expand_urls(spec)
+        elif os.path.isdir(spec):
+            urls = _from_folder(Path(spec), prefix)
+        elif spec.endswith('.json'):
+            urls = _from_index(Path(spec))
+        elif spec.endswith('.txt') and os.path.isfile(spec):
+            lines = [ln.strip() for ln in Path(spec).read_text().splitlines()]
+            urls = resolve_shards([ln for ln in lines if ln and not ln.startswith('#')], prefix)
+        else:
+            urls = expand_urls(spec)
+    if not urls:
+        raise FileNotFoundError(f"no shards found in {spec!r}")
+    for url in urls:
+        if not _is_remote(url):
+            if not os.path.isfile(url):
+                raise FileNotFoundError(f"shard {url} does not exist")
+            if os.path.getsize(url) == 0:
+                raise ValueError(f"shard {url} is empty")
+    return urls
+
+
+def _from_folder(folder: Path, prefix: Optional[str]) -> List[str]:
+    indices = sorted(folder.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+    if len(indices) > 1:
+        names = ', '.join(p.name for p in indices)
+        raise ValueError(f"{folder} holds several shard indices ({names}); name one, or pass a prefix")
+    if indices:
+        return _from_index(indices[0])
+    pattern = f"{prefix}-*.tar" if prefix else '*.tar'
+    tars = sorted(str(p) for p in folder.glob(pattern))
+    if not tars:
+        raise FileNotFoundError(f"no shards ({pattern}) or shard index in folder {folder}")
+    return tars
+
+
+def _from_index(path: Path) -> List[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"shard index {path} does not exist")
+    index = read_index(path)
+    return [str(path.parent / s['name']) for s in index['shards']]
