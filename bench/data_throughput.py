@@ -1,0 +1,119 @@
+"""Images per second of the data path: shard reading + JPEG decoding + DINO multi-crop, per CPU core, and
+the device-side (batched) augmentation's rate.
+
+    python -m bench.data_throughput                      # 2x224 + 10x96 crops from ImageNet-size JPEGs
+    python -m bench.data_throughput --shards 'data/imagenet/train-{000000..000010}.tar'
+
+Without ``--shards`` it writes a shard of synthetic ImageNet-size JPEGs (500x375, quality 90: the decoder
+does the same work as on photos of that size). The CPU figure is one process with one torch thread, i.e.
+per core; a node's loader scales it by its worker count.
+"""
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bench.backbone_throughput import RESULTS_DIR, device_name, synchronize
+from skipssl.data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, canvas_resize,
+                          resolve_shards)
+
+
+def synthetic_jpeg_shard(folder: Path, n: int, size=(500, 375), quality: int = 90) -> str:
+    rng = np.random.default_rng(0)
+    path = folder / 'synthetic-000000.tar'
+    with wds.TarWriter(str(path)) as w:
+        for i in range(n):
+            low = rng.random((12, 16, 3))
+            img = Image.fromarray((low * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+            noise = rng.normal(0, 12, (size[1], size[0], 3))
+            img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
+            buf = io.BytesIO()
+            img.save(buf, format='JPEG', quality=quality)
+            w.write({'__key__': f'img{i:06d}', 'jpg': buf.getvalue(), 'cls': str(i % 10)})
+    return str(path)
+
+
+def cpu_rate(urls, cfg, n_images: int, transform) -> float:
+    ds = PretrainShards(urls, batch_size=16, samples_per_epoch=n_images, transform=transform, shuffle_buffer=0)
+    it = iter(ds)
+    next(it)  # warm-up: first shard open, first decodes
+    t0 = time.perf_counter()
+    count = 0
+    for batch in it:
+        count += batch['labels'].shape[0]
+    return count / (time.perf_counter() - t0)
+
+
+def device_rate(cfg, device, batch_size: int, canvas: int, repeats: int) -> float:
+    aug = BatchedMultiCrop(cfg)
+    images = torch.randint(0, 256, (batch_size, 3, canvas, canvas), dtype=torch.uint8, device=device)
+    aug(images)
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        aug(images)
+        synchronize(device)
+        rates.append(batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--shards', default=None, help='real shards to read (default: a synthetic JPEG shard)')
+    p.add_argument('--images', type=int, default=256, help='images timed on the CPU path')
+    p.add_argument('--n-local', type=int, default=10)
+    p.add_argument('--canvas', type=int, default=256, help='canvas size handed to the device path')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--device-batch', type=int, default=None, help='default: 256 on CUDA, 32 on CPU')
+    p.add_argument('--out', type=Path, default=None)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    cfg = MultiCropConfig(n_local=args.n_local)
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
+                          else ('cpu' if args.device == 'auto' else args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = resolve_shards(args.shards) if args.shards else [synthetic_jpeg_shard(Path(tmp), args.images + 16)]
+        cpu = cpu_rate(urls, cfg, args.images, MultiCropTransform(cfg))
+        decode_only = cpu_rate(urls, cfg, args.images, canvas_resize(args.canvas))
+    print(f"CPU path (1 core): {cpu:.1f} img/s decoded + {cfg.n_global}x{cfg.global_size} + "
+          f"{cfg.n_local}x{cfg.local_size} crops; decode + {args.canvas}px canvas only: {decode_only:.1f} img/s")
+
+    if device.type == 'cuda':
+        torch.set_num_threads(os.cpu_count() or 1)
+    batch = args.device_batch or (256 if device.type == 'cuda' else 32)
+    dev = device_rate(cfg, device, batch, args.canvas, repeats=5 if device.type == 'cuda' else 2)
+    print(f"device path on {device_name(device)}: {dev:.1f} img/s (batch {batch}, canvas {args.canvas})")
+
+    report = {
+        'benchmark': 'data_throughput',
+        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'cpu': device_name(torch.device('cpu')),
+        'shards': args.shards or 'synthetic 500x375 JPEG q90',
+        'crops': f"{cfg.n_global}x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}",
+        'cpu_img_per_s_per_core': cpu,
+        'cpu_decode_canvas_img_per_s_per_core': decode_only,
+        'device': device_name(device),
+        'device_batch': batch,
+        'device_img_per_s': dev,
+    }
+    out = args.out or RESULTS_DIR / f"data_throughput_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + '\n')
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == '__main__':
+    main()
