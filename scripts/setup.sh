@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+# Fashion-MNIST (Debian package dataset-fashion-mnist) is the real dataset of the tests and the demo.
+FMNIST=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing dataset-fashion-mnist" >&2
+    { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
+        >/dev/null 2>&1 || echo "[setup] warning: could not install dataset-fashion-mnist; tests that need it skip" >&2
+fi
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('skipssl') is None)" 2>/dev/null; then
     exit 0
