@@ -8,3 +8,6 @@ from .shards import read_index, resolve_shards
 
 __all__ += ['EvalShards', 'PretrainShards', 'ReaderState', 'TooManyBadSamples', 'canvas_resize', 'decode_sample',
             'eval_transform', 'read_index', 'resolve_shards']
+from .sources import FashionMNISTSource, ImageFolderSource, open_source
+
+__all__ += ['FashionMNISTSource', 'ImageFolderSource', 'open_source']
