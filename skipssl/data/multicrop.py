@@ -89,8 +89,8 @@ class MultiCropConfig:
 class MultiCropTransform:
     """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised; for loader workers."""
 
-    def __init__(self, cfg: MultiCropConfig = MultiCropConfig()) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
+        self.cfg = cfg = cfg or MultiCropConfig()
         self.transforms = [self._crop_transform(spec) for spec in cfg.crop_specs()]
 
     def _crop_transform(self, spec: dict) -> v2.Compose:
@@ -194,8 +194,8 @@ class BatchedMultiCrop:
     the crop sizes, e.g. 256 px, so that downscaling stays mild).
     """
 
-    def __init__(self, cfg: MultiCropConfig = MultiCropConfig()) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
+        self.cfg = cfg or MultiCropConfig()
 
     def __call__(self, images: torch.Tensor, orig_sizes: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:

@@ -9,13 +9,12 @@ round-robin (batch b comes from worker b % num_workers), so each batch carries i
 (raw samples consumed, samples skipped) and :class:`ReaderState` records it: a resumed reader skips
 exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
 """
-import io
 import itertools
 import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -52,7 +51,7 @@ def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> I
     return tariterators.group_by_keys(files, handler=handler)
 
 
-def decode_sample(sample: Dict, channels: int = 3) -> (torch.Tensor, int):
+def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
     """(uint8 CxHxW image, label) of a raw sample; raises ValueError naming shard and key when bad."""
     where = f"shard {sample.get('__url__')} key {sample.get('__key__')}"
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
@@ -156,7 +155,7 @@ class PretrainShards(IterableDataset):
         return self.steps_per_epoch - self.state.step
 
     # the slot's endless, deterministic stream of raw samples for an epoch
-    def slot_urls(self, slot: int, n_slots: int) -> (List[str], Optional[int]):
+    def slot_urls(self, slot: int, n_slots: int) -> Tuple[List[str], Optional[int]]:
         """(shards this slot reads, sample stride or None): shards split by slot when there are enough,
         else all shards with every n_slots-th sample."""
         if len(self.urls) >= n_slots:
