@@ -10,11 +10,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import trunc_normal_
 from timm.layers.format import Format
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 
 from .phi import SkipAttentionPhi
 
@@ -108,7 +107,7 @@ class SkipAtVisionTransformer(VisionTransformer):
                 raise TypeError(f"block {i} is a {type(block).__name__}; SkipAt needs timm's standard Block")
             act_layer = type(block.mlp.act) if hasattr(block.mlp, "act") else nn.GELU
             phi = SkipAttentionPhi(self.embed_dim, hidden_ratio, kernel_size, act_layer=act_layer)
-            phi.apply(_init_phi)
+            phi.apply(init_weights_vit_timm)  # timm's ViT init; the conv keeps PyTorch's fan-in default
             phi.to(device=block.norm2.weight.device, dtype=block.norm2.weight.dtype)
             self.blocks[i] = SkipAttentionBlock(block, self.num_prefix_tokens, phi)
         skip = set(self.skip_indices)
@@ -266,14 +265,6 @@ def get_last_selfattention(model: VisionTransformer, x: torch.Tensor) -> torch.T
     q, k, _ = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
-def _init_phi(m: nn.Module) -> None:
-    # timm's ViT init for the linear layers; the conv keeps PyTorch's default (fan-in scaled).
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def convert_to_skipat(
