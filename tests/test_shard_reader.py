@@ -20,6 +20,7 @@ from skipssl.data import (
     decode_sample,
     resolve_shards,
 )
+from skipssl.data.reader import slot_share
 
 
 def png_bytes(arr):
@@ -107,7 +108,7 @@ def test_pretrain_split_is_disjoint_and_covers_the_data_in_one_pass(tmp_path, wo
             n_slots = world * 2
             for wid in range(2):
                 slot = rank * 2 + wid
-                shard_urls, stride = ds.slot_urls(slot, n_slots)
+                shard_urls, stride = slot_share(urls, slot, n_slots)
                 n = (sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls) if stride is None
                      else len(range(slot, total, stride)))
                 stream = ds.raw_stream(0, slot, n_slots, handler=lambda e: True)

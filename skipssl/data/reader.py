@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
-from webdataset import tariterators
+from webdataset import filters, tariterators
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,27 @@ def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> I
     stream = tariterators.url_opener(({'url': u} for u in urls), handler=handler)
     files = tariterators.tar_file_expander(stream, handler=handler)
     return tariterators.group_by_keys(files, handler=handler)
+
+
+def worker_slot(rank: int, world_size: int) -> Tuple[int, int, int, int]:
+    """(worker id, workers, slot, slots) of the calling data-loader worker; a slot is a (rank, worker) pair."""
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    return wid, nw, rank * nw + wid, world_size * nw
+
+
+def slot_share(urls: List[str], slot: int, n_slots: int) -> Tuple[List[str], Optional[int]]:
+    """(shards a slot reads, sample stride or None): shards split by slot when there are enough,
+    else all shards with every n_slots-th sample."""
+    if len(urls) >= n_slots:
+        return urls[slot::n_slots], None
+    return urls, n_slots
+
+
+def read_share(urls: List[str], slot: int, stride: Optional[int], handler) -> Iterator[Dict]:
+    """The raw samples of a slot's share, in shard order."""
+    samples = iter_raw_samples(urls, handler)
+    return samples if stride is None else itertools.islice(samples, slot, None, stride)
 
 
 def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
@@ -154,42 +175,31 @@ class PretrainShards(IterableDataset):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.state.step
 
-    # the slot's endless, deterministic stream of raw samples for an epoch
-    def slot_urls(self, slot: int, n_slots: int) -> Tuple[List[str], Optional[int]]:
-        """(shards this slot reads, sample stride or None): shards split by slot when there are enough,
-        else all shards with every n_slots-th sample."""
-        if len(self.urls) >= n_slots:
-            return self.urls[slot::n_slots], None
-        return self.urls, n_slots
-
     def raw_stream(self, epoch: int, slot: int, n_slots: int, handler) -> Iterator[Dict]:
+        """The slot's endless, deterministic stream of raw samples for an epoch."""
         rng = random.Random(f"{self.seed}/{epoch}/{slot}")
-        urls, stride = self.slot_urls(slot, n_slots)
+        urls, stride = slot_share(self.urls, slot, n_slots)
 
         def cycles():
             for _ in itertools.count():
                 order = list(urls)
                 if stride is None:
                     rng.shuffle(order)
-                samples = iter_raw_samples(order, handler)
-                if stride is not None:
-                    samples = itertools.islice(samples, slot, None, stride)
                 empty = True
-                for s in samples:
+                for s in read_share(order, slot, stride, handler):
                     empty = False
                     yield s
                 if empty:
                     raise RuntimeError(f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
 
-        return _shuffle(cycles(), self.shuffle_buffer, rng)
+        # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
+        return filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(cycles())
 
     def __iter__(self) -> Iterator[Dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        wid, nw, slot, n_slots = worker_slot(self.rank, self.world_size)
         if nw != self.num_workers:
             raise ValueError(f"PretrainShards was built for {self.num_workers} workers but runs in {nw}")
         st = self.state
-        slot, n_slots = self.rank * nw + wid, self.world_size * nw
         offset = st.offsets[wid] if wid < len(st.offsets) else 0
         skipped = st.skipped[wid] if wid < len(st.skipped) else 0
         counter = _Counter()
@@ -227,23 +237,6 @@ def _collate(items: List) -> Dict:
     return {'crops': [torch.stack(c) for c in zip(*items)]}
 
 
-def _shuffle(samples: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Reservoir shuffle with an explicit rng (deterministic per slot and epoch)."""
-    if bufsize <= 1:
-        yield from samples
-        return
-    buf = []
-    for s in samples:
-        if len(buf) < bufsize:
-            buf.append(s)
-            continue
-        k = rng.randrange(bufsize)
-        buf[k], s = s, buf[k]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
-
-
 # -- evaluation -----------------------------------------------------------------------------------------
 class EvalShards(IterableDataset):
     """Labelled samples in a fixed order, no augmentation: yields (image, label, key).
@@ -262,14 +255,9 @@ class EvalShards(IterableDataset):
         self.skipped = 0
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        slot, n_slots = self.rank * nw + wid, self.world_size * nw
-        if len(self.urls) >= n_slots:
-            samples = iter_raw_samples(self.urls[slot::n_slots], _Counter())
-        else:
-            samples = itertools.islice(iter_raw_samples(self.urls, _Counter()), slot, None, n_slots)
-        for sample in samples:
+        _, _, slot, n_slots = worker_slot(self.rank, self.world_size)
+        urls, stride = slot_share(self.urls, slot, n_slots)
+        for sample in read_share(urls, slot, stride, _Counter()):
             try:
                 image, label = decode_sample(sample, self.channels)
             except ValueError as exn:
