@@ -43,7 +43,7 @@ def synthetic_jpeg_shard(folder: Path, n: int, size=(500, 375), quality: int = 9
     return str(path)
 
 
-def cpu_rate(urls, cfg, n_images: int, transform) -> float:
+def cpu_rate(urls, n_images: int, transform) -> float:
     ds = PretrainShards(urls, batch_size=16, samples_per_epoch=n_images, transform=transform, shuffle_buffer=0)
     it = iter(ds)
     next(it)  # warm-up: first shard open, first decodes
@@ -85,8 +85,8 @@ def main(argv=None):
                           else ('cpu' if args.device == 'auto' else args.device))
     with tempfile.TemporaryDirectory() as tmp:
         urls = resolve_shards(args.shards) if args.shards else [synthetic_jpeg_shard(Path(tmp), args.images + 16)]
-        cpu = cpu_rate(urls, cfg, args.images, MultiCropTransform(cfg))
-        decode_only = cpu_rate(urls, cfg, args.images, canvas_resize(args.canvas))
+        cpu = cpu_rate(urls, args.images, MultiCropTransform(cfg))
+        decode_only = cpu_rate(urls, args.images, canvas_resize(args.canvas))
     print(f"CPU path (1 core): {cpu:.1f} img/s decoded + {cfg.n_global}x{cfg.global_size} + "
           f"{cfg.n_local}x{cfg.local_size} crops; decode + {args.canvas}px canvas only: {decode_only:.1f} img/s")
 
