@@ -1,12 +1,8 @@
-#!/usr/bin/env python
-"""Entry point: pretrain (not yet implemented; see the project's open issues)."""
+"""DINO pretraining: ``torchrun --nproc_per_node N pretrain.py --config configs/X.yaml [key=value ...]``
+(or srun, or plain ``python pretrain.py``)."""
 import sys
 
+from skipssl.train import main
 
-def main() -> int:
-    print("pretrain.py: not yet implemented", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

@@ -9,6 +9,7 @@ round-robin (batch b comes from worker b % num_workers), so each batch carries i
 (raw samples consumed, samples skipped) and :class:`ReaderState` records it: a resumed reader skips
 exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
 """
+import hashlib
 import itertools
 import json
 import logging
@@ -129,6 +130,12 @@ class ReaderState:
         return cls(**d)
 
 
+def batch_seed(seed: int, epoch: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one batch of one rank, stable across runs and Python processes."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
+
+
 def canvas_resize(size: int) -> Callable[[torch.Tensor], Dict]:
     """For the device-side augmentation: resize to a common ``size`` x ``size`` uint8 canvas, keep the
     original (h, w) so crop boxes are drawn in the original geometry."""
@@ -208,21 +215,28 @@ class PretrainShards(IterableDataset):
             if step % nw != wid:
                 continue
             items, labels = [], []
-            while len(items) < self.batch_size:
-                sample = next(stream)
-                offset += 1
-                try:
-                    image, label = decode_sample(sample, self.channels)
-                    items.append(self.transform(image))
-                    labels.append(label)
-                except ValueError as exn:
-                    skipped += 1
-                    log.warning("skipping sample: %s", exn)
-                    self._check_skips(skipped + counter.errors, offset)
+            # each batch's augmentation draws from its own seed, so a resumed reader repeats it exactly
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(batch_seed(self.seed, st.epoch, self.rank, step))
+                offset, skipped = self._fill(stream, items, labels, offset, skipped, counter)
             batch = _collate(items)
             batch.update(labels=torch.tensor(labels), worker=wid, offset=offset, skipped=skipped,
                          unreadable=counter.errors, step=step, epoch=st.epoch)
             yield batch
+
+    def _fill(self, stream, items: List, labels: List, offset: int, skipped: int, counter) -> Tuple[int, int]:
+        while len(items) < self.batch_size:
+            sample = next(stream)
+            offset += 1
+            try:
+                image, label = decode_sample(sample, self.channels)
+                items.append(self.transform(image))
+                labels.append(label)
+            except ValueError as exn:
+                skipped += 1
+                log.warning("skipping sample: %s", exn)
+                self._check_skips(skipped + counter.errors, offset)
+        return offset, skipped
 
     def _check_skips(self, skipped: int, seen: int) -> None:
         if seen >= self.min_samples_before_skip_check and skipped > self.max_skip_fraction * seen:

@@ -77,3 +77,21 @@ def _from_index(path: Path) -> List[str]:
         raise FileNotFoundError(f"shard index {path} does not exist")
     index = read_index(path)
     return [str(path.parent / s['name']) for s in index['shards']]
+
+
+def count_samples(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> Optional[int]:
+    """Number of samples recorded in the index of ``spec`` (a folder with one index, or an index file);
+    None when there is no index to read it from."""
+    if isinstance(spec, (list, tuple)) or _is_remote(str(spec)):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        indices = sorted(path.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+        if len(indices) != 1:
+            return None
+        path = indices[0]
+    if not (path.is_file() and path.name.endswith('.json')):
+        return None
+    index = read_index(path)
+    counts = [s.get('num_samples') for s in index['shards']]
+    return None if None in counts else sum(counts)

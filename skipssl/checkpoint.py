@@ -1,0 +1,232 @@
+"""The on-disk formats shared by training and evaluation: training checkpoints and exported backbones.
+
+A training checkpoint is a folder ``{run}/checkpoints/ckpt-{iteration:08d}/`` holding ``model.pt``
+(student, teacher, DINO centre, position, model spec; written by rank 0), one ``rank-{r:05d}.pt`` per
+rank (optimizer partition, RNG states, data reader position) and ``COMPLETE`` (JSON: iteration, world size,
+file sizes and SHA-256 digests), written last. The folder is assembled under a temporary name and renamed
+into place, so a folder with the final name is either complete or was damaged afterwards, which the
+digests catch. Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never runs code.
+
+An exported backbone is one safetensors file (the teacher backbone's weights) whose metadata names the
+timm model and its keyword arguments, so ``load_backbone`` rebuilds it without the training config.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+CKPT_PREFIX = 'ckpt-'
+COMPLETE = 'COMPLETE'
+MODEL_FILE = 'model.pt'
+BACKBONE_FORMAT = 'skipssl-backbone/1'
+_CKPT_RE = re.compile(r'^ckpt-(\d{8})$')
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rank_file(rank: int) -> str:
+    return f'rank-{rank:05d}.pt'
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f'{CKPT_PREFIX}{iteration:08d}'
+
+
+def sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- training checkpoints -------------------------------------------------------------------------------
+def list_checkpoints(ckpt_root: PathLike) -> List[Tuple[int, Path]]:
+    """(iteration, folder) of every finished-looking checkpoint folder, oldest first (temporaries skipped)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return sorted(found)
+
+
+def verify_checkpoint(folder: PathLike, world_size: Optional[int] = None) -> Dict:
+    """The checkpoint's COMPLETE record after checking that every file it lists is there with its digest;
+    CheckpointError naming what is wrong otherwise."""
+    folder = Path(folder)
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{folder}: no {COMPLETE} marker (the write did not finish)")
+    try:
+        record = json.loads(marker.read_text())
+    except ValueError as exn:
+        raise CheckpointError(f"{marker}: unreadable ({exn})") from exn
+    for name, info in record.get('files', {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if f.stat().st_size != info['bytes']:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {info['bytes']} were written (truncated?)")
+        if sha256(f) != info['sha256']:
+            raise CheckpointError(f"{f}: SHA-256 differs from the one recorded at write time (corrupt)")
+    if world_size is not None and record.get('world_size') != world_size:
+        raise CheckpointError(
+            f"{folder} was written by {record.get('world_size')} ranks, this run has {world_size}: exact resume "
+            "needs the same number of ranks (optimizer partitions, RNG and reader positions are per rank)")
+    return record
+
+
+def finalize_checkpoint(tmp_folder: PathLike, final_folder: PathLike, record: Dict) -> None:
+    """Write COMPLETE (with sizes and digests of every file) into ``tmp_folder`` and rename it into place."""
+    tmp_folder, final_folder = Path(tmp_folder), Path(final_folder)
+    record = dict(record)
+    record['files'] = {f.name: {'bytes': f.stat().st_size, 'sha256': sha256(f)}
+                       for f in sorted(tmp_folder.iterdir()) if f.is_file() and f.name != COMPLETE}
+    atomic_write_text(json.dumps(record, indent=1), tmp_folder / COMPLETE)
+    fsync_dir(tmp_folder)
+    if final_folder.exists():  # same iteration saved again (e.g. end of epoch == every-N boundary)
+        shutil.rmtree(final_folder)
+    os.replace(tmp_folder, final_folder)
+    fsync_dir(final_folder.parent)
+
+
+def prune_checkpoints(ckpt_root: PathLike, keep: int) -> List[Path]:
+    """Delete all but the newest ``keep`` checkpoints (and stale temporaries); returns what was deleted."""
+    deleted = []
+    root = Path(ckpt_root)
+    for _, folder in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    for tmp in root.glob(f'.{CKPT_PREFIX}*.tmp*') if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        deleted.append(tmp)
+    return deleted
+
+
+def load_file(path: PathLike, map_location: Union[str, torch.device] = 'cpu') -> Dict:
+    """torch.load with weights_only=True and a message naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exn:
+        raise CheckpointError(f"cannot load {path}: {type(exn).__name__}: {exn}") from exn
+
+
+def resolve_checkpoint(path: PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder, its model.pt, a run folder or its checkpoints folder
+    (newest complete checkpoint)."""
+    p = Path(path)
+    if p.is_file() and p.name == MODEL_FILE:
+        p = p.parent
+    if (p / COMPLETE).is_file():
+        return p
+    for root in (p / 'checkpoints', p):
+        for _, folder in reversed(list_checkpoints(root)):
+            if (folder / COMPLETE).is_file():
+                return folder
+    raise CheckpointError(f"no complete checkpoint at {path} (expected a run folder, its checkpoints/ folder, "
+                          f"a {CKPT_PREFIX}XXXXXXXX folder or an exported .safetensors backbone)")
+
+
+# -- backbones ------------------------------------------------------------------------------------------
+def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
+    """A timm ViT (or SkipAt-ViT) without classifier that takes inputs of any size."""
+    import timm
+    from . import models  # noqa: F401  (registers skipat_vit_*)
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault('dynamic_img_size', True)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: not in timm's registry (e.g. vit_small_patch16_224, "
+                         "skipat_vit_small_patch16_224)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as exn:
+        raise ValueError(f"model {name!r} does not take these arguments {sorted(kwargs)}: {exn}") from exn
+
+
+def save_backbone(backbone: nn.Module, path: PathLike, name: str, kwargs: Dict,
+                  meta: Optional[Dict[str, Any]] = None) -> Path:
+    """Export a backbone's weights as safetensors with what is needed to rebuild it; written atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    metadata = {'format': BACKBONE_FORMAT, 'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True)}
+    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()})
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Dict]:
+    """(backbone in eval mode, metadata) from an exported .safetensors backbone or a training checkpoint
+    (``which`` of 'teacher' / 'student'; a run folder means its newest complete checkpoint)."""
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        from safetensors import safe_open
+        if not path.is_file():
+            raise CheckpointError(f"no such backbone file: {path}")
+        with safe_open(str(path), framework='pt') as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get('format') != BACKBONE_FORMAT:
+            raise CheckpointError(f"{path} is not a skipssl backbone export (metadata format "
+                                  f"{meta.get('format')!r}, expected {BACKBONE_FORMAT!r})")
+        name, kwargs = meta['model_name'], json.loads(meta['model_kwargs'])
+        meta['sha256'] = sha256(path)
+    else:
+        folder = resolve_checkpoint(path)
+        record = verify_checkpoint(folder)
+        blob = load_file(folder / MODEL_FILE)
+        if which not in ('teacher', 'student'):
+            raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+        state = {k[len('backbone.'):]: v for k, v in blob[which].items() if k.startswith('backbone.')}
+        name, kwargs = blob['model']['name'], blob['model']['kwargs']
+        meta = {'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True), 'checkpoint': str(folder),
+                'iteration': record['iteration'], 'epoch': blob['position']['epoch'],
+                'sha256': record['files'][MODEL_FILE]['sha256'], 'which': which}
+    backbone = build_backbone(name, kwargs)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {name}({kwargs}): missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}")
+    return backbone.eval(), meta

@@ -1,0 +1,361 @@
+"""Typed experiment configuration: YAML files, dotted command-line overrides, validation before any work.
+
+A config file is YAML with the sections below (every field has a default, DINO's ViT-S/16 reference setting
+where there is one). ``base: other.yaml`` inherits from another file (relative to this one). Overrides are
+``section.key=value`` strings whose values are parsed as YAML (``train.epochs=10``,
+``augment.global_scale=[0.5,1.0]``). Unknown keys and values of the wrong type raise ConfigError naming the
+key, before anything expensive starts.
+"""
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ExperimentSection:
+    name: str = 'dino'                # shared by the SkipAt and plain-ViT runs of one comparison
+    output_dir: str = 'runs/dino'     # the run folder: checkpoints, logs, TensorBoard, summary
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    name: str = 'skipat_vit_small_patch16_224'   # any timm ViT or skipat_vit_*
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, skip_indices...)
+    drop_path_rate: float = 0.1       # student only
+    compile: bool = False             # torch.compile the backbone
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadSection:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True
+
+
+@dataclass
+class LossSection:
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+
+
+@dataclass
+class TeacherSection:
+    momentum: float = 0.996           # cosine from this to momentum_end over training
+    momentum_end: float = 1.0
+
+
+@dataclass
+class OptimSection:
+    base_lr: float = 5e-4             # scaled by global batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0            # 0 disables
+    clip_mode: str = 'per_param'      # DINO's per-parameter norm, or 'global' (DeepSpeed's gradient_clipping)
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class DataSection:
+    train_shards: str = ''            # folder, index json, .txt list or brace pattern
+    samples_per_epoch: int = 0        # 0: the shards' sample count from their index
+    batch_size_per_rank: int = 64     # micro-batch per rank
+    num_workers: int = 8
+    shuffle_buffer: int = 2000
+    channels: int = 3
+    augment_on: str = 'cpu'           # 'cpu': loader workers; 'device': BatchedMultiCrop on the training device
+    canvas_size: int = 256            # device augmentation: images reach the device at this size
+    max_skip_fraction: float = 0.01
+    eval_resize: int = 256            # evaluation preprocessing, stored with exports
+    eval_crop: int = 224
+
+
+@dataclass
+class AugmentSection:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 10
+    global_scale: Tuple[float, float] = (0.4, 1.0)
+    local_scale: Tuple[float, float] = (0.05, 0.4)
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 0
+    blur_p_global1: float = 1.0
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    solarize_p: float = 0.2
+    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 100
+    grad_accum_steps: int = 1
+    stop_after_iterations: int = 0    # >0: stop (with a checkpoint) there; the schedules still span all epochs
+    log_every: int = 10               # iterations between logged scalars (the only host syncs)
+    checkpoint_every: int = 1000      # iterations; a checkpoint is also written at every epoch's end
+    keep_checkpoints: int = 3
+    export_every_epoch: bool = True   # teacher backbone as safetensors at every epoch's end
+    attention_images: int = 4         # last-layer attention maps of this many fixed images, every epoch
+    collapse_warn_every: int = 100    # iterations between collapse checks
+
+
+@dataclass
+class EngineSection:
+    device: str = 'auto'              # auto (cuda when available), cuda, cpu
+    precision: str = 'bf16'           # bf16, fp16 (dynamic loss scaling), fp32
+    zero_stage: int = 0               # 0, 1 or 2
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+@dataclass
+class Config:
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    loss: LossSection = field(default_factory=LossSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- parsing and type checking --------------------------------------------------------------------------
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints accepted for floats, lists for tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exn:
+                errors.append(str(exn))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f'{key}[{i}]') for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f'{key}[{i}]') for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f'{key}[{i}]') for i, v in enumerate(value)] if args else list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _unknown(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit('.', 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls, values: Dict[str, Any], prefix: str = ''):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for k in values:
+        if k not in known:
+            raise _unknown(prefix + str(k), known)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        tp, key = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values[f.name] or {}, key + '.')
+        else:
+            kwargs[f.name] = _coerce(values[f.name], tp, key)
+    return cls(**kwargs)
+
+
+# free-form mappings: a file that sets one replaces its base's (overrides still merge key by key)
+_WHOLE = {('model', 'kwargs'), ('engine', 'deepspeed')}
+
+
+def _deep_merge(base: Dict, over: Dict, whole: bool = False, path: Tuple[str, ...] = ()) -> Dict:
+    out = dict(base)
+    for k, v in over.items():
+        sub = path + (k,)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (whole and sub in _WHOLE):
+            out[k] = _deep_merge(out[k], v, whole, sub)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path in seen:
+        raise ConfigError(f"config inheritance loop: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: not valid YAML: {exn}") from exn
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop('base', None)
+    if base is not None:
+        data = _deep_merge(_read_yaml(path.parent / base, seen + (path,)), data, whole=True)
+    return data
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict:
+    """['train.epochs=10', 'model.kwargs.depth=6'] -> nested dict with YAML-parsed values."""
+    out: Dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition('=')
+        if not sep or not key or any(not part for part in key.split('.')):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != '' else ''
+        except yaml.YAMLError as exn:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exn}") from exn
+        node = out
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
+        node[leaf] = value
+    return out
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Config from a YAML file (or defaults) plus dotted overrides, validated."""
+    data = _read_yaml(Path(path)) if path else {}
+    data = _deep_merge(data, parse_overrides(overrides))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: Dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# -- semantic checks --------------------------------------------------------------------------------------
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no files or devices (those are checked at start-up)."""
+    e, o, d, t, a, lo = cfg.engine, cfg.optim, cfg.data, cfg.train, cfg.augment, cfg.loss
+    _check(e.precision in ('bf16', 'fp16', 'fp32'), 'engine.precision', f"bf16, fp16 or fp32, got {e.precision!r}")
+    _check(e.zero_stage in (0, 1, 2), 'engine.zero_stage', f"0, 1 or 2, got {e.zero_stage}")
+    _check(e.device in ('auto', 'cpu', 'cuda'), 'engine.device', f"auto, cpu or cuda, got {e.device!r}")
+    _check(o.clip_mode in ('per_param', 'global', 'none'), 'optim.clip_mode',
+           f"per_param, global or none, got {o.clip_mode!r}")
+    _check(o.clip_grad >= 0, 'optim.clip_grad', f"must be >= 0, got {o.clip_grad}")
+    _check(o.base_lr > 0 and o.min_lr >= 0, 'optim.base_lr', f"lr must be positive (base {o.base_lr}, min {o.min_lr})")
+    _check(0 <= o.warmup_epochs <= t.epochs, 'optim.warmup_epochs', f"must be in [0, train.epochs={t.epochs}]")
+    _check(0 <= o.freeze_last_layer_epochs, 'optim.freeze_last_layer_epochs', "must be >= 0")
+    _check(d.augment_on in ('cpu', 'device'), 'data.augment_on', f"cpu or device, got {d.augment_on!r}")
+    _check(d.batch_size_per_rank >= 1, 'data.batch_size_per_rank', f"must be >= 1, got {d.batch_size_per_rank}")
+    _check(d.num_workers >= 0, 'data.num_workers', f"must be >= 0, got {d.num_workers}")
+    _check(d.channels in (1, 3), 'data.channels', f"1 or 3, got {d.channels}")
+    _check(len(a.mean) == d.channels and len(a.std) == d.channels, 'augment.mean',
+           f"mean {a.mean} and std {a.std} need one value per channel (data.channels={d.channels})")
+    _check(t.epochs >= 1, 'train.epochs', f"must be >= 1, got {t.epochs}")
+    _check(t.grad_accum_steps >= 1, 'train.grad_accum_steps', f"must be >= 1, got {t.grad_accum_steps}")
+    _check(t.log_every >= 1 and t.checkpoint_every >= 1, 'train.log_every', "log_every and checkpoint_every >= 1")
+    _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', f"must be >= 1, got {t.keep_checkpoints}")
+    _check(0 < lo.teacher_temp and 0 < lo.warmup_teacher_temp and 0 < lo.student_temp, 'loss.teacher_temp',
+           "temperatures must be positive")
+    _check(0 <= lo.warmup_teacher_temp_epochs <= t.epochs, 'loss.warmup_teacher_temp_epochs',
+           f"must be in [0, train.epochs={t.epochs}]")
+    _check(0 <= cfg.teacher.momentum <= cfg.teacher.momentum_end <= 1, 'teacher.momentum',
+           "need 0 <= momentum <= momentum_end <= 1")
+    _check(cfg.head.out_dim >= 2 and cfg.head.nlayers >= 1, 'head.out_dim', "out_dim >= 2 and nlayers >= 1")
+    _check(not math.isnan(cfg.model.drop_path_rate) and 0 <= cfg.model.drop_path_rate < 1,
+           'model.drop_path_rate', "must be in [0, 1)")
+    _check('num_classes' not in cfg.model.kwargs and 'drop_path_rate' not in cfg.model.kwargs, 'model.kwargs',
+           "num_classes is fixed to 0 (the DINO head follows) and drop_path_rate is model.drop_path_rate")
+    try:
+        from .data import MultiCropConfig
+        MultiCropConfig(**{k: v for k, v in asdict(a).items()})
+    except ValueError as exn:
+        raise ConfigError(f"augment: {exn}") from exn

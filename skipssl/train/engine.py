@@ -1,0 +1,140 @@
+"""The student's DeepSpeed engine, and the two things DINO needs from inside it: per-parameter gradient
+clipping and the full-precision (master) weights for the teacher's EMA, for every engine layout:
+
+- fp32, ZeRO 0: the module's parameters are the master weights and hold the gradients;
+- bf16/fp16, ZeRO 0: DeepSpeed's (un)fused FP16 optimizer keeps fp32 copies; gradients sit in ``p.grad``;
+- ZeRO 1/2 (any precision): each rank owns a fragment of every parameter's fp32 master weight and reduced
+  gradient (``p._hp_mapping``); norms and weights are assembled with one collective each.
+"""
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..dino import param_groups
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> Dict:
+    e = cfg.engine
+    ds = {
+        'train_micro_batch_size_per_gpu': cfg.data.batch_size_per_rank,
+        'gradient_accumulation_steps': cfg.train.grad_accum_steps,
+        'train_batch_size': cfg.data.batch_size_per_rank * cfg.train.grad_accum_steps * world_size,
+        'zero_optimization': {'stage': e.zero_stage},
+        # clipping is the trainer's (DINO clips each parameter separately), unless asked for globally
+        'gradient_clipping': cfg.optim.clip_grad if cfg.optim.clip_mode == 'global' else 0.0,
+        'zero_allow_untested_optimizer': True,
+        'steps_per_print': 1 << 30,
+        'wall_clock_breakdown': False,
+    }
+    if e.precision == 'bf16':
+        ds['bf16'] = {'enabled': True}
+    elif e.precision == 'fp16':
+        ds['fp16'] = {'enabled': True, 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 1000,
+                      'hysteresis': 2, 'min_loss_scale': 1}
+    return _merge(ds, e.deepspeed)
+
+
+def _merge(base: Dict, over: Dict) -> Dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: str):
+    import deepspeed
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas,
+                                  fused=device_kind == 'cuda')
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+class EngineView:
+    """Gradient fragments and master weights of ``engine.module``'s parameters, in named_parameters order."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.names, self.params = zip(*[(n, p) for n, p in engine.module.named_parameters() if p.requires_grad])
+        opt = engine.optimizer
+        # ZeRO 1/2 give every parameter an _hp_mapping attribute (None where another rank owns all of it)
+        self.partitioned = any(hasattr(p, '_hp_mapping') for p in self.params)
+        self._fp32_of = {}
+        if not self.partitioned and hasattr(opt, 'fp16_groups') and hasattr(opt, 'fp32_groups'):
+            for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+                self._fp32_of.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+        elif not self.partitioned and hasattr(opt, 'fp16_groups') and hasattr(opt, 'fp32_groups_flat'):
+            for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for lp in lp_group:
+                    self._fp32_of[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
+                    offset += lp.numel()
+        elif not self.partitioned and any(p.dtype != torch.float32 for p in self.params):
+            raise RuntimeError(f"cannot find the fp32 master weights of optimizer {type(opt).__name__}")
+        if self.partitioned:
+            self._numels = [p.numel() for p in self.params]
+            self._flat = torch.empty(sum(self._numels), dtype=torch.float32, device=self.params[0].device)
+
+    # -- gradients ---------------------------------------------------------------------------------------
+    def grad_fragments(self) -> List[torch.Tensor]:
+        """This rank's part of each parameter's reduced gradient (all of it unless partitioned; an empty
+        tensor where another rank owns the parameter). Valid between backward and step at a boundary."""
+        frags = []
+        for p in self.params:
+            if p.grad is not None:
+                frags.append(p.grad)
+                continue
+            mapping = getattr(p, '_hp_mapping', None)
+            if mapping is None:
+                frags.append(p.new_zeros(0))
+                continue
+            g = mapping.get_lp_grad_fragment(p._index_in_param_group)
+            addr = mapping.lp_fragment_address
+            if g.numel() == p.numel() and addr.numel != p.numel():
+                g = g.reshape(-1).narrow(0, addr.start, addr.numel)
+            frags.append(g)
+        return frags
+
+    @torch.no_grad()
+    def clip_per_param(self, max_norm: float) -> torch.Tensor:
+        """DINO's clipping: each parameter's gradient rescaled to norm <= max_norm; one all-reduce of the
+        squared norms when partitioned, no host sync. Returns the norms before clipping."""
+        frags = self.grad_fragments()
+        sq = torch.stack([f.float().pow(2).sum() if f.numel() else f.new_zeros((), dtype=torch.float32)
+                          for f in frags]) if frags else torch.zeros(0)
+        if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+        norms = sq.sqrt()
+        coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        nonempty = [(f, c) for f, c in zip(frags, coefs.unbind()) if f.numel()]
+        if nonempty:
+            torch._foreach_mul_([f for f, _ in nonempty], [c.to(f.dtype) for f, c in nonempty])
+        return norms
+
+    # -- master weights -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def master_params(self) -> List[torch.Tensor]:
+        """The fp32 weights the optimizer updates, one full tensor per parameter, on every rank."""
+        if not self.partitioned:
+            return [self._fp32_of.get(id(p), p) for p in self.params]
+        self._flat.zero_()
+        offset = 0
+        for p, n in zip(self.params, self._numels):
+            mapping = getattr(p, '_hp_mapping', None)
+            if mapping is not None:
+                addr = mapping.lp_fragment_address
+                self._flat.narrow(0, offset + addr.start, addr.numel).copy_(mapping.hp_fragment.reshape(-1))
+            offset += n
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self._flat)  # fragments are disjoint, so the sum assembles them
+        return [t.view_as(p) for t, p in zip(self._flat.split(self._numels), self.params)]
+
+    def master_state_dict(self) -> Dict[str, torch.Tensor]:
+        """engine.module's state dict with every parameter replaced by its fp32 master weight."""
+        state = {k: v.detach().clone().cpu() for k, v in self.engine.module.state_dict().items()}
+        for name, w in zip(self.names, self.master_params()):
+            state[name] = w.detach().clone().cpu()
+        return state

@@ -1,0 +1,88 @@
+"""Run logging: TensorBoard scalars/images/text and a JSON-lines file with the same scalars (rank 0 only),
+and the device-hours clock (wall time of the training loop, summed over ranks)."""
+import json
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(run_dir / 'tb'))
+            self.jsonl = open(run_dir / 'log.jsonl', 'a', buffering=1)
+
+    def scalars(self, step: int, values: Dict[str, float], **fields) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({'iteration': step, **fields, **values}) + '\n')
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        """(N, C, H, W) in [0, 1]."""
+        if self.enabled:
+            self.writer.add_images(tag, images.clamp(0, 1), step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+            self.enabled = False
+
+
+class DeviceClock:
+    """Seconds this rank has spent in the training loop (across resumes). Device-hours = the sum over ranks
+    x devices per rank (1 GPU) or x CPU threads per rank on CPU, labelled core-hours there."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self._start: Optional[float] = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def lap(self) -> float:
+        """Add the time since start()/the last lap and restart; returns the total."""
+        now = time.perf_counter()
+        if self._start is not None:
+            self.seconds += now - self._start
+        self._start = now
+        return self.seconds
+
+    def stop(self) -> float:
+        total = self.lap()
+        self._start = None
+        return total
+
+
+def device_unit(device_kind: str) -> str:
+    return 'GPU-hours' if device_kind == 'cuda' else 'core-hours'
+
+
+def devices_per_rank(device_kind: str) -> int:
+    return 1 if device_kind == 'cuda' else torch.get_num_threads()
+
+
+def attention_grid(attn: torch.Tensor, grid: tuple, num_prefix: int = 1) -> torch.Tensor:
+    """CLS->patch attention of the last block, (B, heads, N, N) -> (B * heads, 1, h, w) in [0, 1]."""
+    cls = attn[:, :, 0, num_prefix:]
+    h, w = grid
+    maps = cls.reshape(cls.shape[0] * cls.shape[1], 1, h, w).float()
+    lo = maps.amin(dim=(2, 3), keepdim=True)
+    hi = maps.amax(dim=(2, 3), keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(1e-12)

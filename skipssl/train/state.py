@@ -1,0 +1,104 @@
+"""Saving and restoring the whole training state through the checkpoint format of ``skipssl.checkpoint``.
+
+Rank 0 writes ``model.pt`` (student fp32 master weights, teacher, DINO centre, position, model spec);
+every rank writes its ``rank-XXXXX.pt`` (its optimizer partition and loss-scaler state, RNG states, data
+reader position, its device clock). Loading is ``weights_only``; the only non-tensor classes DeepSpeed puts
+into an optimizer state (its loss scaler and fragment addresses) are allow-listed data holders.
+"""
+import logging
+import random
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from .distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+def _safe_globals():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, fragment_address]
+
+
+def rng_state(device: torch.device) -> Dict:
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])}}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Dict, device: torch.device) -> None:
+    torch.set_rng_state(state['torch'])
+    v, internal, gauss = state['python']
+    random.setstate((v, tuple(internal), gauss))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict], rank_blob: Dict,
+         keep: int) -> Path:
+    """Write checkpoint ``iteration`` under ``root`` from every rank (collective); returns its folder."""
+    final = root / ckpt.checkpoint_name(iteration)
+    tmp = root / f'.{ckpt.checkpoint_name(iteration)}.tmp'
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(info)
+    ckpt.atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
+    if info.is_main:
+        ckpt.atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
+    _barrier(info)
+    if info.is_main:
+        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size})
+        for old in ckpt.prune_checkpoints(root, keep):
+            log.info("removed old checkpoint %s", old)
+    _barrier(info)
+    return final
+
+
+def find_resumable(root: Path, info: DistInfo) -> Optional[Path]:
+    """The newest checkpoint under ``root`` that verifies (rank 0 checks, everyone gets its answer); a corrupt
+    or incomplete newer one is reported and skipped."""
+    choice = torch.tensor([-1], dtype=torch.int64)
+    if info.is_main:
+        for iteration, folder in reversed(ckpt.list_checkpoints(root)):
+            try:
+                ckpt.verify_checkpoint(folder, world_size=info.world_size)
+            except ckpt.CheckpointError as exn:
+                if 'ranks' in str(exn):
+                    raise
+                log.warning("checkpoint %s is not usable, trying the one before: %s", folder, exn)
+                continue
+            choice[0] = iteration
+            break
+    if info.world_size > 1:
+        dist.broadcast(choice, 0, group=info.control_group)
+    return None if choice.item() < 0 else root / ckpt.checkpoint_name(int(choice.item()))
+
+
+def load(folder: Path, info: DistInfo) -> Tuple[Dict, Dict]:
+    """(model blob, this rank's blob) of a verified checkpoint folder."""
+    model_blob = ckpt.load_file(folder / ckpt.MODEL_FILE)
+    with torch.serialization.safe_globals(_safe_globals()):
+        rank_blob = ckpt.load_file(folder / ckpt.rank_file(info.rank))
+    return model_blob, rank_blob
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier(group=info.control_group)

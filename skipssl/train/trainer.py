@@ -1,0 +1,504 @@
+"""DINO pretraining with a DeepSpeed student engine and an EMA teacher.
+
+One iteration = one optimizer step over ``grad_accum_steps`` micro-batches per rank. Every schedule (lr,
+weight decay, teacher momentum and temperature, last-layer freeze) is a per-iteration array indexed by the
+global iteration, as in DINO's code. Host syncs happen only at log, checkpoint and epoch boundaries.
+"""
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .. import checkpoint as ckpt
+from ..config import Config
+from ..data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, ReaderState,
+                    canvas_resize, decode_sample, resolve_shards)
+from ..data.reader import batch_seed, iter_raw_samples
+from ..data.shards import count_samples
+from ..dino import (DINOHead, DINOLoss, MultiCropWrapper, apply_schedules, collapse_state, cosine_schedule,
+                    ema_update, linear_warmup_schedule, make_teacher, matching_parameters, scaled_lr)
+from ..models import get_last_selfattention
+from . import state as train_state
+from .distributed import DistInfo, all_reduce_cpu
+from .engine import EngineView, build_engine
+from .logger import DeviceClock, RunLogger, attention_grid, device_unit, devices_per_rank
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out) and SIGINT set a flag; the loop
+    checkpoints at the next iteration boundary and returns."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> 'StopRequest':
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # SLURM signals every process of the step; loader workers must not die before the trainer checkpoints
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@dataclass
+class Plan:
+    """Sizes derived from the config and the world: everything the schedules are indexed by."""
+    world_size: int
+    micro_batch: int
+    accum: int
+    iterations_per_epoch: int
+    epochs: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum * self.world_size
+
+    @property
+    def total_iterations(self) -> int:
+        return self.iterations_per_epoch * self.epochs
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_iters: int
+
+
+def make_schedules(cfg: Config, plan: Plan) -> Schedules:
+    ipe, total = plan.iterations_per_epoch, plan.total_iterations
+    o, lo = cfg.optim, cfg.loss
+    lr = cosine_schedule(scaled_lr(o.base_lr, plan.global_batch), o.min_lr, total,
+                         warmup_iters=int(round(o.warmup_epochs * ipe)))
+    wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+    momentum = cosine_schedule(cfg.teacher.momentum, cfg.teacher.momentum_end, total)
+    temp = linear_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, total,
+                                  int(round(lo.warmup_teacher_temp_epochs * ipe)))
+    return Schedules(lr, wd, momentum, temp, int(round(o.freeze_last_layer_epochs * ipe)))
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    iteration: int = 0                  # optimizer steps done
+    images_seen: int = 0
+    per_epoch: List[Dict] = field(default_factory=list)
+
+
+def samples_per_epoch(cfg: Config) -> int:
+    if cfg.data.samples_per_epoch:
+        return cfg.data.samples_per_epoch
+    n = count_samples(cfg.data.train_shards)
+    if not n:
+        raise ValueError(f"data.samples_per_epoch is 0 and {cfg.data.train_shards!r} has no shard index to count "
+                         "samples from: set data.samples_per_epoch")
+    return n
+
+
+def make_plan(cfg: Config, world_size: int) -> Plan:
+    n = samples_per_epoch(cfg)
+    per_iter = cfg.data.batch_size_per_rank * cfg.train.grad_accum_steps * world_size
+    ipe = n // per_iter
+    if ipe < 1:
+        raise ValueError(f"an epoch of {n} samples is less than one global batch ({world_size} ranks x "
+                         f"{cfg.data.batch_size_per_rank} x {cfg.train.grad_accum_steps} accumulation steps)")
+    return Plan(world_size, cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, ipe, cfg.train.epochs)
+
+
+def model_spec(cfg: Config) -> Dict:
+    return {'name': cfg.model.name, 'kwargs': dict(cfg.model.kwargs)}
+
+
+def build_student(cfg: Config) -> MultiCropWrapper:
+    backbone = ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate))
+    if backbone.num_features <= 0:
+        raise ValueError(f"model {cfg.model.name} has no feature dimension")
+    if cfg.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    h = cfg.head
+    head = DINOHead(backbone.num_features, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer)
+    return MultiCropWrapper(backbone, head)
+
+
+def multicrop_config(cfg: Config) -> MultiCropConfig:
+    from dataclasses import asdict
+    return MultiCropConfig(**asdict(cfg.augment))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path) -> None:
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        self.device = info.device
+        self.plan = make_plan(cfg, info.world_size)
+        self.sched = make_schedules(cfg, self.plan)
+        self.urls = resolve_shards(cfg.data.train_shards)
+        self.ckpt_root = run_dir / 'checkpoints'
+        self.stop = StopRequest()
+
+        torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
+        student = build_student(cfg)
+        self.teacher = make_teacher(student).to(self.device)
+        self.engine = build_engine(student, cfg, info.world_size, self.device.type)
+        self.view = EngineView(self.engine)
+        self.teacher_params, _ = matching_parameters(self.teacher, self.engine.module)
+        if cfg.model.compile:
+            self.engine.module.backbone.compile()
+            self.teacher.backbone.compile()
+        self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.engine.precision]
+        self.loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
+        self.mc = multicrop_config(cfg)
+        self.device_aug = BatchedMultiCrop(self.mc) if cfg.data.augment_on == 'device' else None
+        self.aug_gen = torch.Generator(device=self.device) if self.device_aug else None
+
+        torch.manual_seed(cfg.experiment.seed + 1 + info.rank)  # drop-path differs between ranks
+        self.pos = Position()
+        self.reader_state = ReaderState()
+        self.clock = DeviceClock()
+        self.logger = RunLogger(run_dir, info.is_main)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._epoch_loss_sum = torch.zeros((), device=self.device)
+
+    # -- state --------------------------------------------------------------------------------------------
+    def model_blob(self, student_state: Dict, device_hours: float) -> Dict:
+        return {
+            'student': student_state,
+            'teacher': {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+            'loss_center': self.loss_fn.center.detach().cpu(),
+            'model': model_spec(self.cfg),
+            'position': {'epoch': self.pos.epoch, 'iteration': self.pos.iteration,
+                         'images_seen': self.pos.images_seen, 'device_hours': device_hours},
+            'per_epoch': json.dumps(self.pos.per_epoch),
+            'data': self.data_meta(),
+            'config': self.cfg.to_yaml(),
+        }
+
+    def rank_blob(self) -> Dict:
+        e = self.engine
+        return {
+            'optimizer': e.optimizer.state_dict(),
+            'engine': {'global_steps': e.global_steps, 'global_samples': e.global_samples,
+                       'micro_steps': e.micro_steps, 'skipped_steps': e.skipped_steps},
+            'rng': train_state.rng_state(self.device),
+            'reader': self.reader_state.state_dict(),
+            'device_seconds': self.clock.seconds,
+        }
+
+    def data_meta(self) -> Dict:
+        d, a = self.cfg.data, self.cfg.augment
+        return {'channels': d.channels, 'mean': list(a.mean), 'std': list(a.std), 'eval_resize': d.eval_resize,
+                'eval_crop': d.eval_crop}
+
+    def save(self) -> Path:
+        self._check_finite()
+        self.clock.lap()
+        student_state = self.view.master_state_dict()  # collective when ZeRO partitions the master weights
+        hours = self.device_hours()
+        folder = train_state.save(self.ckpt_root, self.pos.iteration, self.info,
+                                  self.model_blob(student_state, hours) if self.info.is_main else None,
+                                  self.rank_blob(), self.cfg.train.keep_checkpoints)
+        if self.info.is_main:
+            log.info("checkpoint %s", folder)
+        return folder
+
+    def resume(self) -> bool:
+        folder = train_state.find_resumable(self.ckpt_root, self.info)
+        if folder is None:
+            return False
+        model_blob, rank_blob = train_state.load(folder, self.info)
+        if model_blob['model'] != model_spec(self.cfg):
+            raise ckpt.CheckpointError(f"{folder} holds {model_blob['model']}, the config asks for "
+                                       f"{model_spec(self.cfg)}: use a new experiment.output_dir")
+        e = self.engine
+        e.module.load_state_dict(model_blob['student'])
+        if self.view.partitioned:
+            states = [None] * self.info.world_size
+            states[self.info.rank] = rank_blob['optimizer']
+            e.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            e.optimizer.load_state_dict(rank_blob['optimizer'])
+        for k, v in rank_blob['engine'].items():
+            setattr(e, k, v)
+        self.teacher.load_state_dict(model_blob['teacher'])
+        self.loss_fn.center.copy_(model_blob['loss_center'])
+        p = model_blob['position']
+        self.pos = Position(p['epoch'], p['iteration'], p['images_seen'], json.loads(model_blob['per_epoch']))
+        self.reader_state = ReaderState.from_dict(rank_blob['reader'])
+        self.clock = DeviceClock(rank_blob['device_seconds'])
+        train_state.set_rng_state(rank_blob['rng'], self.device)
+        if self.info.is_main:
+            log.info("resumed from %s (epoch %d, iteration %d)", folder, self.pos.epoch, self.pos.iteration)
+        return True
+
+    # -- data -------------------------------------------------------------------------------------------
+    def loader(self) -> DataLoader:
+        c, d = self.cfg, self.cfg.data
+        transform = canvas_resize(d.canvas_size) if self.device_aug else MultiCropTransform(self.mc)
+        dataset = PretrainShards(
+            self.urls, batch_size=d.batch_size_per_rank,
+            samples_per_epoch=self.plan.iterations_per_epoch * self.plan.global_batch, transform=transform,
+            rank=self.info.rank, world_size=self.info.world_size, num_workers=d.num_workers,
+            seed=c.experiment.seed, shuffle_buffer=d.shuffle_buffer, channels=d.channels,
+            max_skip_fraction=d.max_skip_fraction)
+        dataset.set_state(self.reader_state)
+        gen = torch.Generator().manual_seed(batch_seed(c.experiment.seed, self.reader_state.epoch, self.info.rank, -1))
+        return DataLoader(dataset, batch_size=None, num_workers=d.num_workers, pin_memory=self.device.type == 'cuda',
+                          prefetch_factor=4 if d.num_workers else None, generator=gen,
+                          worker_init_fn=_ignore_stop_signals if d.num_workers else None)
+
+    def crops(self, batch: Dict, micro: int) -> List[torch.Tensor]:
+        if self.device_aug is None:
+            return [c.to(self.device, non_blocking=True) for c in batch['crops']]
+        self.aug_gen.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, micro))
+        images = batch['images'].to(self.device, non_blocking=True)
+        return self.device_aug(images, batch['sizes'].to(self.device, non_blocking=True), generator=self.aug_gen)
+
+    # -- one iteration --------------------------------------------------------------------------------------
+    def iteration(self, batches) -> float:
+        it, e, s = self.pos.iteration, self.engine, self.sched
+        data_wait = 0.0
+        for micro in range(self.plan.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            self.reader_state.update(batch)
+            crops = self.crops(batch, micro)
+            data_wait += time.perf_counter() - t0
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
+                                                 enabled=self.dtype != torch.float32):
+                teacher_out = self.teacher(crops[:2])
+            student_out = e([c.to(self.dtype) for c in crops])
+            loss = self.loss_fn(student_out, teacher_out, float(s.teacher_temp[it]))
+            e.backward(loss)
+            if e.is_gradient_accumulation_boundary():
+                if self.cfg.optim.clip_mode == 'per_param' and self.cfg.optim.clip_grad > 0:
+                    self.view.clip_per_param(self.cfg.optim.clip_grad)
+                apply_schedules(e.optimizer, float(s.lr[it]), float(s.wd[it]),
+                                freeze_last_layer=it < s.freeze_last_layer_iters)
+            e.step()
+            detached = loss.detach().float()
+            self._loss_sum += detached
+            self._epoch_loss_sum += detached
+            self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(detached),
+                                                torch.full_like(self._first_nonfinite, it), self._first_nonfinite)
+        if e.was_step_applied():  # an fp16 overflow skips the step, and so the EMA
+            ema_update(self.teacher_params, self.view.master_params(), float(s.momentum[it]))
+        self.pos.iteration += 1
+        self.pos.images_seen += self.plan.global_batch
+        return data_wait
+
+    def _check_finite(self) -> None:
+        bad = int(self._first_nonfinite.item())
+        if bad >= 0:
+            raise NonFiniteLoss(
+                f"the DINO loss became non-finite at iteration {bad} (epoch {bad // self.plan.iterations_per_epoch}); "
+                "stopping without saving this state (the newest checkpoint is intact). Try a lower lr, bf16 "
+                "instead of fp16, or a smaller optim.clip_grad.")
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def device_hours(self) -> float:
+        t = torch.tensor([self.clock.seconds * devices_per_rank(self.device.type)], dtype=torch.float64)
+        return float(all_reduce_cpu(t, self.info)[0]) / 3600.0
+
+    def log_scalars(self, n_iters: int, wall: float, data_wait: float) -> None:
+        it = self.pos.iteration - 1
+        self._check_finite()
+        m = {k: float(v) for k, v in self.loss_fn.metrics.items()}
+        loss = float(self._loss_sum) / max(n_iters * self.plan.accum, 1)
+        self._loss_sum.zero_()
+        values = {
+            'train/loss': loss, 'train/lr': float(self.sched.lr[it]), 'train/weight_decay': float(self.sched.wd[it]),
+            'train/teacher_momentum': float(self.sched.momentum[it]),
+            'train/teacher_temp': float(self.sched.teacher_temp[it]),
+            'collapse/teacher_entropy': m['teacher_entropy'], 'collapse/teacher_marginal_entropy':
+                m['teacher_marginal_entropy'], 'collapse/kl': m['kl'], 'collapse/center_norm': m['center_norm'],
+            'perf/images_per_s': n_iters * self.plan.global_batch / max(wall, 1e-9),
+            'perf/step_time_s': wall / max(n_iters, 1), 'perf/data_wait_s': data_wait / max(n_iters, 1),
+            'perf/compute_s': (wall - data_wait) / max(n_iters, 1),
+            'data/skipped_samples': float(self.reader_state.total_skipped),
+            f'cost/{device_unit(self.device.type).replace("-", "_")}': self.device_hours(),
+        }
+        if self.device.type == 'cuda':
+            values['perf/gpu_memory_gb'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        self.logger.scalars(self.pos.iteration, values, epoch=self.pos.epoch)
+        if self.info.is_main:
+            log.info("it %d/%d epoch %d loss %.4f lr %.2e %.1f img/s (data wait %.0f%%)", self.pos.iteration,
+                     self.plan.total_iterations, self.pos.epoch, loss, values['train/lr'],
+                     values['perf/images_per_s'], 100 * data_wait / max(wall, 1e-9))
+            state = collapse_state(m, self.cfg.head.out_dim)
+            if state and self.pos.iteration >= self.cfg.train.collapse_warn_every:
+                log.warning("iteration %d: the teacher looks collapsed (%s: entropy %.3f of ln K = %.3f, KL %.4f); "
+                            "check teacher temperature, centre momentum and lr", self.pos.iteration, state,
+                            m['teacher_entropy'], math.log(self.cfg.head.out_dim), m['kl'])
+
+    def fixed_images(self) -> Optional[torch.Tensor]:
+        """The first few images of the first shard, centre-cropped to the global crop size, normalised."""
+        n = self.cfg.train.attention_images
+        if n <= 0:
+            return None
+        from torchvision.transforms import v2
+        size = self.mc.global_size
+        tf = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+        images = []
+        for sample in iter_raw_samples(self.urls[:1], handler=lambda exn: True):
+            try:
+                images.append(tf(decode_sample(sample, self.cfg.data.channels)[0]))
+            except ValueError:
+                continue
+            if len(images) == n:
+                break
+        return torch.stack(images) if images else None
+
+    @torch.no_grad()
+    def log_attention(self, images: Optional[torch.Tensor]) -> None:
+        if images is None or not self.info.is_main:
+            return
+        backbone = self.teacher.backbone
+        backbone = getattr(backbone, '_orig_mod', backbone)
+        mean = images.new_tensor(self.mc.mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.mc.std).view(1, -1, 1, 1)
+        x = ((images - mean) / std).to(self.device)
+        attn = get_last_selfattention(backbone, x)
+        grid = backbone.patch_embed.dynamic_feat_size(x.shape[-2:]) if hasattr(backbone.patch_embed,
+                                                                               'dynamic_feat_size') else None
+        if grid is None:
+            p = backbone.patch_embed.patch_size
+            grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
+        self.logger.images('attention/images', images, self.pos.epoch)
+        self.logger.images('attention/last_layer_cls', attention_grid(attn.cpu(), grid, backbone.num_prefix_tokens),
+                           self.pos.epoch)
+
+    # -- epochs -----------------------------------------------------------------------------------------------
+    def end_epoch(self, epoch_start_wall: float, epoch_start_iter: int, images: Optional[torch.Tensor]) -> None:
+        self._check_finite()
+        self.clock.lap()
+        hours = self.device_hours()
+        n = self.pos.iteration - epoch_start_iter
+        wall = time.perf_counter() - epoch_start_wall
+        self.pos.per_epoch.append({
+            'epoch': self.pos.epoch, 'iteration': self.pos.iteration, 'images_seen': self.pos.images_seen,
+            'device_hours': hours, 'images_per_s': n * self.plan.global_batch / max(wall, 1e-9),
+            'loss': float(self._epoch_loss_sum) / max(n * self.plan.accum, 1),
+        })
+        self._epoch_loss_sum.zero_()
+        self.log_attention(images)
+        self.pos.epoch += 1
+        self.reader_state.next_epoch()
+        if self.cfg.train.export_every_epoch or self.pos.epoch == self.plan.epochs:
+            self.export(f'teacher-{self.pos.iteration:08d}.safetensors')
+
+    def export(self, name: str) -> Optional[Path]:
+        if not self.info.is_main:
+            return None
+        backbone = self.teacher.backbone
+        meta = {'iteration': self.pos.iteration, 'epoch': self.pos.epoch, 'images_seen': self.pos.images_seen,
+                'device_hours': self.pos.per_epoch[-1]['device_hours'] if self.pos.per_epoch else 0.0,
+                'device_hours_unit': device_unit(self.device.type), 'run_dir': str(self.run_dir),
+                **self.data_meta()}
+        return ckpt.save_backbone(backbone, self.run_dir / 'export' / name, self.cfg.model.name,
+                                  dict(self.cfg.model.kwargs), meta)
+
+    def summary(self, finished: bool, stopped_by: Optional[str]) -> Dict:
+        hours = self.device_hours()
+        seconds = hours * 3600 / max(self.info.world_size * devices_per_rank(self.device.type), 1)
+        return {
+            'run_name': self.run_dir.name, 'model': model_spec(self.cfg),
+            'skipat': self.cfg.model.name.startswith('skipat_') or 'skip_indices' in self.cfg.model.kwargs,
+            'config_name': self.cfg.experiment.name, 'epochs_planned': self.plan.epochs,
+            'epochs_done': self.pos.epoch, 'iterations': self.pos.iteration,
+            'iterations_planned': self.plan.total_iterations, 'global_batch': self.plan.global_batch,
+            'images_seen': self.pos.images_seen,
+            'images_per_s': self.pos.images_seen / seconds if seconds > 0 else None,
+            'device': {'kind': self.device.type, 'world_size': self.info.world_size,
+                       'name': torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu',
+                       'threads_per_rank': torch.get_num_threads()},
+            'device_hours': hours, 'device_hours_unit': device_unit(self.device.type),
+            'per_epoch': self.pos.per_epoch, 'finished': finished, 'stopped_by': stopped_by,
+        }
+
+    def fit(self) -> Dict:
+        c = self.cfg
+        resumed = self.resume()
+        if self.info.is_main and not resumed:
+            self.logger.text('config', '```\n' + c.to_yaml() + '\n```')
+        images = self.fixed_images() if self.info.is_main else None
+        stop_at = c.train.stop_after_iterations or self.plan.total_iterations
+        stopped_by = None
+        self.stop.install()
+        try:
+            while self.pos.epoch < self.plan.epochs and self.pos.iteration < stop_at and stopped_by is None:
+                stopped_by = self.run_epoch(stop_at, images)
+        finally:
+            self.stop.uninstall()
+        finished = self.pos.epoch >= self.plan.epochs
+        if finished and self.info.is_main:
+            self.export('teacher.safetensors')
+        summary = self.summary(finished, stopped_by)
+        if self.info.is_main:
+            ckpt.atomic_write_text(json.dumps(summary, indent=1), self.run_dir / 'summary.json')
+        self.logger.close()
+        return summary
+
+    def run_epoch(self, stop_at: int, images) -> Optional[str]:
+        c = self.cfg
+        batches = iter(self.loader())
+        epoch_start_iter, epoch_start_wall = self.pos.iteration, time.perf_counter()
+        end_of_epoch = (self.pos.epoch + 1) * self.plan.iterations_per_epoch
+        interval_start, interval_iters, interval_wait = time.perf_counter(), 0, 0.0
+        self.clock.start()
+        self.engine.train()
+        while self.pos.iteration < min(end_of_epoch, stop_at):
+            interval_wait += self.iteration(batches)
+            interval_iters += 1
+            if self.pos.iteration % c.train.log_every == 0:
+                self.log_scalars(interval_iters, time.perf_counter() - interval_start, interval_wait)
+                interval_start, interval_iters, interval_wait = time.perf_counter(), 0, 0.0
+            flag = torch.tensor([self.stop.signum or 0], dtype=torch.int64)
+            signum = int(all_reduce_cpu(flag, self.info, op=torch.distributed.ReduceOp.MAX)[0])
+            if signum:
+                if self.pos.iteration == end_of_epoch:
+                    self.end_epoch(epoch_start_wall, epoch_start_iter, images)
+                self.save()
+                self.clock.stop()
+                name = signal.Signals(signum).name
+                if self.info.is_main:
+                    log.warning("%s received: checkpoint written at iteration %d; run the same command to resume",
+                                name, self.pos.iteration)
+                return name
+            if self.pos.iteration % c.train.checkpoint_every == 0 and self.pos.iteration != end_of_epoch:
+                self.save()
+        del batches
+        if self.pos.iteration == end_of_epoch:
+            self.end_epoch(epoch_start_wall, epoch_start_iter, images)
+        self.save()
+        self.clock.stop()
+        self.logger.flush()
+        return None
