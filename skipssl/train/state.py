@@ -3,7 +3,7 @@
 Rank 0 writes ``model.pt`` (student fp32 master weights, teacher, DINO centre, position, model spec);
 every rank writes its ``rank-XXXXX.pt`` (its optimizer partition and loss-scaler state, RNG states, data
 reader position, its device clock). Loading is ``weights_only``; the only non-tensor classes DeepSpeed puts
-into an optimizer state (its loss scaler and fragment addresses) are allow-listed data holders.
+into an optimizer state (loss scaler, ZeRO stage enum, fragment addresses) are allow-listed.
 """
 import logging
 import random
@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def _safe_globals():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    return [LossScaler, DynamicLossScaler, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def rng_state(device: torch.device) -> Dict:

@@ -1,0 +1,313 @@
+"""The training job, really run: pretrain.py as one process and under torchrun with 2 gloo processes,
+DeepSpeed engines, real image shards; exact resume after SIGKILL, SIGTERM checkpoint-and-exit, corrupt
+checkpoints, config errors, non-finite loss."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skipssl import checkpoint as ckpt
+from skipssl.config import ConfigError, load_config
+from skipssl.dino import cosine_schedule
+from skipssl.train.distributed import DistInfo
+from skipssl.train import state as train_state
+
+from .image_shards import write_pattern_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / 'configs' / 'cpu_tiny_skipat.yaml')
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+
+FMNIST = Path('/usr/share/datasets/fashion-mnist')
+HAVE_FMNIST = (FMNIST / 't10k-images-idx3-ubyte.gz').exists()
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    """Fashion-MNIST's test split as shards when the Debian package is there (setup.sh installs it), else
+    synthetic gratings (enough for everything but the loss-falls check)."""
+    out = tmp_path_factory.mktemp('shards')
+    if HAVE_FMNIST:
+        from skipssl.data.make_shards import write_shards
+        from skipssl.data.sources import open_source
+        write_shards(open_source('fashion-mnist', FMNIST, 'test'), out, 'train', max_samples=2500, workers=1,
+                     progress=False)
+        return out
+    return write_pattern_shards(out, n=1024, n_shards=4)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return env
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def command(out_dir, shards, *overrides, nproc=1):
+    args = ['pretrain.py', '--config', TINY, f'data.train_shards={shards}', f'experiment.output_dir={out_dir}',
+            *overrides]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr',
+            '127.0.0.1', '--master_port', str(_port()), *args]
+
+
+def run(out_dir, shards, *overrides, nproc=1, timeout=300, check=True):
+    proc = subprocess.run(command(out_dir, shards, *overrides, nproc=nproc), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def log_lines(run_dir):
+    """Logged scalars by iteration; a resumed run re-logs iterations after its checkpoint: keep the last."""
+    lines = {}
+    for line in (Path(run_dir) / 'log.jsonl').read_text().splitlines():
+        rec = json.loads(line)
+        lines[rec['iteration']] = rec
+    return lines
+
+
+def final_weights(run_dir):
+    return ckpt.load_file(ckpt.resolve_checkpoint(run_dir) / ckpt.MODEL_FILE)
+
+
+# 2 ranks x 32 images = 64 per iteration; 768 samples per epoch = 12 iterations per epoch
+SMALL = ['data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1']
+
+
+@pytest.fixture(scope='module')
+def single_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp('single') / 'run'
+    proc = run(out, shards, 'data.samples_per_epoch=256', 'train.epochs=2', 'train.log_every=1',
+               'train.checkpoint_every=3', 'train.keep_checkpoints=2', 'data.num_workers=1')
+    return out, proc
+
+
+@pytest.fixture(scope='module')
+def torchrun_run(shards, tmp_path_factory):
+    """2 processes under torchrun, ZeRO-1 (optimizer state partitioned over the ranks), fp32."""
+    out = tmp_path_factory.mktemp('torchrun') / 'run'
+    run(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
+    return out
+
+
+# -- config ---------------------------------------------------------------------------------------------
+def test_config_rejects_unknown_keys_and_wrong_types_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        load_config(TINY, ['train.epoch=3'])
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 'ten'"):
+        load_config(TINY, ['train.epochs=ten'])
+    with pytest.raises(ConfigError, match=r"augment.global_scale: expected 2 values"):
+        load_config(TINY, ['augment.global_scale=[0.1]'])
+    with pytest.raises(ConfigError, match=r"engine.zero_stage: 0, 1 or 2"):
+        load_config(TINY, ['engine.zero_stage=3'])
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('base: ' + TINY + '\noptim: {lr: 0.1}\n')
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lr'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(TINY, ['train.epochs'])
+
+
+def test_config_overrides_inheritance_and_reference_presets():
+    cfg = load_config(TINY, ['train.epochs=7', 'augment.global_scale=[0.3, 1]', 'model.kwargs.depth=6'])
+    assert cfg.train.epochs == 7 and cfg.augment.global_scale == (0.3, 1.0) and cfg.model.kwargs['depth'] == 6
+    assert cfg.model.kwargs['skip_indices'] == [1, 2]  # an override merges into the mapping
+    vit = load_config(ROOT / 'configs' / 'cpu_tiny_vit.yaml')
+    assert vit.model.name == 'vit_tiny_patch16_224' and 'skip_indices' not in vit.model.kwargs  # a file replaces it
+    skip = load_config(ROOT / 'configs' / 'dino_skipat_vit_s16_100ep.yaml')
+    plain = load_config(ROOT / 'configs' / 'dino_vit_s16_100ep.yaml')
+    # REFERENCE.md section 2
+    assert (skip.optim.base_lr, skip.optim.min_lr, skip.optim.warmup_epochs) == (5e-4, 1e-6, 10)
+    assert (skip.optim.weight_decay, skip.optim.weight_decay_end, skip.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (skip.head.out_dim, skip.teacher.momentum, skip.model.drop_path_rate) == (65536, 0.996, 0.1)
+    assert (skip.data.batch_size_per_rank, skip.augment.n_local, skip.train.epochs) == (64, 10, 100)
+    assert skip.model.kwargs['skip_indices'] == [3, 4, 5, 6, 7, 8]
+    diff = {k for k, v in plain.to_dict().items() if v != skip.to_dict()[k]}
+    assert diff == {'model', 'experiment'} and plain.experiment.name == skip.experiment.name
+
+
+def test_bad_shards_and_model_fail_before_training(tmp_path, shards):
+    proc = run(tmp_path / 'r', tmp_path / 'nowhere', check=False)
+    assert proc.returncode == 2 and 'data.train_shards' in proc.stderr and 'nowhere' in proc.stderr
+    proc = run(tmp_path / 'r', shards, 'model.kwargs.skip_indices=[0, 9]', check=False)
+    assert proc.returncode == 2 and 'model:' in proc.stderr and 'skip' in proc.stderr
+    proc = run(tmp_path / 'r', shards, 'engine.precision=fp16', check=False)
+    assert proc.returncode == 2 and 'fp16 needs a CUDA device' in proc.stderr
+    assert not (tmp_path / 'r' / 'checkpoints').exists()
+
+
+# -- single process, no launcher ------------------------------------------------------------------------
+def test_single_process_run_writes_everything(single_run):
+    out, proc = single_run
+    assert 'state: finished' in proc.stdout
+    cfg = load_config(out / 'config.yaml')  # the resolved config round-trips through the loader
+    assert cfg.experiment.output_dir == str(out) and cfg.data.samples_per_epoch == 256
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['finished'] and summary['iterations'] == 16 and summary['epochs_done'] == 2
+    assert summary['images_seen'] == 16 * 32 and summary['device_hours_unit'] == 'core-hours'
+    assert summary['device_hours'] > 0 and [e['iteration'] for e in summary['per_epoch']] == [8, 16]
+    assert summary['skipat'] and summary['config_name'] == 'cpu_tiny'
+    # checkpoints every 3 iterations and at epoch ends, the newest 2 kept
+    assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [15, 16]
+    for name in ('teacher-00000008.safetensors', 'teacher-00000016.safetensors', 'teacher.safetensors'):
+        backbone, meta = ckpt.load_backbone(out / 'export' / name)
+        assert meta['model_name'] == 'skipat_vit_tiny_patch16_224' and json.loads(meta['channels']) == 1
+    # the final export is the newest checkpoint's teacher backbone
+    blob = final_weights(out)
+    exported, _ = ckpt.load_backbone(out / 'export' / 'teacher.safetensors')
+    for k, v in exported.state_dict().items():
+        torch.testing.assert_close(v, blob['teacher'][f'backbone.{k}'])
+
+
+def test_logged_schedules_follow_dino_formulas(single_run):
+    out, _ = single_run
+    lines = log_lines(out)
+    assert sorted(lines) == list(range(1, 17))
+    # lr: 0.008 x 32 / 256 peak, 1 warm-up epoch (8 iterations) then cosine to 1e-5 over 16
+    lr = cosine_schedule(0.008 * 32 / 256, 1e-5, 16, warmup_iters=8)
+    np.testing.assert_allclose([lines[i + 1]['train/lr'] for i in range(16)], lr, rtol=1e-6)
+    assert lines[1]['train/lr'] == 0.0 and lines[9]['train/lr'] == pytest.approx(0.008 * 32 / 256)
+    for rec in lines.values():
+        assert rec['train/teacher_momentum'] == pytest.approx(0.98) and rec['train/teacher_temp'] == pytest.approx(0.04)
+        assert np.isfinite(rec['train/loss']) and rec['perf/images_per_s'] > 0
+        assert 0 <= rec['collapse/teacher_entropy'] <= np.log(256) + 1e-4
+
+
+def test_tensorboard_has_scalars_attention_maps_and_config(single_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = single_run
+    acc = EventAccumulator(str(out / 'tb'), size_guidance={'images': 0, 'scalars': 0, 'tensors': 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ('train/loss', 'train/lr', 'train/weight_decay', 'train/teacher_momentum', 'train/teacher_temp',
+                'collapse/teacher_entropy', 'collapse/kl', 'collapse/center_norm', 'perf/images_per_s',
+                'perf/data_wait_s', 'perf/compute_s', 'data/skipped_samples', 'cost/core_hours'):
+        assert tag in tags['scalars'], tag
+    assert len(acc.Scalars('train/loss')) == 16
+    assert {'attention/images', 'attention/last_layer_cls'} <= set(tags['images'])
+    assert len(acc.Images('attention/last_layer_cls')) == 2  # once per epoch
+    assert any('config' in t for t in tags['tensors'])
+
+
+# -- two processes under torchrun -------------------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_FMNIST, reason=f'needs Fashion-MNIST in {FMNIST} (Debian package dataset-fashion-mnist)')
+def test_torchrun_two_processes_train_and_loss_falls(torchrun_run):
+    summary = json.loads((torchrun_run / 'summary.json').read_text())
+    assert summary['finished'] and summary['device']['world_size'] == 2 and summary['global_batch'] == 64
+    lines = log_lines(torchrun_run)
+    losses = [lines[i]['train/loss'] for i in sorted(lines)]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0, losses
+    record = ckpt.verify_checkpoint(ckpt.resolve_checkpoint(torchrun_run))
+    assert record['world_size'] == 2 and {'rank-00000.pt', 'rank-00001.pt', 'model.pt'} <= set(record['files'])
+
+
+def _wait_for(predicate, proc, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_sigkill_is_exact(torchrun_run, shards, tmp_path):
+    """Killed (SIGKILL, whole process group) after the checkpoint at iteration 10, resumed: the same losses
+    and the same final weights as the uninterrupted run."""
+    out = tmp_path / 'run'
+    cmd = command(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: (out / 'checkpoints' / 'ckpt-00000010' / ckpt.COMPLETE).exists()
+                  and (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 12, proc, 240,
+                  "iteration 12")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(log_lines(out))
+    assert killed_at < 24
+    run(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
+    ref, got = log_lines(torchrun_run), log_lines(out)
+    assert sorted(got) == sorted(ref)
+    for i in ref:
+        for key in ('train/loss', 'collapse/teacher_entropy', 'collapse/center_norm'):
+            assert got[i][key] == ref[i][key], (i, key, killed_at)
+    a, b = final_weights(torchrun_run), final_weights(out)
+    for part in ('student', 'teacher'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(a['loss_center'], b['loss_center'])
+
+
+def test_sigterm_writes_a_checkpoint_at_the_next_iteration_and_exits_cleanly(shards, tmp_path):
+    out = tmp_path / 'run'
+    cmd = command(out, shards, 'data.samples_per_epoch=4096', 'train.epochs=1', 'train.log_every=1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 3, proc, 180,
+                  "iteration 3")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert 'SIGTERM received' in stderr and 'state: stopped (SIGTERM)' in stdout
+    summary = json.loads((out / 'summary.json').read_text())
+    last = max(log_lines(out))
+    assert not summary['finished'] and summary['stopped_by'] == 'SIGTERM' and summary['iterations'] == last < 128
+    assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [last]
+    ckpt.verify_checkpoint(out / 'checkpoints' / ckpt.checkpoint_name(last))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(single_run, tmp_path, caplog):
+    src, _ = single_run
+    out = tmp_path / 'run'
+    shutil.copytree(src, out)
+    newest = out / 'checkpoints' / 'ckpt-00000016' / ckpt.MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    # a write that crashed before the rename leaves only a temporary folder, which is never picked
+    (out / 'checkpoints' / '.ckpt-00000017.tmp').mkdir()
+    info = DistInfo(0, 1, 0, torch.device('cpu'), 'single')
+    with caplog.at_level('WARNING'):
+        chosen = train_state.find_resumable(out / 'checkpoints', info)
+    assert chosen.name == 'ckpt-00000015' and 'truncated' in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match='truncated'):
+        ckpt.verify_checkpoint(newest.parent)
+
+
+def test_checkpoints_load_weights_only():
+    # the rank files hold DeepSpeed optimizer states; only its plain data classes are allow-listed
+    names = {c.__name__ for c in train_state._safe_globals()}
+    assert names == {'LossScaler', 'DynamicLossScaler', 'ZeroStageEnum', 'fragment_address'}
+
+
+def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_path):
+    out = tmp_path / 'run'
+    proc = run(out, shards, 'data.samples_per_epoch=128', 'train.epochs=1', 'optim.base_lr=1e30',
+               'optim.clip_grad=0', 'optim.warmup_epochs=0', 'train.log_every=4', check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert 'non-finite at iteration' in proc.stderr
+    assert ckpt.list_checkpoints(out / 'checkpoints') == []
