@@ -13,6 +13,14 @@ if [ ! -f "$FMNIST" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; th
     { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
         >/dev/null 2>&1 || echo "[setup] warning: could not install dataset-fashion-mnist; tests that need it skip" >&2
 fi
+# SLURM 22.05 (Debian packages slurmctld slurmd slurm-client munge) runs the one-node cluster of the SLURM tests.
+SLURM_PKGS="slurmctld slurmd slurm-client munge"
+if ! { [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && [ -x /usr/bin/sbatch ]; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing $SLURM_PKGS" >&2
+    { apt-get install -y -q $SLURM_PKGS || { apt-get update -q && apt-get install -y -q $SLURM_PKGS; }; } \
+        >/dev/null 2>&1 || echo "[setup] warning: could not install $SLURM_PKGS; SLURM tests skip (fail in CI)" >&2
+fi
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('skipssl') is None)" 2>/dev/null; then
     exit 0

@@ -1,0 +1,380 @@
+"""A real one-node SLURM cluster on this machine, for tests and local submitit launches.
+
+    python -m launch.slurm_cluster up [--dir DIR] [--cpus N]   # prints: export SLURM_CONF=DIR/slurm.conf
+    python -m launch.slurm_cluster status [--dir DIR]          # exit 0 when up, 1 when down
+    python -m launch.slurm_cluster down [--dir DIR] [--clean]
+
+Needs root and the Debian packages slurmctld slurmd slurm-client munge (SLURM 22.05), no systemd. Every
+daemon runs from DIR with its own key, socket, state, pid and log files, so a system munged or SLURM
+installation is never touched. Accounting is off: submitit's job.state reads UNKNOWN and sacct warns,
+but results come back through submitit's pickles.
+"""
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DIR = Path('/tmp/skipssl-slurm')
+PACKAGES = 'slurmctld slurmd slurm-client munge'
+BINARIES = ('munged', 'slurmctld', 'slurmd', 'sinfo', 'sbatch', 'srun', 'scontrol', 'squeue', 'scancel')
+NODE = 'localhost'
+# Daemons in stop order: the node first, the key server last (the others authenticate through it).
+DAEMONS = ('slurmd', 'slurmctld', 'munged')
+HEALTHY_STATES = {'idle', 'mixed', 'allocated', 'completing'}
+
+
+class SlurmClusterError(RuntimeError):
+    """The cluster cannot be brought up (or down); the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    dir: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / 'slurm.conf'
+
+    @property
+    def env(self) -> dict:
+        """What a client (sbatch, srun, submitit) needs in its environment."""
+        return {'SLURM_CONF': str(self.conf)}
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def pid_file(self, daemon: str) -> Path:
+        return self.dir / f'{daemon}.pid'
+
+    def log_file(self, daemon: str) -> Path:
+        return self.dir / f'{daemon}.log'
+
+
+# ---------------------------------------------------------------- prerequisites
+
+def _search_path() -> str:
+    # The daemons live in /usr/sbin, which a non-login PATH may lack.
+    return os.pathsep.join([os.environ.get('PATH', ''), '/usr/local/sbin', '/usr/sbin', '/sbin'])
+
+
+def missing_binaries(search_path: str | None = None) -> list[str]:
+    path = _search_path() if search_path is None else search_path
+    return [b for b in BINARIES if shutil.which(b, path=path) is None]
+
+
+def unavailable_reason(search_path: str | None = None) -> str | None:
+    """Why the cluster cannot run here (missing packages or not root), or None."""
+    missing = missing_binaries(search_path)
+    if missing:
+        return (f'SLURM binaries not found: {", ".join(missing)}; install the Debian packages '
+                f'`{PACKAGES}` (apt-get install -y {PACKAGES}, or bash scripts/setup.sh as root)')
+    if os.geteuid() != 0:
+        return 'not root: the one-node SLURM cluster runs its daemons (munged, slurmctld, slurmd) as root'
+    return None
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name, path=_search_path())
+    if found is None:
+        raise SlurmClusterError(unavailable_reason())
+    return found
+
+
+# ---------------------------------------------------------------- processes
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:  # reap it if it is our own exited child, so a zombie does not count as alive
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def _daemon_pid(cluster: Cluster, daemon: str) -> int | None:
+    """The daemon's pid from its pid file if it still runs; a stale file's pid, reused by another program, is not."""
+    pid = _read_pid(cluster.pid_file(daemon))
+    if not _alive(pid):
+        return None
+    try:
+        return pid if Path(f'/proc/{pid}/comm').read_text().strip() == daemon else None
+    except OSError:
+        return None
+
+
+def _stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it outlives `timeout`."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.1)
+    raise SlurmClusterError(f'process {pid} survived SIGKILL')
+
+
+def _spawn_detached(cmd: list[str], cluster: Cluster, daemon: str) -> int:
+    """Start a foreground (-D) daemon in its own session, output to DIR/<daemon>.out."""
+    env = {**os.environ, **cluster.env}
+    with open(cluster.path(f'{daemon}.out'), 'ab') as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=cluster.dir, start_new_session=True, close_fds=True)
+    cluster.pid_file(daemon).write_text(f'{proc.pid}\n')
+    return proc.pid
+
+
+def _client(cluster: Cluster, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    return subprocess.run([_binary(args[0]), *args[1:]], env={**os.environ, **cluster.env},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# ---------------------------------------------------------------- configuration
+
+def _memory_mb() -> int:
+    for line in Path('/proc/meminfo').read_text().splitlines():
+        if line.startswith('MemTotal:'):
+            return int(line.split()[1]) // 1024
+    return 1024
+
+
+def _slurm_conf(cluster: Cluster, cpus: int, memory_mb: int) -> str:
+    d = cluster.dir
+    lines = [
+        'ClusterName=skipssl',
+        f'SlurmctldHost={NODE}',
+        'SlurmUser=root',
+        'SlurmdUser=root',
+        'AuthType=auth/munge',
+        'CredType=cred/munge',
+        # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+        f'AuthInfo=socket={d}/munge.socket,cred_expire=5',
+        f'StateSaveLocation={d}/state',
+        f'SlurmdSpoolDir={d}/spool',
+        f'SlurmctldPidFile={cluster.pid_file("slurmctld")}',
+        f'SlurmdPidFile={cluster.pid_file("slurmd")}',
+        f'SlurmctldLogFile={cluster.log_file("slurmctld")}',
+        f'SlurmdLogFile={cluster.log_file("slurmd")}',
+        'SlurmctldDebug=info',
+        'SlurmdDebug=info',
+        'ProctrackType=proctrack/linuxproc',
+        'TaskPlugin=task/none',
+        'SelectType=select/cons_tres',
+        'SelectTypeParameters=CR_Core',
+        # Without these the main scheduler waits up to 60 s before starting a requeued job.
+        'SchedulerType=sched/backfill',
+        'SchedulerParameters=sched_interval=1,bf_interval=1',
+        'MpiDefault=none',
+        'MailProg=/bin/true',
+        'ReturnToService=2',
+        'JobRequeue=1',
+        'AccountingStorageType=accounting_storage/none',
+        'JobAcctGatherType=jobacct_gather/none',
+        'JobCompType=jobcomp/none',
+        'SlurmctldTimeout=10',
+        'SlurmdTimeout=10',
+        'MessageTimeout=5',
+        # Tasks that ignore SIGTERM (submitit's do) are killed this soon after a requeue or cancel.
+        'KillWait=2',
+        'InactiveLimit=0',
+        'MinJobAge=300',
+        # The node's CPUs and memory are whatever we declare, even beyond the hardware (tests of N tasks).
+        'SlurmdParameters=config_overrides',
+        f'NodeName={NODE} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN',
+        f'PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP',
+    ]
+    return '\n'.join(lines) + '\n'
+
+
+def _write_files(cluster: Cluster, cpus: int) -> None:
+    # munged refuses group/other-writable directories and a key others can read.
+    cluster.dir.mkdir(parents=True, exist_ok=True)
+    cluster.dir.chmod(0o755)
+    for sub in ('state', 'spool'):
+        cluster.path(sub).mkdir(exist_ok=True)
+    key = cluster.path('munge.key')
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    cluster.conf.write_text(_slurm_conf(cluster, cpus, max(256, _memory_mb() * 9 // 10)))
+
+
+# ---------------------------------------------------------------- up / down / status
+
+def node_state(cluster: Cluster) -> str | None:
+    """The node's state as sinfo reports it ('idle', 'down', ...), None when the controller is unreachable."""
+    if not cluster.conf.exists() or _daemon_pid(cluster, 'slurmctld') is None:
+        return None
+    try:
+        out = _client(cluster, 'sinfo', '-h', '-N', '-n', NODE, '-o', '%T', timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return out.stdout.split()[0].rstrip('*~#!%$@^-')
+
+
+def is_up(dir: Path | str = DEFAULT_DIR) -> bool:
+    cluster = Cluster(Path(dir))
+    daemons_alive = all(_daemon_pid(cluster, d) is not None for d in DAEMONS)
+    return daemons_alive and node_state(cluster) in HEALTHY_STATES
+
+
+def _log_tails(cluster: Cluster, lines: int = 15) -> str:
+    parts = []
+    for daemon in ('munged', 'slurmctld', 'slurmd'):
+        # A -D daemon's stdout repeats its log file; it matters only when the daemon died before opening it.
+        log, out = cluster.log_file(daemon), cluster.path(f'{daemon}.out')
+        path = log if log.exists() and log.stat().st_size else out
+        if path.exists():
+            tail = path.read_text(errors='replace').splitlines()[-lines:]
+            parts.append(f'--- {path} (last {len(tail)} lines)\n' + '\n'.join(tail))
+    text = '\n'.join(parts) or '(no logs written)'
+    if 'Address already in use' in text:
+        text += ('\nHint: ports 6817/6818 are taken, most likely by another slurmctld/slurmd on this machine; '
+                 'stop it first (python -m launch.slurm_cluster down --dir ITS_DIR).')
+    return text
+
+
+def _start_munged(cluster: Cluster) -> None:
+    # munged forks into the background once its socket accepts requests.
+    cmd = [_binary('munged'), f'--key-file={cluster.path("munge.key")}',
+           f'--socket={cluster.path("munge.socket")}', f'--pid-file={cluster.pid_file("munged")}',
+           f'--log-file={cluster.log_file("munged")}', f'--seed-file={cluster.path("munged.seed")}']
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        raise SlurmClusterError(f'munged failed to start (exit {res.returncode}): {res.stderr.strip()}\n'
+                                + _log_tails(cluster))
+
+
+def _wait_idle(cluster: Cluster, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        dead = [d for d in DAEMONS if _daemon_pid(cluster, d) is None]
+        if dead:
+            raise SlurmClusterError(f'{", ".join(dead)} exited during start-up\n' + _log_tails(cluster))
+        state = node_state(cluster)
+        if state == 'idle':
+            return
+        time.sleep(0.3)
+    raise SlurmClusterError(f'node {NODE} not idle after {timeout:.0f} s (sinfo state: {state})\n'
+                            + _log_tails(cluster))
+
+
+def up(dir: Path | str = DEFAULT_DIR, cpus: int | None = None, timeout: float = 60.0) -> Cluster:
+    """Start munged, slurmctld and slurmd from `dir` and wait until the node is idle.
+
+    Idempotent: a healthy cluster in `dir` is left as it is (its CPU count too).
+    """
+    reason = unavailable_reason()
+    if reason:
+        raise SlurmClusterError(reason)
+    cluster = Cluster(Path(dir).resolve())
+    if is_up(cluster.dir):
+        return cluster
+    down(cluster.dir)  # leftovers of a crashed or half-started cluster
+    _write_files(cluster, cpus or os.cpu_count() or 1)
+    try:
+        _start_munged(cluster)
+        # -c: forget jobs of an earlier cluster in this dir; their log folders may be gone.
+        _spawn_detached([_binary('slurmctld'), '-D', '-c'], cluster, 'slurmctld')
+        _spawn_detached([_binary('slurmd'), '-D', '-N', NODE], cluster, 'slurmd')
+        _wait_idle(cluster, timeout)
+    except BaseException:
+        down(cluster.dir)  # no half-started daemons; the logs stay for the error message's reader
+        raise
+    return cluster
+
+
+def _cancel_all_jobs(cluster: Cluster) -> None:
+    """Best effort: jobs left running would keep their slurmstepd processes alive after slurmd stops."""
+    try:
+        jobs = _client(cluster, 'squeue', '-h', '-o', '%A', timeout=5).stdout.split()
+        if jobs:
+            _client(cluster, 'scancel', *jobs, timeout=5)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _client(cluster, 'squeue', '-h', timeout=5).stdout.strip():
+                time.sleep(0.3)
+    except (subprocess.TimeoutExpired, SlurmClusterError):
+        pass
+
+
+def down(dir: Path | str = DEFAULT_DIR, clean: bool = False) -> None:
+    """Stop the daemons by their pid files; keep DIR (logs, config) unless `clean`."""
+    cluster = Cluster(Path(dir).resolve())
+    if _daemon_pid(cluster, 'slurmctld') is not None and cluster.conf.exists():
+        _cancel_all_jobs(cluster)
+    for daemon in DAEMONS:
+        pid = _daemon_pid(cluster, daemon)
+        if pid is not None:
+            _stop_pid(pid)
+        cluster.pid_file(daemon).unlink(missing_ok=True)
+    if clean:
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+def status(dir: Path | str = DEFAULT_DIR) -> str:
+    cluster = Cluster(Path(dir).resolve())
+    daemons = ', '.join(f'{d} {"running" if _daemon_pid(cluster, d) else "stopped"}' for d in DAEMONS)
+    word = 'up' if is_up(cluster.dir) else 'down'
+    return f'{word}: {cluster.dir} (node {NODE}: {node_state(cluster) or "unreachable"}; {daemons})'
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m launch.slurm_cluster', description=__doc__.split('\n')[0])
+    parser.add_argument('command', choices=('up', 'down', 'status'))
+    parser.add_argument('--dir', type=Path, default=DEFAULT_DIR, help=f'cluster folder (default {DEFAULT_DIR})')
+    parser.add_argument('--cpus', type=int, default=None, help='CPUs of the node (default: nproc)')
+    parser.add_argument('--clean', action='store_true', help='down: also remove the cluster folder')
+    parser.add_argument('--timeout', type=float, default=60.0, help='up: seconds to wait for an idle node')
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'up':
+            was_up = is_up(args.dir)
+            cluster = up(args.dir, cpus=args.cpus, timeout=args.timeout)
+            print(f'[slurm_cluster] {"already up" if was_up else "up"}: {cluster.dir}', file=sys.stderr)
+            print(f'export SLURM_CONF={cluster.conf}')
+        elif args.command == 'down':
+            down(args.dir, clean=args.clean)
+            print(f'[slurm_cluster] down: {Path(args.dir).resolve()}', file=sys.stderr)
+        else:
+            line = status(args.dir)
+            print(line)
+            return 0 if line.startswith('up') else 1
+    except SlurmClusterError as error:
+        print(f'[slurm_cluster] error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
