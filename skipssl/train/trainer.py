@@ -39,9 +39,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out) and SIGINT set a flag; the loop
-    checkpoints at the next iteration boundary and returns."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out), SIGUSR2 (submitit's choice for
+    ``--signal``) and SIGINT set a flag; the loop checkpoints at the next iteration boundary and returns."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
