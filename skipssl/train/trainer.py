@@ -23,13 +23,14 @@ from ..data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, Pretr
                     canvas_resize, decode_sample, resolve_shards)
 from ..data.reader import batch_seed, iter_raw_samples
 from ..data.shards import count_samples
-from ..dino import (DINOHead, DINOLoss, MultiCropWrapper, apply_schedules, collapse_state, cosine_schedule,
-                    ema_update, linear_warmup_schedule, make_teacher, matching_parameters, scaled_lr)
+from ..dino import (DINOHead, DINOLoss, MultiCropWrapper, collapse_state, cosine_schedule, linear_warmup_schedule,
+                    make_teacher, scaled_lr)
 from ..models import get_last_selfattention
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
-from .engine import EngineView, build_engine
+from .engine import build_engine
 from .logger import DeviceClock, RunLogger, attention_grid, device_unit, devices_per_rank
+from .step import DINOStep
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,12 @@ class Trainer:
         student = build_student(cfg)
         self.teacher = make_teacher(student).to(self.device)
         self.engine = build_engine(student, cfg, info.world_size, self.device.type)
-        self.view = EngineView(self.engine)
-        self.teacher_params, _ = matching_parameters(self.teacher, self.engine.module)
         if cfg.model.compile:
             self.engine.module.backbone.compile()
             self.teacher.backbone.compile()
-        self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[cfg.engine.precision]
         self.loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
+        self.step = DINOStep(self.engine, self.teacher, self.loss_fn, cfg, self.sched)
+        self.view = self.step.view
         self.mc = multicrop_config(cfg)
         self.device_aug = BatchedMultiCrop(self.mc) if cfg.data.augment_on == 'device' else None
         self.aug_gen = torch.Generator(device=self.device) if self.device_aug else None
@@ -284,7 +284,7 @@ class Trainer:
 
     # -- one iteration --------------------------------------------------------------------------------------
     def iteration(self, batches) -> float:
-        it, e, s = self.pos.iteration, self.engine, self.sched
+        it = self.pos.iteration
         data_wait = 0.0
         for micro in range(self.plan.accum):
             t0 = time.perf_counter()
@@ -292,25 +292,12 @@ class Trainer:
             self.reader_state.update(batch)
             crops = self.crops(batch, micro)
             data_wait += time.perf_counter() - t0
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
-                                                 enabled=self.dtype != torch.float32):
-                teacher_out = self.teacher(crops[:2])
-            student_out = e([c.to(self.dtype) for c in crops])
-            loss = self.loss_fn(student_out, teacher_out, float(s.teacher_temp[it]))
-            e.backward(loss)
-            if e.is_gradient_accumulation_boundary():
-                if self.cfg.optim.clip_mode == 'per_param' and self.cfg.optim.clip_grad > 0:
-                    self.view.clip_per_param(self.cfg.optim.clip_grad)
-                apply_schedules(e.optimizer, float(s.lr[it]), float(s.wd[it]),
-                                freeze_last_layer=it < s.freeze_last_layer_iters)
-            e.step()
-            detached = loss.detach().float()
-            self._loss_sum += detached
-            self._epoch_loss_sum += detached
-            self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(detached),
+            loss = self.step.micro(crops, it)
+            self._loss_sum += loss
+            self._epoch_loss_sum += loss
+            self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(loss),
                                                 torch.full_like(self._first_nonfinite, it), self._first_nonfinite)
-        if e.was_step_applied():  # an fp16 overflow skips the step, and so the EMA
-            ema_update(self.teacher_params, self.view.master_params(), float(s.momentum[it]))
+        self.step.finish(it)
         self.pos.iteration += 1
         self.pos.images_seen += self.plan.global_batch
         return data_wait

@@ -1,0 +1,178 @@
+"""Training throughput of the whole DINO step (student + teacher + loss + DeepSpeed optimizer step + EMA),
+SkipAt-ViT against the plain ViT of the same size, measured interleaved in one run.
+
+    python -m bench.train_step_throughput                 # CUDA: bf16, batch 64/GPU, eager and compiled; CPU: fp32, batch 4
+    python -m bench.train_step_throughput --size small --batch-size 32 --n-local 10
+
+The step is the trainer's own (``skipssl.train.step.DINOStep`` on a real DeepSpeed engine, one process), on
+synthetic crops already on the device (2 x 224 + n_local x 96 per image), so data loading is excluded (see
+bench.data_throughput for that). Model FLOPs per image are counted by torch's FLOP counter: student
+forward + backward (3x forward) over every crop, teacher forward over the 2 global crops; on a GPU with a
+known bf16 peak the model FLOP utilisation (MFU) is reported.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from bench.backbone_throughput import RESULTS_DIR, device_name, synchronize
+from skipssl.config import load_config
+from skipssl.dino import DINOLoss, make_teacher
+from skipssl.models import count_macs
+from skipssl.train.engine import build_engine
+from skipssl.train.step import DINOStep
+from skipssl.train.trainer import Plan, build_student, make_schedules
+
+CONFIGS = {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'}
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+# dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets
+BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 SXM': 989.0, 'H100 PCIe': 756.0, 'H200': 989.0, 'A100': 312.0,
+                    'L40S': 362.0, 'A10G': 70.0}
+
+
+def peak_tflops(name: str):
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def model_flops_per_image(student, global_size: int, local_size: int, n_local: int, in_chans: int) -> float:
+    """Student fwd+bwd (3 x fwd) over 2 global + n_local local crops, teacher fwd over the 2 global crops."""
+    def fwd(size):
+        return 2 * (count_macs(student.backbone, (1, in_chans, size, size))
+                    + count_macs(student.head, (1, student.backbone.num_features)))
+    student_fwd = 2 * fwd(global_size) + n_local * fwd(local_size)
+    return 3 * student_fwd + 2 * fwd(global_size)
+
+
+def build_step(key: str, args, device: torch.device):
+    overrides = [f'engine.precision={args.precision}', f'engine.device={device.type}', f'engine.zero_stage={args.zero_stage}',
+                 f'data.batch_size_per_rank={args.batch_size}', f'augment.n_local={args.n_local}',
+                 f'model.compile={str(args.compile_model).lower()}', 'data.train_shards=unused',
+                 f'model.kwargs.img_size={args.global_size}']
+    if args.size != 'small':
+        name = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'skipat_vit_{args.size}_patch16_224'}[key]
+        overrides.append(f'model.name={name}')
+    cfg = load_config(CONFIG_DIR / CONFIGS[key], overrides)
+    plan = Plan(1, args.batch_size, 1, iterations_per_epoch=1000, epochs=cfg.train.epochs)
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    flops = model_flops_per_image(student, args.global_size, args.local_size, args.n_local, 3)
+    teacher = make_teacher(student).to(device)
+    engine = build_engine(student, cfg, 1, device.type)
+    if cfg.model.compile:
+        engine.module.backbone.compile()
+        teacher.backbone.compile()
+    loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+    step = DINOStep(engine, teacher, loss_fn, cfg, make_schedules(cfg, plan))
+    g = torch.Generator(device=device).manual_seed(0)
+    crops = [torch.randn(args.batch_size, 3, s, s, device=device, generator=g)
+             for s in [args.global_size] * 2 + [args.local_size] * args.n_local]
+    state = {'it': 20 * plan.iterations_per_epoch}  # past warm-up and the last-layer freeze
+
+    def run():
+        step.micro(crops, state['it'])
+        step.finish(state['it'])
+        state['it'] += 1
+    return run, flops
+
+
+def time_steps(run, iters: int, device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure(args, device) -> Dict:
+    runs, flops = {}, {}
+    for key in CONFIGS:
+        runs[key], flops[key] = build_step(key, args, device)
+        for _ in range(args.warmup):
+            runs[key]()
+    rates: Dict[str, List[float]] = {k: [] for k in CONFIGS}
+    ratios = []
+    for r in range(args.repeats):
+        for key in (CONFIGS if r % 2 == 0 else list(reversed(list(CONFIGS)))):
+            rates[key].append(args.batch_size * args.iters / time_steps(runs[key], args.iters, device))
+        ratios.append(rates['skipat'][-1] / rates['vit'][-1])
+    out = {'batch_size': args.batch_size, 'compile': args.compile_model,
+           'model_gflops_per_image': {k: flops[k] / 1e9 for k in CONFIGS},
+           'vit_img_per_s': statistics.median(rates['vit']), 'skipat_img_per_s': statistics.median(rates['skipat']),
+           'ratio_skipat_over_vit': statistics.median(ratios), 'per_repeat_img_per_s': rates}
+    peak = peak_tflops(device_name(device)) if device.type == 'cuda' else None
+    if peak:
+        out['bf16_peak_tflops'] = peak
+        out['mfu'] = {k: out[f'{k}_img_per_s'] * flops[k] / (peak * 1e12) for k in CONFIGS}
+    print(f"  batch {args.batch_size} compile={args.compile_model}: ViT {out['vit_img_per_s']:.1f} img/s, SkipAt "
+          f"{out['skipat_img_per_s']:.1f} img/s, ratio {out['ratio_skipat_over_vit']:.3f}x"
+          + (f", MFU ViT {out['mfu']['vit']:.1%} SkipAt {out['mfu']['skipat']:.1%}" if peak else ''), flush=True)
+    return out
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--size', default='small', choices=['tiny', 'small', 'base'])
+    p.add_argument('--device', default='auto')
+    p.add_argument('--precision', default=None, choices=['fp32', 'bf16'], help='default: bf16 on CUDA, fp32 on CPU')
+    p.add_argument('--zero-stage', type=int, default=0)
+    p.add_argument('--batch-size', type=int, default=None, help='per device; default 64 on CUDA, 4 on CPU')
+    p.add_argument('--n-local', type=int, default=10)
+    p.add_argument('--global-size', type=int, default=224)
+    p.add_argument('--local-size', type=int, default=96)
+    p.add_argument('--compile', default=None, choices=['off', 'on', 'both'], help='default: both on CUDA, off on CPU')
+    p.add_argument('--repeats', type=int, default=None, help='default: 5 on CUDA, 3 on CPU')
+    p.add_argument('--iters', type=int, default=None, help='default: 10 on CUDA, 1 on CPU')
+    p.add_argument('--warmup', type=int, default=None, help='default: 5 on CUDA, 1 on CPU')
+    p.add_argument('--out', type=Path, default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault('RANK', '0')
+    os.environ.setdefault('WORLD_SIZE', '1')
+    os.environ.setdefault('LOCAL_RANK', '0')
+    os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+    os.environ.setdefault('MASTER_PORT', '29591')
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
+                          else ('cpu' if args.device == 'auto' else args.device))
+    cuda = device.type == 'cuda'
+    args.precision = args.precision or ('bf16' if cuda else 'fp32')
+    args.batch_size = args.batch_size or (64 if cuda else 4)
+    args.repeats = args.repeats or (5 if cuda else 3)
+    args.iters = args.iters or (10 if cuda else 1)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    import deepspeed
+    deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo', auto_mpi_discovery=False, verbose=False)
+    print(f"DINO step ({args.size}/16, 2x{args.global_size} + {args.n_local}x{args.local_size} crops, {args.precision}) "
+          f"on {device_name(device)}")
+    results = []
+    for compile_model in {'off': [False], 'on': [True], 'both': [False, True]}[args.compile or ('both' if cuda else 'off')]:
+        args.compile_model = compile_model
+        results.append(measure(args, device))
+    report = {'benchmark': 'train_step_throughput', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+              'device': device_name(device), 'device_type': device.type, 'torch': torch.__version__,
+              'configs': CONFIGS, 'size': args.size, 'precision': args.precision, 'zero_stage': args.zero_stage,
+              'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
+              'repeats': args.repeats, 'iters_per_repeat': args.iters, 'results': results}
+    out = args.out or RESULTS_DIR / f'train_step_{args.size}_{device.type}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(report, indent=2) + '\n')
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    torch.distributed.destroy_process_group()
+    return report
+
+
+if __name__ == '__main__':
+    main()
