@@ -311,3 +311,18 @@ def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_p
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert 'non-finite at iteration' in proc.stderr
     assert ckpt.list_checkpoints(out / 'checkpoints') == []
+
+
+def test_bf16_zero2_gradient_accumulation_and_device_augmentation(shards, tmp_path):
+    """The other engine and data paths in one short run: bf16, ZeRO-2, 2 micro-batches per step,
+    multi-crop on the training device from raw uint8 batches, 1 loader worker."""
+    out = tmp_path / 'run'
+    run(out, shards, 'data.samples_per_epoch=256', 'train.epochs=1', 'train.log_every=1', 'engine.precision=bf16',
+        'engine.zero_stage=2', 'train.grad_accum_steps=2', 'data.augment_on=device', 'data.canvas_size=32',
+        'data.num_workers=1')
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['finished'] and summary['iterations'] == 4 and summary['global_batch'] == 64
+    lines = log_lines(out)
+    assert sorted(lines) == [1, 2, 3, 4] and all(np.isfinite(r['train/loss']) for r in lines.values())
+    blob = final_weights(out)
+    assert all(v.dtype == torch.float32 for v in blob['student'].values() if v.is_floating_point())
