@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-from bench.backbone_throughput import RESULTS_DIR, device_name, synchronize
+from bench.backbone_throughput import RESULTS_DIR, device_name, time_steps
 from skipssl.config import load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
@@ -82,15 +81,6 @@ def build_step(key: str, args, device: torch.device):
         step.finish(state['it'])
         state['it'] += 1
     return run, flops
-
-
-def time_steps(run, iters: int, device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        run()
-    synchronize(device)
-    return time.perf_counter() - t0
 
 
 def measure(args, device) -> Dict:

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .data.multicrop import MultiCropConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -91,30 +93,6 @@ class DataSection:
 
 
 @dataclass
-class AugmentSection:
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 10
-    global_scale: Tuple[float, float] = (0.4, 1.0)
-    local_scale: Tuple[float, float] = (0.05, 0.4)
-    flip_p: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    blur_kernel_size: int = 0
-    blur_p_global1: float = 1.0
-    blur_p_global2: float = 0.1
-    blur_p_local: float = 0.5
-    solarize_p: float = 0.2
-    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
-
-
-@dataclass
 class TrainSection:
     epochs: int = 100
     grad_accum_steps: int = 1
@@ -144,7 +122,7 @@ class Config:
     teacher: TeacherSection = field(default_factory=TeacherSection)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
-    augment: AugmentSection = field(default_factory=AugmentSection)
+    augment: MultiCropConfig = field(default_factory=MultiCropConfig)  # DINO's multi-crop recipe, every number
     train: TrainSection = field(default_factory=TrainSection)
     engine: EngineSection = field(default_factory=EngineSection)
 
@@ -248,7 +226,10 @@ def _build(cls, values: Dict[str, Any], prefix: str = ''):
             kwargs[f.name] = _build(tp, values[f.name] or {}, key + '.')
         else:
             kwargs[f.name] = _coerce(values[f.name], tp, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exn:  # a section's own checks (e.g. MultiCropConfig.__post_init__)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exn}") from exn
 
 
 # free-form mappings: a file that sets one replaces its base's (overrides still merge key by key)
@@ -359,8 +340,3 @@ def validate(cfg: Config) -> None:
            'model.drop_path_rate', "must be in [0, 1)")
     _check('num_classes' not in cfg.model.kwargs and 'drop_path_rate' not in cfg.model.kwargs, 'model.kwargs',
            "num_classes is fixed to 0 (the DINO head follows) and drop_path_rate is model.drop_path_rate")
-    try:
-        from .data import MultiCropConfig
-        MultiCropConfig(**{k: v for k, v in asdict(a).items()})
-    except ValueError as exn:
-        raise ConfigError(f"augment: {exn}") from exn

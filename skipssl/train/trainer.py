@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
 from ..config import Config
-from ..data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, ReaderState,
+from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, ReaderState,
                     canvas_resize, decode_sample, resolve_shards)
 from ..data.reader import batch_seed, iter_raw_samples
 from ..data.shards import count_samples
@@ -150,11 +150,6 @@ def build_student(cfg: Config) -> MultiCropWrapper:
     return MultiCropWrapper(backbone, head)
 
 
-def multicrop_config(cfg: Config) -> MultiCropConfig:
-    from dataclasses import asdict
-    return MultiCropConfig(**asdict(cfg.augment))
-
-
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, run_dir: Path) -> None:
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
@@ -175,7 +170,7 @@ class Trainer:
         self.loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(self.device)
         self.step = DINOStep(self.engine, self.teacher, self.loss_fn, cfg, self.sched)
         self.view = self.step.view
-        self.mc = multicrop_config(cfg)
+        self.mc = cfg.augment
         self.device_aug = BatchedMultiCrop(self.mc) if cfg.data.augment_on == 'device' else None
         self.aug_gen = torch.Generator(device=self.device) if self.device_aug else None
 
