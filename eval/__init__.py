@@ -1,1 +1,15 @@
-"""Evaluation: feature extraction, faiss k-NN, linear probe, reports."""
+"""Evaluation of pretrained backbones: feature extraction, faiss k-NN, linear probe, reports.
+
+- ``source``: what to evaluate (training checkpoint, exported backbone, random-init timm model, raw pixels)
+- ``data``: labelled evaluation shards, checked before any expensive work
+- ``distributed``: rank set-up from torchrun's environment, gathering features on rank 0
+- ``features``: batched, distributed feature extraction and its on-disk cache
+- ``knn``: DINO's weighted k-NN classifier on a faiss exact inner-product index
+- ``linear``: DINO's linear evaluation (on cached features, or with augmentation through the frozen backbone)
+- ``results``: result JSON next to the checkpoint, TensorBoard scalars in the run's ``tb/``
+- ``pipeline``: what ``knn_eval.py`` and ``linear_probe.py`` run
+- ``report``: ``python -m eval.report RUN_DIR ...``: table and plot of accuracy against device-hours
+- ``synthetic``: labelled synthetic shards and features for tests and benchmarks
+
+``eval`` reads checkpoints and exported weights through ``skipssl.checkpoint``; it never imports the trainer.
+"""

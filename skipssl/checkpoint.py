@@ -221,9 +221,12 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
             raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
         state = {k[len('backbone.'):]: v for k, v in blob[which].items() if k.startswith('backbone.')}
         name, kwargs = blob['model']['name'], blob['model']['kwargs']
+        pos = blob['position']
         meta = {'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True), 'checkpoint': str(folder),
-                'iteration': record['iteration'], 'epoch': blob['position']['epoch'],
-                'sha256': record['files'][MODEL_FILE]['sha256'], 'which': which}
+                'iteration': record['iteration'], 'epoch': pos['epoch'], 'images_seen': pos.get('images_seen'),
+                'device_hours': pos.get('device_hours'), 'device_hours_unit': pos.get('device_hours_unit'),
+                'sha256': record['files'][MODEL_FILE]['sha256'], 'which': which,
+                **{k: json.dumps(v) for k, v in blob.get('data', {}).items()}}
     backbone = build_backbone(name, kwargs)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,0 +1,95 @@
+"""Labelled evaluation shards: found, checked (exist, carry labels) and fingerprinted before any extraction."""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from skipssl.data import read_index, resolve_shards
+from skipssl.data.reader import iter_raw_samples
+from skipssl.data.shards import INDEX_SUFFIX
+
+from .errors import EvalError
+
+
+_ROLE_PREFIXES = {'train': ('train',), 'test': ('test', 'val'), 'val': ('val',)}
+
+
+@dataclass
+class Split:
+    role: str                      # 'train' / 'test' / 'val'
+    spec: str
+    urls: List[str]
+    num_samples: Optional[int]     # from the shard index, when there is one
+    classes: Optional[List[str]]
+    signature: str                 # digest of shard names and sizes: part of the feature-cache key
+
+    @property
+    def name(self) -> str:
+        """Dataset name by default: the folder holding the shards (``data/fmnist/test-*.tar`` -> fmnist)."""
+        return Path(self.urls[0]).resolve().parent.name if not self.urls[0].startswith(('pipe:', 'http')) \
+            else 'dataset'
+
+
+def _index_of(spec: str, prefix: Optional[str]) -> Optional[dict]:
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(path.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+        return read_index(found[0]) if len(found) == 1 else None
+    if spec.endswith(INDEX_SUFFIX) and path.is_file():
+        return read_index(path)
+    return None
+
+
+def _signature(urls: List[str]) -> str:
+    h = hashlib.sha256()
+    for url in urls:
+        size = os.path.getsize(url) if os.path.isfile(url) else -1
+        h.update(f'{os.path.basename(url)}\t{size}\n'.encode())
+    return h.hexdigest()[:16]
+
+
+def first_sample_label(url: str) -> tuple:
+    """(key, label or None) of the first sample of a shard."""
+    errors = []
+    for sample in iter_raw_samples([url], lambda exn: errors.append(exn) or True):
+        if 'cls' in sample:
+            return sample['__key__'], int(sample['cls'])
+        if 'json' in sample:
+            label = json.loads(sample['json']).get('label')
+            return sample['__key__'], (int(label) if label is not None else None)
+        return sample['__key__'], None
+    raise EvalError(f"shard {url} holds no readable sample ({errors[0] if errors else 'empty'})")
+
+
+def open_split(spec: str, role: str, prefix: Optional[str] = None, require_labels: bool = True) -> Split:
+    """Resolve ``spec`` (folder, index, brace pattern, list file) and check that it is usable for evaluation."""
+    spec = str(spec)
+    local = not spec.startswith(('pipe:', 'http://', 'https://'))
+    if local and '{' not in spec and not os.path.exists(spec) and not spec.endswith('.tar'):
+        raise EvalError(f"{role} shards: {spec} does not exist (expected a folder of shards, a "
+                        f"*{INDEX_SUFFIX} file, a .txt list or a brace pattern)")
+    if prefix is None and local and Path(spec).is_dir() and len(list(Path(spec).glob(f'*{INDEX_SUFFIX}'))) > 1:
+        # make_shards puts train and test indices in one folder: take the one named like the role
+        prefix = next((p for p in _ROLE_PREFIXES.get(role, (role,)) if (Path(spec) / f'{p}{INDEX_SUFFIX}').is_file()),
+                      None)
+    try:
+        urls = resolve_shards(spec, prefix)
+    except (FileNotFoundError, ValueError) as exn:
+        raise EvalError(f"{role} shards {spec}: {exn}") from exn
+    index = _index_of(spec, prefix) if local else None
+    if require_labels and local:
+        key, label = first_sample_label(urls[0])
+        if label is None or label < 0:
+            raise EvalError(f"{role} shards {spec}: sample {key} of {urls[0]} has no label (.cls or json "
+                            "'label'); k-NN and linear evaluation need a labelled dataset")
+    return Split(role, spec, urls, index.get('num_samples') if index else None,
+                 index.get('classes') if index else None, _signature(urls) if local else hashlib.sha256(
+                     '\n'.join(urls).encode()).hexdigest()[:16])
+
+
+def check_k(ks, n_train: int, where: str) -> None:
+    if max(ks) > n_train:
+        raise EvalError(f"k={max(ks)} is larger than the training set ({n_train} samples in {where}); "
+                        "use k <= the number of training samples")

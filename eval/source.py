@@ -1,0 +1,238 @@
+"""What to evaluate, and what is known about it.
+
+A model spec is one of:
+- a training checkpoint folder, its ``model.pt``, a run folder or its ``checkpoints/`` (newest complete
+  checkpoint; the teacher backbone unless ``which='student'``);
+- an exported backbone ``*.safetensors`` (``{run}/export/teacher-XXXXXXXX.safetensors``);
+- a timm model name (``vit_small_patch16_224``, ``skipat_vit_small_patch16_224``): random init, the baseline;
+- ``pixels``: the flattened, normalised input image itself (a sanity baseline, no network).
+
+Everything here is cheap (one weight load); feature extraction comes later.
+"""
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from skipssl.checkpoint import MODEL_FILE, build_backbone, load_backbone, resolve_checkpoint
+
+from .errors import EvalError
+
+PIXELS = 'pixels'
+RANDOM_INIT = 'random-init'
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_KEYS = ('channels', 'mean', 'std', 'eval_resize', 'eval_crop')
+IMAGENET_DATA = {'channels': 3, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'eval_resize': 256,
+                 'eval_crop': 224}
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of the evaluated weights; stored in every result file and cache key."""
+    spec: str                      # what was asked for
+    kind: str                      # 'checkpoint' | 'export' | 'random-init' | 'pixels'
+    model_name: str
+    model_kwargs: Dict[str, Any]
+    sha256: str                    # of model.pt / the export / the random weights
+    tag: str                       # result-file tag: 8-digit iteration, 'random-init', 'pixels' or a digest prefix
+    which: Optional[str] = None    # 'teacher' / 'student' for training checkpoints
+    path: Optional[str] = None
+    iteration: Optional[int] = None
+    epoch: Optional[int] = None
+    images_seen: Optional[int] = None
+    device_hours: Optional[float] = None
+    device_hours_unit: Optional[str] = None
+    run_dir: Optional[str] = None
+    data: Dict[str, Any] = field(default_factory=dict)   # normalisation the model was trained with, if known
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+_RAW_KEYS = ('format', 'model_name', 'sha256', 'run_dir', 'device_hours_unit', 'checkpoint', 'which')
+
+
+def _parse(value: Any, key: str = '') -> Any:
+    """Export metadata values are strings: JSON-encoded, except those that were strings already."""
+    if not isinstance(value, str) or key in _RAW_KEYS:
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def looks_like_path(spec: str) -> bool:
+    return os.path.exists(spec) or os.sep in spec or spec.endswith(('.safetensors', '.pt'))
+
+
+def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
+    """The run folder of a checkpoint or export: from the folder layout (``{run}/export/``,
+    ``{run}/checkpoints/``, or a run folder itself), else the one its metadata names if it exists."""
+    path = Path(path).resolve()
+    if path.is_dir() and any((path / n).exists() for n in ('summary.json', 'config.yaml', 'checkpoints')):
+        return path
+    if path.parent.name in ('export', 'checkpoints'):
+        return path.parent.parent
+    if hinted and Path(hinted).is_dir():
+        return Path(hinted)
+    return None
+
+
+def export_metadata(path: Path) -> Dict[str, Any]:
+    """Metadata of an exported backbone without reading its weights."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        return {k: _parse(v, k) for k, v in (f.metadata() or {}).items()}
+
+
+def _checkpoint_extras(folder: Path) -> Dict[str, Any]:
+    """position and data of a training checkpoint's model.pt, memory-mapped: no second full read."""
+    blob = torch.load(folder / MODEL_FILE, map_location='cpu', weights_only=True, mmap=True)
+    return {**blob.get('position', {}), 'data': blob.get('data', {})}
+
+
+def state_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_vit(module: nn.Module, info: ModelInfo) -> None:
+    """DINO's k-NN and linear features are CLS tokens of a ViT: refuse anything else at once."""
+    if not (hasattr(module, 'forward_intermediates') and getattr(module, 'has_class_token', False)):
+        raise EvalError(f"{info.spec}: {info.model_name} ({type(module).__name__}) is not a ViT with a class "
+                        "token; the evaluators use the CLS token of the last blocks (DINO's protocol)")
+
+
+def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, seed: int = 0,
+               model_kwargs: Optional[Dict[str, Any]] = None,
+               run_dir: Optional[str] = None) -> Tuple[Optional[nn.Module], ModelInfo]:
+    """(backbone in eval mode or None for pixels, its ModelInfo); EvalError / CheckpointError when unusable.
+
+    ``arch``: the model name the caller expects; a checkpoint of another architecture is refused.
+    ``model_kwargs`` / ``seed``: for a random-init timm model (kwargs default to the run's, when
+    ``run_dir`` names a run of that model).
+    """
+    spec = str(spec)
+    if spec == PIXELS:
+        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir)
+        return None, info
+    try:
+        if looks_like_path(spec):
+            module, info = _load_saved(Path(spec), which)
+        else:
+            module, info = _random_init(spec, seed, model_kwargs, run_dir)
+    except EvalError:
+        raise
+    except ValueError as exn:   # build_backbone: unknown model name, kwargs the model does not take
+        raise EvalError(f"{spec}: {exn}") from exn
+    if run_dir is not None:
+        info.run_dir = str(run_dir)
+    if arch is not None and arch != info.model_name:
+        raise EvalError(f"{spec} holds a {info.model_name} backbone, not the {arch} asked for (--arch): "
+                        "a checkpoint of another architecture")
+    check_vit(module, info)
+    return module, info
+
+
+def _load_saved(path: Path, which: str) -> Tuple[nn.Module, ModelInfo]:
+    if path.suffix == '.safetensors':
+        module, meta = load_backbone(path)
+        meta = {k: _parse(v, k) for k, v in meta.items()}
+        iteration = meta.get('iteration')
+        info = ModelInfo(
+            str(path), 'export', meta['model_name'], meta['model_kwargs'], meta['sha256'],
+            f'{int(iteration):08d}' if iteration is not None else meta['sha256'][:12], path=str(path.resolve()),
+            iteration=iteration, epoch=meta.get('epoch'), images_seen=meta.get('images_seen'),
+            device_hours=meta.get('device_hours'), device_hours_unit=meta.get('device_hours_unit'),
+            data={k: meta[k] for k in DATA_KEYS if k in meta})
+        run = find_run_dir(path, meta.get('run_dir'))
+    else:
+        folder = resolve_checkpoint(path)   # raises CheckpointError naming what it expected
+        module, meta = load_backbone(folder, which=which)
+        extras = _checkpoint_extras(folder)
+        info = ModelInfo(
+            str(path), 'checkpoint', meta['model_name'], json.loads(meta['model_kwargs']), meta['sha256'],
+            f"{int(meta['iteration']):08d}", which=which, path=str(folder.resolve()),
+            iteration=meta['iteration'], epoch=extras.get('epoch', meta.get('epoch')),
+            images_seen=extras.get('images_seen'), device_hours=extras.get('device_hours'),
+            device_hours_unit=extras.get('device_hours_unit'), data=dict(extras.get('data') or {}))
+        run = find_run_dir(folder)
+    info.run_dir = str(run) if run is not None else None
+    return module, info
+
+
+def _random_init(name: str, seed: int, model_kwargs: Optional[Dict[str, Any]],
+                 run_dir: Optional[str]) -> Tuple[nn.Module, ModelInfo]:
+    kwargs, data = model_kwargs, {}
+    if run_dir is not None:
+        run_model, data = run_defaults(Path(run_dir))
+        if kwargs is None and run_model.get('name') == name:
+            kwargs = run_model.get('kwargs')
+    torch.manual_seed(seed)
+    module = build_backbone(name, kwargs or {})   # ValueError naming the model when timm does not know it
+    info = ModelInfo(name, RANDOM_INIT, name, dict(kwargs or {}), state_digest(module), RANDOM_INIT, data=data)
+    return module.eval(), info
+
+
+def run_defaults(run_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model {'name', 'kwargs'} from summary.json, data normalisation from the final export) of a run."""
+    model, data = {}, {}
+    summary = run_dir / 'summary.json'
+    if summary.is_file():
+        model = json.loads(summary.read_text()).get('model', {})
+    exports = list_exports(run_dir)
+    if exports:
+        meta = export_metadata(exports[-1])
+        data = {k: meta[k] for k in DATA_KEYS if k in meta}
+    return model, data
+
+
+def list_exports(run_dir: Path) -> List[Path]:
+    """The run's per-epoch teacher exports, oldest first (``teacher-XXXXXXXX.safetensors``)."""
+    return sorted(Path(run_dir, 'export').glob('teacher-[0-9]*.safetensors'))
+
+
+def data_settings(info: ModelInfo, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Evaluation preprocessing: command line, else what the checkpoint says, else ImageNet's (DINO)."""
+    settings = dict(IMAGENET_DATA)
+    if info.kind == PIXELS:   # raw intensities: cosine similarity of the images themselves
+        settings.update(mean=[0.0], std=[1.0])
+    settings.update({k: v for k, v in info.data.items() if v is not None})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    channels = int(settings['channels'])
+    for key in ('mean', 'std'):
+        values = [float(v) for v in (settings[key] if isinstance(settings[key], (list, tuple)) else [settings[key]])]
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels:
+            raise EvalError(f"{key} has {len(values)} values for {channels}-channel images")
+        settings[key] = values
+    settings['channels'] = channels
+    settings['eval_resize'], settings['eval_crop'] = int(settings['eval_resize']), int(settings['eval_crop'])
+    return settings
+
+
+def check_channels(module: Optional[nn.Module], info: ModelInfo, channels: int) -> None:
+    if module is None:
+        return
+    proj = getattr(getattr(module, 'patch_embed', None), 'proj', None)
+    in_chans = getattr(proj, 'in_channels', None)
+    if in_chans is not None and in_chans != channels:
+        raise EvalError(f"{info.spec}: the model takes {in_chans}-channel images but the evaluation reads "
+                        f"{channels}-channel ones (set --channels, or use a checkpoint trained on this data)")
+
+
+def check_blocks(module: Optional[nn.Module], info: ModelInfo, n_last_blocks: int) -> None:
+    depth = len(getattr(module, 'blocks', ())) if module is not None else None
+    if depth is not None and n_last_blocks > depth:
+        raise EvalError(f"{info.spec}: --n-last-blocks {n_last_blocks} but {info.model_name} has {depth} blocks")

@@ -1,0 +1,102 @@
+"""Linear probe: separable features reach 100%; a sweep of heads trained together equals separate runs and
+is decided on held-out training data; both modes run end to end and write their results."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eval.errors import EvalError
+from eval.linear import LinearHeads, probe_cached, scaled_lrs
+from eval.pipeline import run_linear
+from eval.synthetic import clustered_features, write_shards
+from skipssl.checkpoint import build_backbone, save_backbone
+
+
+def tensors(n, dim, classes, spread, seed, centers=None):
+    x, y, centers = clustered_features(n, dim, classes, spread=spread, seed=seed, centers=centers)
+    return torch.from_numpy(x), torch.from_numpy(y), centers
+
+
+def test_separable_features_reach_100_percent():
+    x, y, centers = tensors(2000, 64, 5, 0.3, 0)
+    tx, ty, _ = tensors(500, 64, 5, 0.3, 1, centers)
+    res = probe_cached(x, y, tx, ty, 5, base_lrs=[1e-3], epochs=20, batch_size=256, progress=lambda m: None)
+    assert res['top1'] == 100.0 and res['top5'] == 100.0
+    assert res['n_val'] == 0 and res['n_train'] == 2000   # one lr: no held-out part needed
+    assert res['lrs_scaled'] == [1e-3]
+
+
+def test_heads_trained_side_by_side_equal_separate_runs():
+    x, y, _ = tensors(300, 16, 4, 1.0, 2)
+    lrs = [0.01, 0.3]
+    torch.manual_seed(0)
+    together = LinearHeads(16, 4, lrs, epochs=3)
+    separate = []
+    for i, lr in enumerate(lrs):
+        head = LinearHeads(16, 4, [lr], epochs=3)
+        head.load_state_dict({k.replace(f'heads.{i}.', 'heads.0.'): v for k, v in together.state_dict().items()
+                              if k.startswith(f'heads.{i}.')})
+        separate.append(head)
+    for epoch in range(3):
+        for model in (together, *separate):
+            model.set_epoch(epoch)
+        for start in range(0, 300, 64):
+            xb, yb = x[start:start + 64], y[start:start + 64]
+            together.train_step(xb, yb)
+            for head in separate:
+                head.train_step(xb, yb)
+    for i, head in enumerate(separate):
+        torch.testing.assert_close(together.heads[i].weight, head.heads[0].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_chooses_on_held_out_training_data_never_on_test():
+    x, y, centers = tensors(1500, 32, 6, 2.0, 3)
+    tx, ty, _ = tensors(400, 32, 6, 2.0, 4, centers)
+    lrs = [1e-5, 1e-3, 1e-1]
+    res = probe_cached(x, y, tx, ty, 6, base_lrs=lrs, epochs=5, batch_size=128, progress=lambda m: None)
+    assert res['n_val'] == 150 and res['n_train'] == 1350 and len(res['val_top1']) == 3
+    assert res['best_lr'] == lrs[int(np.argmax(res['val_top1']))]
+    assert res['best_lr_scaled'] == scaled_lrs([res['best_lr']], 128)[0]
+    # a test set with scrambled labels changes the test score, not the choice
+    scrambled = probe_cached(x, y, tx, ty[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 6,
+                             base_lrs=lrs, epochs=5, batch_size=128, progress=lambda m: None)
+    assert scrambled['best_lr'] == res['best_lr'] and scrambled['val_top1'] == res['val_top1']
+    assert scrambled['top1'] < res['top1']
+    with pytest.raises(EvalError, match='held-out'):
+        probe_cached(x, y, tx, ty, 6, base_lrs=lrs, epochs=1, val_fraction=0.0)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('linear')
+    write_shards(root / 'train', 'train', [48, 40], num_classes=3, size=16)
+    write_shards(root / 'test', 'test', [30], num_classes=3, size=16, seed=1)
+    kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
+    torch.manual_seed(0)
+    save_backbone(build_backbone('skipat_vit_tiny_patch16_224', dict(kwargs, skip_indices=(1, 2))),
+                  root / 'run' / 'export' / 'teacher-00000020.safetensors', 'skipat_vit_tiny_patch16_224',
+                  dict(kwargs, skip_indices=[1, 2]),
+                  {'iteration': 20, 'epoch': 2, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
+                   'eval_crop': 16})
+    return root
+
+
+def test_cached_sweep_end_to_end(run):
+    out = run_linear(str(run / 'run' / 'export' / 'teacher-00000020.safetensors'), str(run / 'train'),
+                     str(run / 'test'), lrs=[1e-3, 1e-1], epochs=3, linear_batch_size=32, num_workers=0)
+    [res] = out
+    saved = json.loads((run / 'run' / 'eval' / 'linear-00000020-test.json').read_text())
+    assert saved['top1'] == res['top1'] and saved['mode'] == 'cached' and saved['epochs'] == 3
+    assert saved['checkpoint']['model_name'] == 'skipat_vit_tiny_patch16_224' and saved['iteration'] == 20
+    assert saved['feature_dim'] == 4 * 32 and saved['n_val'] == 9 and saved['n_train'] == 79
+    assert list((run / 'run' / 'tb').glob('events.out.tfevents.*.linear'))
+
+
+def test_augmented_mode_end_to_end(run):
+    [res] = run_linear(str(run / 'run' / 'export' / 'teacher-00000020.safetensors'), str(run / 'train'),
+                       str(run / 'test'), augment=True, epochs=2, linear_batch_size=16, num_workers=0)
+    saved = json.loads((run / 'run' / 'eval' / 'linear_augment-00000020-test.json').read_text())
+    assert saved['mode'] == 'augment' and saved['n_train'] == 80 and saved['n_test'] == 30   # 5 full batches
+    assert 0.0 <= saved['top1'] <= 100.0 and saved['top1'] == res['top1']
+    assert np.isfinite(saved['train_loss']).all()
