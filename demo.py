@@ -115,7 +115,12 @@ class Demo:
         jobs = [('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
                 ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])])]
         if name == 'vit':
-            jobs.append(('raw pixels', ['--checkpoint', 'pixels']))
+            # raw pixels carry no preprocessing metadata: the run's own (28 px, 1 channel, its mean/std)
+            from skipssl.config import load_config
+            cfg = load_config(run_dir / 'config.yaml')
+            jobs.append(('raw pixels', ['--checkpoint', 'pixels', '--channels', str(cfg.data.channels),
+                                        '--resize', str(cfg.data.eval_resize), '--crop', str(cfg.data.eval_crop),
+                                        '--mean', *map(str, cfg.augment.mean), '--std', *map(str, cfg.augment.std)]))
         for what, model_args in jobs:
             self.status(f'k-NN {name}', what)
             self.run(f'k-NN {name}', [self.python, 'knn_eval.py', *model_args, *common],
