@@ -56,6 +56,8 @@ class LossSection:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
+    # DINO's code steps the teacher temperature once per epoch; 'per_iteration' interpolates within epochs
+    teacher_temp_schedule: str = 'per_epoch'
 
 
 @dataclass
@@ -312,6 +314,11 @@ def validate(cfg: Config) -> None:
     e, o, d, t, a, lo = cfg.engine, cfg.optim, cfg.data, cfg.train, cfg.augment, cfg.loss
     _check(e.precision in ('bf16', 'fp16', 'fp32'), 'engine.precision', f"bf16, fp16 or fp32, got {e.precision!r}")
     _check(e.zero_stage in (0, 1, 2), 'engine.zero_stage', f"0, 1 or 2, got {e.zero_stage}")
+    # DeepSpeed's ZeRO-0 fp16 optimizer for a client optimizer (FP16_UnfusedOptimizer) is never handed the loss
+    # to scale by engine.backward, yet divides the gradients by the loss scale before AdamW (seen in 0.19.8)
+    _check(e.precision != 'fp16' or e.zero_stage > 0, 'engine.precision',
+           "fp16 needs engine.zero_stage 1 or 2 (DeepSpeed's ZeRO-0 fp16 optimizer does not scale the loss, so "
+           "gradients underflow and AdamW sees them divided by the loss scale); or use bf16")
     _check(e.device in ('auto', 'cpu', 'cuda'), 'engine.device', f"auto, cpu or cuda, got {e.device!r}")
     _check(o.clip_mode in ('per_param', 'global', 'none'), 'optim.clip_mode',
            f"per_param, global or none, got {o.clip_mode!r}")
@@ -333,6 +340,11 @@ def validate(cfg: Config) -> None:
            "temperatures must be positive")
     _check(0 <= lo.warmup_teacher_temp_epochs <= t.epochs, 'loss.warmup_teacher_temp_epochs',
            f"must be in [0, train.epochs={t.epochs}]")
+    _check(lo.teacher_temp_schedule in ('per_epoch', 'per_iteration'), 'loss.teacher_temp_schedule',
+           f"per_epoch or per_iteration, got {lo.teacher_temp_schedule!r}")
+    _check(lo.teacher_temp_schedule != 'per_epoch' or float(lo.warmup_teacher_temp_epochs).is_integer(),
+           'loss.warmup_teacher_temp_epochs',
+           f"a whole number of epochs with loss.teacher_temp_schedule=per_epoch, got {lo.warmup_teacher_temp_epochs}")
     _check(0 <= cfg.teacher.momentum <= cfg.teacher.momentum_end <= 1, 'teacher.momentum',
            "need 0 <= momentum <= momentum_end <= 1")
     _check(cfg.head.out_dim >= 2 and cfg.head.nlayers >= 1, 'head.out_dim', "out_dim >= 2 and nlayers >= 1")

@@ -35,18 +35,22 @@ def _worker(rank, port, stage, precision, out_dir):
                'steps_per_print': 1 << 30}
         if precision == 'bf16':
             cfg['bf16'] = {'enabled': True}
+        elif precision == 'fp16':  # dynamic loss scaling: gradients carry the scale until step()
+            cfg['fp16'] = {'enabled': True, 'loss_scale': 0, 'initial_scale_power': 8}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         view = EngineView(engine)
         dtype = next(engine.module.parameters()).dtype
-        out = {'partitioned': view.partitioned, 'steps': []}
+        out = {'partitioned': view.partitioned, 'steps': [], 'scales': []}
         for step in range(2):
             g = torch.Generator().manual_seed(100 * step + rank)
             x = torch.randn(4, 13, generator=g).to(dtype)
             loss = engine(x).float().pow(2).mean() * 10
             engine.backward(loss)
-            full = [safe_get_full_grad(p).float().clone() for p in view.params]
+            scale = view.loss_scale
+            out['scales'].append(scale)
+            full = [safe_get_full_grad(p).float().clone() / scale for p in view.params]
             norms = view.clip_per_param(MAX_NORM)
-            clipped = [safe_get_full_grad(p).float().clone() for p in view.params]
+            clipped = [safe_get_full_grad(p).float().clone() / scale for p in view.params]
             engine.step()
             master = [m.clone() for m in view.master_params()]
             reference = [safe_get_full_fp32_param(p).clone() if view.partitioned else None for p in view.params]
@@ -67,11 +71,14 @@ def _port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16')])
+@pytest.mark.parametrize('stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'),
+                                             (2, 'fp16')])
 def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, precision):
     mp.spawn(_worker, args=(_port(), stage, precision, str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]
     assert results[0]['partitioned'] == (stage > 0)
+    # fp16's gradients are scaled (2^8 here) when the trainer clips: norms and clipping are of the unscaled ones
+    assert all(s == (256.0 if precision == 'fp16' else 1.0) for s in results[0]['scales']), results[0]['scales']
     for step in range(2):
         r0 = results[0]['steps'][step]
         for r in results:  # every rank sees the same full gradients and assembles the same master weights
@@ -81,7 +88,7 @@ def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, prec
             for a, b in zip(s['master'], r0['master']):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
         ref_norms = torch.stack([g.norm() for g in r0['full']])
-        tol = dict(rtol=1e-2, atol=1e-5) if precision == 'bf16' else dict(rtol=1e-5, atol=1e-7)
+        tol = dict(rtol=1e-2, atol=1e-5) if precision in ('bf16', 'fp16') else dict(rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(r0['norms'], ref_norms, **tol)
         assert (ref_norms > MAX_NORM).any() and (ref_norms < MAX_NORM).any(), ref_norms  # both branches used
         for g, c in zip(r0['full'], r0['clipped']):
@@ -92,4 +99,5 @@ def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, prec
             if ref is not None:
                 torch.testing.assert_close(m, ref, rtol=0, atol=0)
             # the module holds the master weights rounded to its precision
-            torch.testing.assert_close(lp, m.to(torch.bfloat16).float() if precision == 'bf16' else m, rtol=0, atol=0)
+            low = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+            torch.testing.assert_close(lp, m.to(low).float() if low else m, rtol=0, atol=0)

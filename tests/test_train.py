@@ -125,6 +125,14 @@ def test_config_rejects_unknown_keys_and_wrong_types_naming_the_key(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(TINY, ['train.epochs'])
+    with pytest.raises(ConfigError, match=r"engine.precision: fp16 needs engine.zero_stage 1 or 2"):
+        load_config(TINY, ['engine.precision=fp16'])
+    with pytest.raises(ConfigError, match=r"loss.warmup_teacher_temp_epochs: a whole number of epochs"):
+        load_config(TINY, ['loss.warmup_teacher_temp_epochs=1.5'])
+    with pytest.raises(ConfigError, match=r"loss.teacher_temp_schedule: per_epoch or per_iteration"):
+        load_config(TINY, ['loss.teacher_temp_schedule=daily'])
+    assert load_config(TINY, ['loss.warmup_teacher_temp_epochs=1.5',
+                              'loss.teacher_temp_schedule=per_iteration']).loss.warmup_teacher_temp_epochs == 1.5
 
 
 def test_config_overrides_inheritance_and_reference_presets():
@@ -150,7 +158,7 @@ def test_bad_shards_and_model_fail_before_training(tmp_path, shards):
     assert proc.returncode == 2 and 'data.train_shards' in proc.stderr and 'nowhere' in proc.stderr
     proc = run(tmp_path / 'r', shards, 'model.kwargs.skip_indices=[0, 9]', check=False)
     assert proc.returncode == 2 and 'model:' in proc.stderr and 'skip' in proc.stderr
-    proc = run(tmp_path / 'r', shards, 'engine.precision=fp16', check=False)
+    proc = run(tmp_path / 'r', shards, 'engine.precision=fp16', 'engine.zero_stage=1', check=False)
     assert proc.returncode == 2 and 'fp16 needs a CUDA device' in proc.stderr
     assert not (tmp_path / 'r' / 'checkpoints').exists()
 

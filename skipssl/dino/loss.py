@@ -13,7 +13,10 @@ class DINOLoss(nn.Module):
     ``forward(student_out, teacher_out, teacher_temp)``: ``student_out`` is (n_crops * B, K), crop-major
     (crop 0 of every image, then crop 1, ...); ``teacher_out`` is (n_teacher_crops * B, K), the global crops
     likewise. The loss averages -sum P_t log P_s over every (teacher crop i, student crop v) pair with
-    v != i. The centre is then updated from the teacher outputs, averaged over all ranks.
+    v != i. The centre moves once per optimizer step, as in DINO, by ``update_center()``: from the teacher
+    outputs of every ``forward`` since the last update (all micro-batches of a gradient-accumulation step),
+    averaged over all ranks, so K micro-batches of B give the centre of one batch of K x B. ``forward(...,
+    update_center=True)`` (the default) updates at once, for the usual one forward per step.
 
     After each call ``metrics`` holds detached tensors (no host sync): ``teacher_entropy`` (mean entropy of
     P_t; near ln K when collapsed to uniform, near 0 when collapsed to one prototype), ``teacher_marginal_entropy``
@@ -29,9 +32,15 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.n_teacher_crops = n_teacher_crops
         self.register_buffer('center', torch.zeros(1, out_dim))
+        # teacher outputs since the last centre update; empty at every optimizer-step boundary, so checkpoints
+        # (always written there) need not hold them
+        self.register_buffer('_pending_sum', torch.zeros(1, out_dim), persistent=False)
+        self.register_buffer('_pending_count', torch.zeros(1), persistent=False)
+        self._pending_forwards = 0
         self.metrics: Dict[str, torch.Tensor] = {}
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float,
+                update_center: bool = True) -> torch.Tensor:
         nt = self.n_teacher_crops
         if teacher_out.shape[0] % nt or student_out.shape[-1] != self.out_dim or teacher_out.shape[-1] != self.out_dim:
             raise ValueError(
@@ -62,16 +71,26 @@ class DINOLoss(nn.Module):
                 # every teacher crop pairs with n_crops - 1 student crops, so the mean KL is CE - H(P_t)
                 'kl': loss.detach() - teacher_entropy,
             }
-            self.update_center(teacher)
-            self.metrics['center_norm'] = self.center.norm()
+            self._pending_sum.add_(teacher.sum(dim=0, keepdim=True))
+            self._pending_count.add_(teacher.shape[0])
+            self._pending_forwards += 1
+        if update_center:
+            self.update_center()
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([float(teacher_out.shape[0])], device=teacher_out.device)
+    def update_center(self) -> None:
+        """c <- m c + (1 - m) * mean of the teacher outputs since the last update, over all ranks (one
+        all-reduce of sums and counts, as DINO's one all-reduce of the global batch's sum)."""
+        if not self._pending_forwards:
+            raise RuntimeError("DINOLoss.update_center() without a forward since the last update")
+        batch_center, count = self._pending_sum.clone(), self._pending_count.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             dist.all_reduce(count)
         batch_center = batch_center / count
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self._pending_sum.zero_()
+        self._pending_count.zero_()
+        self._pending_forwards = 0
+        self.metrics['center_norm'] = self.center.norm()

@@ -32,11 +32,37 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
 
     The last layer is frozen by lr 0: with AdamW that leaves it exactly unchanged (decoupled weight decay
     is scaled by lr too), and unlike clearing ``.grad`` it also works where an engine (DeepSpeed ZeRO)
-    keeps gradients in its own buffers.
+    keeps gradients in its own buffers. AdamW still moves the frozen groups' moments and step count, which
+    DINO's freeze (gradients set to None, so AdamW skips them) does not: call :func:`reset_frozen_state`
+    after every frozen step so that the first unfrozen update is a fresh AdamW update, as in DINO.
     """
     for g in optimizer.param_groups:
         g['lr'] = 0.0 if (freeze_last_layer and g.get('last_layer', False)) else lr
         g['weight_decay'] = weight_decay if g.get('apply_wd', True) else 0.0
+
+
+@torch.no_grad()
+def reset_state(optimizer: torch.optim.Optimizer, last_layer_only: bool = False) -> None:
+    """Zero the optimizer state (moments, step count) of every group, or of the last-layer groups only.
+
+    A zeroed AdamW state is exactly a fresh one (AdamW initialises step, exp_avg and exp_avg_sq to zeros).
+    After a freeze that resets the last layer at every frozen step, its state is as if it had never had a
+    gradient, as in DINO. ``optimizer`` is the torch optimizer itself, whose groups carry the ``last_layer``
+    flag of :func:`param_groups` (an engine may have replaced each group's params by flat fp32 partitions;
+    the flag stays with the group).
+    """
+    for group in optimizer.param_groups:
+        if last_layer_only and not group.get('last_layer', False):
+            continue
+        for p in group['params']:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+
+def reset_frozen_state(optimizer: torch.optim.Optimizer) -> None:
+    """:func:`reset_state` of the last-layer groups: call it after every frozen step."""
+    reset_state(optimizer, last_layer_only=True)
 
 
 @torch.no_grad()

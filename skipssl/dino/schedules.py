@@ -32,6 +32,20 @@ def linear_warmup_schedule(start_value: float, value: float, total_iters: int, w
                            np.full(total_iters - warmup_iters, value)))
 
 
+def epoch_warmup_schedule(start_value: float, value: float, epochs: int, warmup_epochs: int,
+                          iterations_per_epoch: int) -> np.ndarray:
+    """DINO's teacher temperature: ``np.linspace(start_value, value, warmup_epochs)`` then constant, one value
+    per EPOCH (DINO's loss indexes it by the epoch), repeated over each epoch's iterations so that it is
+    indexed by the global iteration like every other schedule. Length ``epochs * iterations_per_epoch``."""
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    if iterations_per_epoch <= 0:
+        raise ValueError(f"iterations_per_epoch must be positive, got {iterations_per_epoch}")
+    per_epoch = np.concatenate((np.linspace(start_value, value, warmup_epochs),
+                                np.full(epochs - warmup_epochs, value)))
+    return np.repeat(per_epoch, iterations_per_epoch)
+
+
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """DINO's linear scaling rule: lr = base_lr * global batch / 256."""
     return base_lr * global_batch_size / 256.0

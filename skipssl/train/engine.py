@@ -6,14 +6,14 @@ clipping and the full-precision (master) weights for the teacher's EMA, for ever
 - ZeRO 1/2 (any precision): each rank owns a fragment of every parameter's fp32 master weight and reduced
   gradient (``p._hp_mapping``); norms and weights are assembled with one collective each.
 """
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
-from ..dino import param_groups
+from ..dino import param_groups, reset_state
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> Dict:
@@ -48,8 +48,17 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: 
     import deepspeed
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas,
                                   fused=device_kind == 'cuda')
+    # DeepSpeed casts the module to bf16/fp16 and copies its master weights from that: keep the fp32 init,
+    # so that the master weights (and the EMA teacher, a copy of the fp32 student) start where DINO's do
+    init = [p.detach().clone() for p in student.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size))
+    view = EngineView(engine)
+    if cfg.engine.precision != 'fp32':
+        view.set_master_params(init)
+    # DeepSpeed's FP16/BF16 optimizers create AdamW's state by stepping once with zero gradients, which
+    # leaves the step count at 1 and so changes every later bias correction: start from a fresh state
+    reset_state(view.base_optimizer)
     return engine
 
 
@@ -78,6 +87,16 @@ class EngineView:
             self._numels = [p.numel() for p in self.params]
             self._flat = torch.empty(sum(self._numels), dtype=torch.float32, device=self.params[0].device)
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that holds the state: the engine's own at fp32 ZeRO 0, else the one inside
+        DeepSpeed's wrapper (FP16/BF16 optimizer, ZeRO), whose groups hold flat fp32 partitions."""
+        opt = self.engine.optimizer
+        inner = getattr(opt, 'optimizer', opt)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise RuntimeError(f"cannot find the torch optimizer inside {type(opt).__name__}")
+        return inner
+
     # -- gradients ---------------------------------------------------------------------------------------
     def grad_fragments(self) -> List[torch.Tensor]:
         """This rank's part of each parameter's reduced gradient (all of it unless partitioned; an empty
@@ -98,20 +117,28 @@ class EngineView:
             frags.append(g)
         return frags
 
+    @property
+    def loss_scale(self) -> float:
+        """The factor the gradients still carry at the boundary (fp16's dynamic loss scale; 1 otherwise):
+        DeepSpeed divides it out inside ``step()``, after the trainer has clipped."""
+        return float(getattr(self.engine.optimizer, 'loss_scale', 1.0))
+
     @torch.no_grad()
     def clip_per_param(self, max_norm: float) -> torch.Tensor:
         """DINO's clipping: each parameter's gradient rescaled to norm <= max_norm; one all-reduce of the
-        squared norms when partitioned, no host sync. Returns the norms before clipping."""
+        squared norms when partitioned, no host sync. Norms are of the unscaled gradients (DINO clips after
+        its GradScaler's ``unscale_``). Returns the norms before clipping."""
         frags = self.grad_fragments()
         sq = torch.stack([f.float().pow(2).sum() if f.numel() else f.new_zeros((), dtype=torch.float32)
                           for f in frags]) if frags else torch.zeros(0)
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
-        norms = sq.sqrt()
+        norms = sq.sqrt() / self.loss_scale
         coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         nonempty = [(f, c) for f, c in zip(frags, coefs.unbind()) if f.numel()]
         if nonempty:
-            torch._foreach_mul_([f for f, _ in nonempty], [c.to(f.dtype) for f, c in nonempty])
+            # fp32 coefficients: a bf16 gradient is scaled in fp32 and rounded once
+            torch._foreach_mul_([f for f, _ in nonempty], [c for _, c in nonempty])
         return norms
 
     # -- master weights -------------------------------------------------------------------------------------
@@ -131,6 +158,22 @@ class EngineView:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self._flat)  # fragments are disjoint, so the sum assembles them
         return [t.view_as(p) for t, p in zip(self._flat.split(self._numels), self.params)]
+
+    @torch.no_grad()
+    def set_master_params(self, values: Sequence[torch.Tensor]) -> None:
+        """Overwrite the fp32 master weights with full tensors (one per parameter, named_parameters order) and
+        the module's working copy with their rounding to its dtype; every rank passes the same values."""
+        for p, v in zip(self.params, values, strict=True):
+            v = v.to(device=p.device, dtype=torch.float32)
+            if self.partitioned:
+                mapping = getattr(p, '_hp_mapping', None)
+                if mapping is not None:
+                    addr = mapping.lp_fragment_address
+                    frag = mapping.hp_fragment
+                    frag.copy_(v.reshape(-1).narrow(0, addr.start, addr.numel).view_as(frag))
+            else:
+                self._fp32_of.get(id(p), p).copy_(v)
+            p.copy_(v)
 
     def master_state_dict(self) -> Dict[str, torch.Tensor]:
         """engine.module's state dict with every parameter replaced by its fp32 master weight."""

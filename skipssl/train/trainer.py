@@ -23,8 +23,8 @@ from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, Reader
                     canvas_resize, decode_sample, resolve_shards)
 from ..data.reader import batch_seed, iter_raw_samples
 from ..data.shards import count_samples
-from ..dino import (DINOHead, DINOLoss, MultiCropWrapper, collapse_state, cosine_schedule, linear_warmup_schedule,
-                    make_teacher, scaled_lr)
+from ..dino import (DINOHead, DINOLoss, MultiCropWrapper, collapse_state, cosine_schedule, epoch_warmup_schedule,
+                    linear_warmup_schedule, make_teacher, scaled_lr)
 from ..models import get_last_selfattention
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
@@ -102,8 +102,12 @@ def make_schedules(cfg: Config, plan: Plan) -> Schedules:
                          warmup_iters=int(round(o.warmup_epochs * ipe)))
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
     momentum = cosine_schedule(cfg.teacher.momentum, cfg.teacher.momentum_end, total)
-    temp = linear_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, total,
-                                  int(round(lo.warmup_teacher_temp_epochs * ipe)))
+    if lo.teacher_temp_schedule == 'per_epoch':
+        temp = epoch_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, plan.epochs,
+                                     int(lo.warmup_teacher_temp_epochs), ipe)
+    else:
+        temp = linear_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, total,
+                                      int(round(lo.warmup_teacher_temp_epochs * ipe)))
     return Schedules(lr, wd, momentum, temp, int(round(o.freeze_last_layer_epochs * ipe)))
 
 
