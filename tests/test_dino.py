@@ -17,10 +17,12 @@ from skipssl.dino import (
     collapse_state,
     cosine_schedule,
     ema_update,
+    epoch_warmup_schedule,
     linear_warmup_schedule,
     make_teacher,
     matching_parameters,
     param_groups,
+    reset_frozen_state,
     scaled_lr,
 )
 
@@ -53,6 +55,56 @@ def test_loss_and_center_match_loop_reference(n_crops, batch, out_dim):
         got = loss_fn(s, t, 0.04 + 0.01 * step)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_fn.center, center)
+
+
+def test_centre_moves_once_per_step_from_all_micro_batches():
+    """K forwards with update_center=False, then one update: the centre of one batch of K x B."""
+    torch.manual_seed(0)
+    K, B, out_dim = 3, 4, 16
+    s, t = torch.randn(K, 4 * B, out_dim), torch.randn(K, 2 * B, out_dim)
+    accumulated, whole = DINOLoss(out_dim), DINOLoss(out_dim)
+    for k in range(K):
+        accumulated(s[k], t[k], 0.04, update_center=False)
+    assert torch.equal(accumulated.center, torch.zeros(1, out_dim))  # the loss of every micro-batch used c
+    accumulated.update_center()
+    whole(torch.cat(list(s)), torch.cat(list(t)), 0.04)
+    torch.testing.assert_close(accumulated.center, whole.center)
+    torch.testing.assert_close(accumulated.center, 0.1 * t.reshape(-1, out_dim).mean(0, keepdim=True))
+    with pytest.raises(RuntimeError, match='without a forward'):
+        accumulated.update_center()
+
+
+def test_teacher_temperature_is_dinos_per_epoch_warm_up():
+    temp = epoch_warmup_schedule(0.04, 0.07, epochs=5, warmup_epochs=3, iterations_per_epoch=4)
+    # DINO: np.linspace(0.04, 0.07, 3) then 0.07, indexed by the epoch
+    expected = np.concatenate((np.linspace(0.04, 0.07, 3), np.full(2, 0.07)))
+    np.testing.assert_array_equal(temp, np.repeat(expected, 4))
+    np.testing.assert_array_equal(epoch_warmup_schedule(0.04, 0.04, 2, 0, 3), np.full(6, 0.04))
+
+
+def test_frozen_state_reset_makes_the_first_update_a_fresh_adamw_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), DINOHead(8, out_dim=16, hidden_dim=8, bottleneck_dim=4))
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), DINOHead(8, out_dim=16, hidden_dim=8, bottleneck_dim=4))
+    fresh.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(param_groups(model))
+    for _ in range(3):  # frozen steps: lr 0 on the last layer, its state reset after each
+        apply_schedules(opt, lr=1e-2, weight_decay=0.04, freeze_last_layer=True)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        reset_frozen_state(opt)
+    last = model[1].last_layer.weight_v
+    assert all(float(v.abs().sum()) == 0 for v in opt.state[last].values())
+    # first unfrozen step: the last layer moves exactly as under a brand-new AdamW with the same gradient
+    apply_schedules(opt, lr=1e-2, weight_decay=0.04, freeze_last_layer=False)
+    x = torch.randn(2, 4)
+    model(x).sum().backward()
+    fresh_last = fresh[1].last_layer.weight_v
+    fresh_last.grad = last.grad.clone()
+    torch.optim.AdamW([fresh_last], lr=1e-2, weight_decay=0.04).step()
+    opt.step()
+    assert torch.equal(last, fresh_last)
 
 
 def test_loss_gradient_matches_reference():

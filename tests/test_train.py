@@ -89,15 +89,17 @@ def final_weights(run_dir):
     return ckpt.load_file(ckpt.resolve_checkpoint(run_dir) / ckpt.MODEL_FILE)
 
 
-# 2 ranks x 32 images = 64 per iteration; 768 samples per epoch = 12 iterations per epoch
-SMALL = ['data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1']
+# 2 ranks x 32 images = 64 per iteration; 768 samples per epoch = 12 iterations per epoch; a constant teacher
+# temperature, so that the loss values of the two epochs compare (the CE includes the teacher's entropy)
+SMALL = ['data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1', 'loss.warmup_teacher_temp=0.04',
+         'loss.teacher_temp=0.04', 'loss.warmup_teacher_temp_epochs=0']
 
 
 @pytest.fixture(scope='module')
 def single_run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp('single') / 'run'
     proc = run(out, shards, 'data.samples_per_epoch=256', 'train.epochs=2', 'train.log_every=1',
-               'train.checkpoint_every=3', 'train.keep_checkpoints=2', 'data.num_workers=1')
+               'train.checkpoint_every=3', 'train.keep_checkpoints=6', 'data.num_workers=1')
     return out, proc
 
 
@@ -174,8 +176,8 @@ def test_single_process_run_writes_everything(single_run):
     assert summary['images_seen'] == 16 * 32 and summary['device_hours_unit'] == 'core-hours'
     assert summary['device_hours'] > 0 and [e['iteration'] for e in summary['per_epoch']] == [8, 16]
     assert summary['skipat'] and summary['config_name'] == 'cpu_tiny'
-    # checkpoints every 3 iterations and at epoch ends, the newest 2 kept
-    assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [15, 16]
+    # checkpoints every 3 iterations and at epoch ends, the newest 6 kept
+    assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [6, 8, 9, 12, 15, 16]
     for name in ('teacher-00000008.safetensors', 'teacher-00000016.safetensors', 'teacher.safetensors'):
         backbone, meta = ckpt.load_backbone(out / 'export' / name)
         assert meta['model_name'] == 'skipat_vit_tiny_patch16_224' and json.loads(meta['channels']) == 1
@@ -187,17 +189,53 @@ def test_single_process_run_writes_everything(single_run):
 
 
 def test_logged_schedules_follow_dino_formulas(single_run):
+    """Every schedule moves in the tiny preset (8 iterations per epoch, 2 epochs): what the schedules say and
+    what the optimizer applied, group by group, follow DINO's formulas (DINO's own cosine_scheduler, the
+    teacher temperature per epoch) at every iteration."""
+    from .test_dino_reference import dino_cosine_scheduler
     out, _ = single_run
     lines = log_lines(out)
     assert sorted(lines) == list(range(1, 17))
-    # lr: 0.008 x 32 / 256 peak, 1 warm-up epoch (8 iterations) then cosine to 1e-5 over 16
-    lr = cosine_schedule(0.008 * 32 / 256, 1e-5, 16, warmup_iters=8)
-    np.testing.assert_allclose([lines[i + 1]['train/lr'] for i in range(16)], lr, rtol=1e-6)
-    assert lines[1]['train/lr'] == 0.0 and lines[9]['train/lr'] == pytest.approx(0.008 * 32 / 256)
-    for rec in lines.values():
-        assert rec['train/teacher_momentum'] == pytest.approx(0.98) and rec['train/teacher_temp'] == pytest.approx(0.04)
+    ipe, epochs = 8, 2
+    lr = dino_cosine_scheduler(0.008 * 32 / 256, 1e-5, epochs, ipe, warmup_epochs=1)
+    wd = dino_cosine_scheduler(0.04, 0.2, epochs, ipe)
+    momentum = dino_cosine_scheduler(0.96, 1.0, epochs, ipe)
+    temp = np.concatenate((np.linspace(0.03, 0.05, 1), [0.05]))  # DINO's warm-up over 1 epoch, one value per epoch
+    for i in range(epochs * ipe):
+        rec, frozen = lines[i + 1], i < ipe
+        assert rec['train/lr'] == pytest.approx(lr[i], rel=1e-6, abs=1e-12), i
+        assert rec['train/weight_decay'] == pytest.approx(wd[i], rel=1e-6), i
+        assert rec['train/teacher_momentum'] == pytest.approx(momentum[i], rel=1e-9), i
+        assert rec['train/teacher_temp'] == pytest.approx(temp[i // ipe], rel=1e-9), i
+        # applied: lr on every group but the frozen last layer, decay on the decay groups only
+        assert rec['optim/lr/decay'] == rec['optim/lr/no_decay'] == pytest.approx(lr[i], rel=1e-6, abs=1e-12), i
+        assert rec['optim/lr/decay_last_layer'] == (0.0 if frozen else pytest.approx(lr[i], rel=1e-6)), i
+        assert rec['optim/weight_decay/decay'] == rec['optim/weight_decay/decay_last_layer'] == pytest.approx(wd[i], rel=1e-6)
+        assert rec['optim/weight_decay/no_decay'] == 0.0
+        assert 0 < rec['optim/clipped_fraction'] < 1, (i, rec['optim/clipped_fraction'])  # the clip really clips
         assert np.isfinite(rec['train/loss']) and rec['perf/images_per_s'] > 0
         assert 0 <= rec['collapse/teacher_entropy'] <= np.log(256) + 1e-4
+    assert lines[1]['train/lr'] == 0.0 and lines[9]['train/lr'] == pytest.approx(0.008 * 32 / 256)
+    assert len({rec['train/weight_decay'] for rec in lines.values()}) == 16
+    assert lines[16]['train/teacher_momentum'] < 1.0 and lines[1]['train/teacher_momentum'] == pytest.approx(0.96)
+
+
+def test_last_layer_is_frozen_during_the_first_epoch_only(single_run):
+    """DINO's freeze in a real run: the head's last layer keeps its initial weights through epoch 1 (checkpoints
+    at iterations 6 and 8) and moves at the first step after it (9), while the rest of the network moves from
+    the start."""
+    from skipssl.train.trainer import build_student
+    out, _ = single_run
+    cfg = load_config(out / 'config.yaml')
+    torch.manual_seed(cfg.experiment.seed)  # as the trainer builds the student
+    init = build_student(cfg).state_dict()
+    folders = dict(ckpt.list_checkpoints(out / 'checkpoints'))
+    student = {i: ckpt.load_file(folders[i] / ckpt.MODEL_FILE)['student'] for i in (6, 8, 9)}
+    for key in ('head.last_layer.weight_v', 'head.last_layer.weight_g'):
+        assert torch.equal(student[6][key], init[key]) and torch.equal(student[8][key], init[key]), key
+        assert not torch.equal(student[9][key], init[key]), key
+    for key in ('backbone.patch_embed.proj.weight', 'head.mlp.0.weight'):
+        assert not torch.equal(student[6][key], init[key]), key
 
 
 def test_tensorboard_has_scalars_attention_maps_and_config(single_run):
@@ -240,9 +278,49 @@ def _wait_for(predicate, proc, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group leaves the workers running)."""
+    children = {}
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            fields = stat.read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL to torchrun and every worker and loader process at once, as a node failure would."""
+    victims = [proc.pid] + _descendants(proc.pid)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f'/proc/{pid}').exists() and 'Z' not in _state(pid) for pid in victims):
+        assert time.time() < deadline, 'a killed process is still running'
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return 'Z'
+
+
 def test_resume_after_sigkill_is_exact(torchrun_run, shards, tmp_path):
-    """Killed (SIGKILL, whole process group) after the checkpoint at iteration 10, resumed: the same losses
-    and the same final weights as the uninterrupted run."""
+    """Killed (SIGKILL to every process) after the checkpoint at iteration 10, resumed from it (mid-epoch:
+    12 iterations per epoch): the same losses and the same final weights as the uninterrupted run."""
     out = tmp_path / 'run'
     cmd = command(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -252,11 +330,16 @@ def test_resume_after_sigkill_is_exact(torchrun_run, shards, tmp_path):
                   and (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 12, proc, 240,
                   "iteration 12")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_all(proc)
     killed_at = max(log_lines(out))
-    assert killed_at < 24
-    run(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
+    assert killed_at < 24 and not (out / 'summary.json').exists()
+    # Where the kill lands is up to timing; the resume point must not be: drop what came after checkpoint 10
+    # (as if the kill had come before checkpoint 12, the epoch's end), so the run resumes in mid-epoch.
+    for folder in (out / 'checkpoints').iterdir():
+        if folder.name != 'ckpt-00000010':
+            shutil.rmtree(folder)
+    proc = run(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
+    assert 'ckpt-00000010 (epoch 0, iteration 10)' in proc.stderr, proc.stderr[-3000:]
     ref, got = log_lines(torchrun_run), log_lines(out)
     assert sorted(got) == sorted(ref)
     for i in ref:
@@ -321,16 +404,37 @@ def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_p
     assert ckpt.list_checkpoints(out / 'checkpoints') == []
 
 
-def test_bf16_zero2_gradient_accumulation_and_device_augmentation(shards, tmp_path):
-    """The other engine and data paths in one short run: bf16, ZeRO-2, 2 micro-batches per step,
-    multi-crop on the training device from raw uint8 batches, 1 loader worker."""
-    out = tmp_path / 'run'
-    run(out, shards, 'data.samples_per_epoch=256', 'train.epochs=1', 'train.log_every=1', 'engine.precision=bf16',
-        'engine.zero_stage=2', 'train.grad_accum_steps=2', 'data.augment_on=device', 'data.canvas_size=32',
-        'data.num_workers=1')
-    summary = json.loads((out / 'summary.json').read_text())
-    assert summary['finished'] and summary['iterations'] == 4 and summary['global_batch'] == 64
-    lines = log_lines(out)
-    assert sorted(lines) == [1, 2, 3, 4] and all(np.isfinite(r['train/loss']) for r in lines.values())
-    blob = final_weights(out)
+# bf16, ZeRO-2 over 2 ranks, 2 micro-batches per step, multi-crop on the training device from raw uint8
+# batches: 2 x 2 x 16 = 64 images per step, 256 per epoch = 4 iterations per epoch, 2 epochs
+OTHER_PATHS = ['data.samples_per_epoch=256', 'train.epochs=2', 'train.log_every=1', 'engine.precision=bf16',
+               'engine.zero_stage=2', 'train.grad_accum_steps=2', 'data.batch_size_per_rank=16',
+               'data.augment_on=device', 'data.canvas_size=32']
+
+
+def test_bf16_zero2_gradient_accumulation_and_device_augmentation_resume_exactly(shards, tmp_path):
+    """The other engine and data paths: an uninterrupted run, and one stopped (with its checkpoint) at
+    iteration 3, in the middle of the first epoch and of the last layer's freeze, then resumed with the same
+    command. CPU arithmetic is deterministic, so the resumed run equals the uninterrupted one bit for bit:
+    losses at every iteration, student (fp32 master) and teacher weights, DINO centre."""
+    ref, out = tmp_path / 'ref', tmp_path / 'run'
+    run(ref, shards, *OTHER_PATHS, nproc=2)
+    summary = json.loads((ref / 'summary.json').read_text())
+    assert summary['finished'] and summary['iterations'] == 8 and summary['global_batch'] == 64
+    lines = log_lines(ref)
+    assert sorted(lines) == list(range(1, 9)) and all(np.isfinite(r['train/loss']) for r in lines.values())
+    blob = final_weights(ref)
     assert all(v.dtype == torch.float32 for v in blob['student'].values() if v.is_floating_point())
+
+    run(out, shards, *OTHER_PATHS, 'train.stop_after_iterations=3', nproc=2)
+    assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [3]
+    proc = run(out, shards, *OTHER_PATHS, nproc=2)
+    assert 'ckpt-00000003 (epoch 0, iteration 3)' in proc.stderr, proc.stderr[-3000:]
+    got = log_lines(out)
+    assert sorted(got) == sorted(lines)
+    for i in lines:
+        assert got[i]['train/loss'] == lines[i]['train/loss'], i
+    a, b = final_weights(ref), final_weights(out)
+    for part in ('student', 'teacher'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(a['loss_center'], b['loss_center'])

@@ -1,6 +1,6 @@
 """The DINO training step on a DeepSpeed engine, without data loading: shared by the trainer and the
 step benchmark."""
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ class DINOStep:
         self.teacher_params, _ = matching_parameters(teacher, engine.module)
         self.dtype = DTYPES[cfg.engine.precision]
         self.device_type = next(teacher.parameters()).device.type
+        self.grad_norms: Optional[torch.Tensor] = None  # per-parameter norms before the last clipping
 
     def micro(self, crops: List[torch.Tensor], it: int) -> torch.Tensor:
         e, s, o = self.engine, self.sched, self.cfg.optim
@@ -43,7 +44,7 @@ class DINOStep:
         frozen = it < s.freeze_last_layer_iters
         if boundary:
             if o.clip_mode == 'per_param' and o.clip_grad > 0:
-                self.view.clip_per_param(o.clip_grad)
+                self.grad_norms = self.view.clip_per_param(o.clip_grad)
             apply_schedules(e.optimizer, float(s.lr[it]), float(s.wd[it]), freeze_last_layer=frozen)
         e.step()
         if boundary and frozen:

@@ -333,6 +333,12 @@ class Trainer:
             'data/skipped_samples': float(self.reader_state.total_skipped),
             f'cost/{device_unit(self.device.type).replace("-", "_")}': self.device_hours(),
         }
+        # what the optimizer applied at the last step, group by group (the schedules above are what it should)
+        for g in self.engine.optimizer.param_groups:
+            values[f"optim/lr/{g['name']}"] = float(g['lr'])
+            values[f"optim/weight_decay/{g['name']}"] = float(g['weight_decay'])
+        if self.step.grad_norms is not None:
+            values['optim/clipped_fraction'] = float((self.step.grad_norms > self.cfg.optim.clip_grad).float().mean())
         if self.device.type == 'cuda':
             values['perf/gpu_memory_gb'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.logger.scalars(self.pos.iteration, values, epoch=self.pos.epoch)
