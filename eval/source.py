@@ -4,7 +4,7 @@ A model spec is one of:
 - a training checkpoint folder, its ``model.pt``, a run folder or its ``checkpoints/`` (newest complete
   checkpoint; the teacher backbone unless ``which='student'``);
 - an exported backbone ``*.safetensors`` (``{run}/export/teacher-XXXXXXXX.safetensors``);
-- a timm model name (``vit_small_patch16_224``, ``skipat_vit_small_patch16_224``): random init, the baseline;
+- a timm model name (``vit_small_patch16_224``, ``vit_small_patch16_skipat_224``): random init, the baseline;
 - ``pixels``: the flattened, normalised input image itself (a sanity baseline, no network).
 
 Everything here is cheap (one weight load); feature extraction comes later.

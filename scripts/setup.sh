@@ -21,8 +21,22 @@ if ! { [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/m
     { apt-get install -y -q $SLURM_PKGS || { apt-get update -q && apt-get install -y -q $SLURM_PKGS; }; } \
         >/dev/null 2>&1 || echo "[setup] warning: could not install $SLURM_PKGS; SLURM tests skip (fail in CI)" >&2
 fi
+# timm's own model test-suite (tests/test_timm_suite.py runs it against the SkipAt models) ships in timm's
+# source distribution on PyPI: unpack the one of the installed version into .venv/timm-src/.
+fetch_timm_suite() {
+    local ver
+    ver=$(.venv/bin/python -c 'import timm; print(timm.__version__)') || return 0
+    [ -f ".venv/timm-src/timm-$ver/tests/test_models.py" ] && return 0
+    echo "[setup] fetching timm $ver's test-suite (its sdist)" >&2
+    mkdir -p .venv/timm-src
+    .venv/bin/python -m pip download --isolated --disable-pip-version-check -q --no-deps --no-binary :all: \
+        -d .venv/timm-src "timm==$ver" >/dev/null 2>&1 \
+        && tar xzf ".venv/timm-src/timm-$ver.tar.gz" -C .venv/timm-src \
+        || echo "[setup] warning: could not fetch timm's sdist; tests/test_timm_suite.py skips (fails in CI)" >&2
+}
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('skipssl') is None)" 2>/dev/null; then
+    fetch_timm_suite
     exit 0
 fi
 
@@ -34,4 +48,5 @@ pip_install() { .venv/bin/python -m pip install --isolated --disable-pip-version
 pip_install -c constraints.txt -e '.[test]'
 rm -f .venv/.installed-*
 touch "$stamp"
+fetch_timm_suite
 echo "[setup] done" >&2

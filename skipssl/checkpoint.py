@@ -175,7 +175,7 @@ def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
     kwargs.setdefault('dynamic_img_size', True)
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}: not in timm's registry (e.g. vit_small_patch16_224, "
-                         "skipat_vit_small_patch16_224)")
+                         "vit_small_patch16_skipat_224)")
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as exn:

@@ -33,7 +33,7 @@ class ExperimentSection:
 
 @dataclass
 class ModelSection:
-    name: str = 'skipat_vit_small_patch16_224'   # any timm ViT or skipat_vit_*
+    name: str = 'vit_small_patch16_skipat_224'   # any timm ViT or vit_*_skipat_* (SkipAt)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, skip_indices...)
     drop_path_rate: float = 0.1       # student only
     compile: bool = False             # torch.compile the backbone

@@ -202,7 +202,7 @@ def test_head_structure_and_fixed_last_layer_norm():
 
 def test_multicrop_wrapper_runs_backbone_once_per_resolution():
     torch.manual_seed(0)
-    backbone = timm.create_model('skipat_vit_tiny_patch16_224', num_classes=0, depth=4, skip_indices=(2,)).eval()
+    backbone = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, depth=4, skip_indices=(2,)).eval()
     calls = []
     backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     head = DINOHead(192, out_dim=32, hidden_dim=64, bottleneck_dim=16)

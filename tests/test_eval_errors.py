@@ -43,13 +43,13 @@ def knn(root, export, **kw):
 
 def test_checkpoint_of_another_architecture(inputs):
     root, export = inputs
-    with pytest.raises(EvalError, match=f'holds a {MODEL} backbone, not the skipat_vit_tiny_patch16_224 asked for'):
-        knn(root, export, arch='skipat_vit_tiny_patch16_224')
+    with pytest.raises(EvalError, match=f'holds a {MODEL} backbone, not the vit_tiny_patch16_skipat_224 asked for'):
+        knn(root, export, arch='vit_tiny_patch16_skipat_224')
     # weights of a plain ViT labelled as a SkipAt-ViT: the state dict does not fit
     skipat_kwargs = dict(KWARGS, skip_indices=(1, 2))
     wrong = root / 'wrong.safetensors'
-    save_backbone(build_backbone(MODEL, KWARGS), wrong, 'skipat_vit_tiny_patch16_224', skipat_kwargs)
-    with pytest.raises(CheckpointError, match='weights do not fit skipat_vit_tiny_patch16_224'):
+    save_backbone(build_backbone(MODEL, KWARGS), wrong, 'vit_tiny_patch16_skipat_224', skipat_kwargs)
+    with pytest.raises(CheckpointError, match='weights do not fit vit_tiny_patch16_skipat_224'):
         knn(root, wrong)
     # a backbone without a class token cannot give DINO's CLS features
     with pytest.raises(EvalError, match='not a ViT with a class token'):

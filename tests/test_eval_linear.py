@@ -74,8 +74,8 @@ def run(tmp_path_factory):
     write_shards(root / 'test', 'test', [30], num_classes=3, size=16, seed=1)
     kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
     torch.manual_seed(0)
-    save_backbone(build_backbone('skipat_vit_tiny_patch16_224', dict(kwargs, skip_indices=(1, 2))),
-                  root / 'run' / 'export' / 'teacher-00000020.safetensors', 'skipat_vit_tiny_patch16_224',
+    save_backbone(build_backbone('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=(1, 2))),
+                  root / 'run' / 'export' / 'teacher-00000020.safetensors', 'vit_tiny_patch16_skipat_224',
                   dict(kwargs, skip_indices=[1, 2]),
                   {'iteration': 20, 'epoch': 2, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
                    'eval_crop': 16})
@@ -88,7 +88,7 @@ def test_cached_sweep_end_to_end(run):
     [res] = out
     saved = json.loads((run / 'run' / 'eval' / 'linear-00000020-test.json').read_text())
     assert saved['top1'] == res['top1'] and saved['mode'] == 'cached' and saved['epochs'] == 3
-    assert saved['checkpoint']['model_name'] == 'skipat_vit_tiny_patch16_224' and saved['iteration'] == 20
+    assert saved['checkpoint']['model_name'] == 'vit_tiny_patch16_skipat_224' and saved['iteration'] == 20
     assert saved['feature_dim'] == 4 * 32 and saved['n_val'] == 9 and saved['n_train'] == 79
     assert list((run / 'run' / 'tb').glob('events.out.tfevents.*.linear'))
 

@@ -19,7 +19,7 @@ from skipssl.checkpoint import build_backbone, save_backbone
 def fake_run(root: Path, name: str, skipat: bool, hours: list, knn: list, linear: list, config='dino_fmnist_tiny'):
     """A run folder as the trainer leaves it (summary.json) with k-NN and linear results per epoch export."""
     run = root / name
-    model = 'skipat_vit_tiny_patch16_224' if skipat else 'vit_tiny_patch16_224'
+    model = 'vit_tiny_patch16_skipat_224' if skipat else 'vit_tiny_patch16_224'
     per_epoch = [{'epoch': e, 'iteration': 100 * (e + 1), 'images_seen': 6400 * (e + 1), 'device_hours': h,
                   'images_per_s': 500.0, 'loss': 5.0} for e, h in enumerate(hours)]
     run.mkdir(parents=True)
@@ -58,7 +58,7 @@ def test_table_compares_skipat_with_the_vit_run_of_the_same_config(tmp_path):
     assert s['images_per_s'] == pytest.approx(12800 / 5400)
     assert 'device_hours_saving_pct' not in v and rows['vit (random-init)']['knn_top1'] == 40.0
     md = paths['md'].read_text()
-    assert ('| skipat | skipat_vit_tiny_patch16_224 (SkipAt) | 2/2 | 12,800 | 2.4 | 1.5 GPU-h | 74.50 | '
+    assert ('| skipat | vit_tiny_patch16_skipat_224 (SkipAt) | 2/2 | 12,800 | 2.4 | 1.5 GPU-h | 74.50 | '
             '81.00 (cached) | +25.0% | -0.50 | +1.00 |') in md
     # one point per run, evaluator and checkpoint (+ the random-init baseline at 0 hours)
     points = report['datasets']['fmnist']['points']

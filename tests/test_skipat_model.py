@@ -37,7 +37,7 @@ def test_param_and_mac_counts_match_reference(size):
     vit_p, skip_p, vit_macs, skip_macs = REFERENCE_COUNTS[size]
     # the table counts the 1000-class ImageNet classifier, as timm's defaults build it
     vit = timm.create_model(f'vit_{size}_patch16_224')
-    skip = timm.create_model(f'skipat_vit_{size}_patch16_224')
+    skip = timm.create_model(f'vit_{size}_patch16_skipat_224')
     assert count_params(vit) == pytest.approx(vit_p, rel=0.005)
     assert count_params(skip) == pytest.approx(skip_p, rel=0.005)
     assert count_macs(vit) == pytest.approx(vit_macs, rel=0.03)
@@ -46,7 +46,7 @@ def test_param_and_mac_counts_match_reference(size):
 
 
 def test_skipped_blocks_build_no_attention():
-    model = timm.create_model('skipat_vit_small_patch16_224')
+    model = timm.create_model('vit_small_patch16_skipat_224')
     assert model.skip_indices == (3, 4, 5, 6, 7, 8)
     for i, blk in enumerate(model.blocks):
         if i in model.skip_indices:
@@ -60,7 +60,7 @@ def test_skipped_blocks_build_no_attention():
 
 def test_every_parameter_gets_a_gradient_with_global_and_local_crops():
     torch.manual_seed(0)
-    model = timm.create_model('skipat_vit_tiny_patch16_224', num_classes=0, drop_path_rate=0.1)
+    model = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, drop_path_rate=0.1)
     out = model(torch.randn(2, 3, 224, 224)).sum() + model(torch.randn(3, 3, 96, 96)).sum()
     out.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -69,7 +69,7 @@ def test_every_parameter_gets_a_gradient_with_global_and_local_crops():
 
 @pytest.mark.parametrize('hw', [(224, 224), (96, 96), (160, 224)])
 def test_outputs_finite_for_dino_crop_sizes(hw):
-    model = timm.create_model('skipat_vit_small_patch16_224', num_classes=0).eval()
+    model = timm.create_model('vit_small_patch16_skipat_224', num_classes=0).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, *hw))
         feats = model.forward_features(torch.randn(1, 3, *hw))
@@ -171,7 +171,7 @@ def test_conversion_keeps_trained_weights():
 @pytest.mark.parametrize('bad, match', [((0, 3), 'block 0'), ((3, 12), 'out of range'), ((-1,), 'out of range')])
 def test_bad_skip_indices_fail_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
-        timm.create_model('skipat_vit_tiny_patch16_224', skip_indices=bad)
+        timm.create_model('vit_tiny_patch16_skipat_224', skip_indices=bad)
     with pytest.raises(ValueError, match=match):
         convert_to_skipat(timm.create_model('vit_tiny_patch16_224'), skip_indices=bad)
 
@@ -180,17 +180,17 @@ def test_conversion_rejects_non_vit_and_pretrained_request():
     with pytest.raises(TypeError, match='VisionTransformer'):
         convert_to_skipat(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match='no pretrained weights'):
-        timm.create_model('skipat_vit_small_patch16_224', pretrained=True)
+        timm.create_model('vit_small_patch16_skipat_224', pretrained=True)
 
 
 def test_registry_passes_timm_kwargs_through():
     model = timm.create_model(
-        'skipat_vit_small_patch16_224', skip_indices=(4, 5), drop_path_rate=0.2, num_classes=7, img_size=96)
+        'vit_small_patch16_skipat_224', skip_indices=(4, 5), drop_path_rate=0.2, num_classes=7, img_size=96)
     assert model.skip_indices == (4, 5)
     assert model.patch_embed.img_size == (96, 96)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
     assert model(torch.randn(1, 3, 224, 160)).shape == (1, 7)
-    assert 'skipat_vit_base_patch16_224' in timm.list_models('skipat_*')
+    assert 'vit_base_patch16_skipat_224' in timm.list_models('skipat_*')
 
 
 def test_last_cls_tokens_are_normed_cls_of_last_blocks():
@@ -250,3 +250,74 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_last_cls_tokens_helper_works_on_plain_timm_vit():
     vit = tiny_vit().eval()
     assert last_cls_tokens(vit, torch.randn(1, 3, 32, 32), n=2).shape == (1, 128)
+
+
+# -- timm's model contract: scripting, FX tracing, features, classifier reset (timm's own suite runs the
+# registered models in tests/test_timm_suite.py; these cover a converted model too, and exactness) ----------
+def _fx_model(model, train=False):
+    """timm's FX set-up for its model tests: the graph's output node as a feature extractor."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                  param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer).train(train)
+
+
+def _contract_models():
+    torch.manual_seed(0)
+    registered = timm.create_model('vit_tiny_patch16_skipat_224', depth=6, skip_indices=(2, 3, 4),
+                                   num_classes=7).eval()
+    converted = convert_to_skipat(tiny_vit(num_classes=7, reg_tokens=2), skip_indices=(1, 2)).eval()
+    return {'registered': registered, 'converted': converted}
+
+
+@pytest.mark.parametrize('which', ['registered', 'converted'])
+def test_scripted_and_traced_models_equal_eager(which):
+    model = _contract_models()[which]
+    x = torch.randn(2, 3, 224, 224) if which == 'registered' else torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        eager = model(x)
+        scripted = torch.jit.script(model)(x)
+        traced = _fx_model(model)
+        fx = next(iter(traced(x).values()))
+        fx_scripted = next(iter(torch.jit.script(traced)(x).values()))
+    for name, out in (('script', scripted), ('fx', fx), ('fx+script', fx_scripted)):
+        torch.testing.assert_close(out, eager, rtol=0, atol=0, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('which', ['registered', 'converted'])
+def test_fx_backward_reaches_every_parameter_as_eager(which):
+    model = _contract_models()[which].train()
+    x = torch.randn(2, 3, 64, 64)
+    traced = _fx_model(model, train=True)
+    torch.manual_seed(1)
+    next(iter(traced(x).values())).mean().backward()
+    fx_grads = {n: p.grad.clone() for n, p in traced.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(1)
+    model(x).mean().backward()
+    assert fx_grads.keys() == {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fx_grads[n], p.grad, msg=lambda m: f'{n}: {m}')
+
+
+def test_features_only_reset_classifier_and_causal_refusal():
+    model = timm.create_model('vit_tiny_patch16_skipat_224', depth=6, skip_indices=(2, 3), features_only=True)
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape for f in feats] == [torch.Size([1, 192, 4, 4])] * 3  # blocks 3, 4, 5 as NCHW maps
+    assert model.feature_info.channels() == [192] * 3
+    clf = timm.create_model('vit_tiny_patch16_skipat_224', depth=4, skip_indices=(2,), num_classes=5)
+    clf.reset_classifier(11)
+    assert clf(torch.randn(1, 3, 32, 32)).shape == (1, 11)
+    clf.reset_classifier(0)
+    assert clf(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+    with pytest.raises(AssertionError, match='causal'):
+        clf.forward_features(torch.randn(1, 3, 32, 32), is_causal=True)
+
+
+def test_old_model_names_still_build_with_a_deprecation_warning():
+    with pytest.warns(UserWarning, match='deprecated model name skipat_vit_tiny_patch16_224'):
+        model = timm.create_model('skipat_vit_tiny_patch16_224', depth=4, skip_indices=(2,))
+    assert isinstance(model, SkipAtVisionTransformer) and 'skipat_vit_tiny_patch16_224' not in timm.list_models()

@@ -180,7 +180,7 @@ def test_single_process_run_writes_everything(single_run):
     assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [6, 8, 9, 12, 15, 16]
     for name in ('teacher-00000008.safetensors', 'teacher-00000016.safetensors', 'teacher.safetensors'):
         backbone, meta = ckpt.load_backbone(out / 'export' / name)
-        assert meta['model_name'] == 'skipat_vit_tiny_patch16_224' and json.loads(meta['channels']) == 1
+        assert meta['model_name'] == 'vit_tiny_patch16_skipat_224' and json.loads(meta['channels']) == 1
     # the final export is the newest checkpoint's teacher backbone
     blob = final_weights(out)
     exported, _ = ckpt.load_backbone(out / 'export' / 'teacher.safetensors')

@@ -10,7 +10,7 @@ from .skipat_vit import (
     last_cls_tokens,
     validate_skip_indices,
 )
-from . import registry  # noqa: F401  (registers skipat_vit_* with timm)
+from . import registry  # noqa: F401  (registers vit_*_patch16_skipat_224 with timm)
 
 __all__ = [
     'DEFAULT_SKIP_INDICES', 'EfficientChannelAttention', 'SkipAtVisionTransformer', 'SkipAttentionBlock',

@@ -50,7 +50,8 @@ class SkipAttentionPhi(nn.Module):
     def forward(self, x: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         B, N, _ = x.shape
         H, W = grid_size
-        if N != H * W:
+        # under torch.fx the sizes are traced values, which Python control flow cannot use: checked when concrete
+        if isinstance(N, int) and isinstance(H, int) and isinstance(W, int) and N != H * W:
             raise ValueError(f"Phi got {N} patch tokens for a {H}x{W} grid")
         x = self.act1(self.fc1(x))
         C = x.shape[-1]

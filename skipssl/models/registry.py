@@ -1,8 +1,13 @@
-"""SkipAt-ViT entries in timm's model registry (``timm.create_model('skipat_vit_small_patch16_224')``)."""
+"""SkipAt-ViT entries in timm's model registry (``timm.create_model('vit_small_patch16_skipat_224')``).
+
+The names follow timm's ViT variants (``vit_{size}_patch{p}_{variant}_{res}``), which timm's own model tests
+recognise as token-output ViTs. The first names, ``skipat_vit_{size}_patch16_224``, stay as deprecated aliases
+(timm warns and builds the current model), so configs and exports that name them still load.
+"""
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .skipat_vit import SkipAtVisionTransformer
@@ -18,9 +23,9 @@ def _cfg(**kwargs: Any) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'skipat_vit_tiny_patch16_224': _cfg(),
-    'skipat_vit_small_patch16_224': _cfg(),
-    'skipat_vit_base_patch16_224': _cfg(),
+    'vit_tiny_patch16_skipat_224': _cfg(),
+    'vit_small_patch16_skipat_224': _cfg(),
+    'vit_base_patch16_skipat_224': _cfg(),
 })
 
 
@@ -40,21 +45,26 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> SkipAtVisionTransf
 
 
 @register_model
-def skipat_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+def vit_tiny_patch16_skipat_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
     """SkipAt-ViT-T/16: ViT-T/16 with blocks 3-8 skipping self-attention."""
     args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create('skipat_vit_tiny_patch16_224', pretrained, **dict(args, **kwargs))
+    return _create('vit_tiny_patch16_skipat_224', pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def skipat_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+def vit_small_patch16_skipat_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
     """SkipAt-ViT-S/16: ViT-S/16 with blocks 3-8 skipping self-attention."""
     args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create('skipat_vit_small_patch16_224', pretrained, **dict(args, **kwargs))
+    return _create('vit_small_patch16_skipat_224', pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def skipat_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
+def vit_base_patch16_skipat_224(pretrained: bool = False, **kwargs: Any) -> SkipAtVisionTransformer:
     """SkipAt-ViT-B/16: ViT-B/16 with blocks 3-8 skipping self-attention."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create('skipat_vit_base_patch16_224', pretrained, **dict(args, **kwargs))
+    return _create('vit_base_patch16_skipat_224', pretrained, **dict(args, **kwargs))
+
+
+register_model_deprecations(__name__, {
+    f'skipat_vit_{size}_patch16_224': f'vit_{size}_patch16_skipat_224' for size in ('tiny', 'small', 'base')
+})

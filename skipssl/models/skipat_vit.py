@@ -43,9 +43,11 @@ class SkipAttentionBlock(nn.Module):
     def forward(
             self,
             x: torch.Tensor,
-            z_prev: torch.Tensor,
+            z_prev: Optional[torch.Tensor],
             grid_size: Tuple[int, int],
+            attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        assert z_prev is not None, "a skipped block needs the previous block's MSA output"
         p = self.num_prefix_tokens
         z = self.phi(z_prev[:, p:], grid_size)
         if p:
@@ -55,16 +57,23 @@ class SkipAttentionBlock(nn.Module):
         return x, z
 
 
-def _attn_block_with_output(
-        block: Block,
-        x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Block.forward`` that also returns the MSA output (after proj, before the residual add)."""
-    z = block.attn(block.norm1(x), attn_mask=attn_mask)
-    x = x + block.drop_path1(block.ls1(z))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, z
+class AttentionBlock(Block):
+    """timm's Block as a SkipAt model holds it: the same parameters and computation, with the block interface
+    of :class:`SkipAttentionBlock` (it also returns its MSA output, after proj and before the residual add,
+    which a following skipped block reuses). One signature for every block keeps the loop over blocks free
+    of type dispatch, which TorchScript and torch.fx need."""
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            z_prev: Optional[torch.Tensor],
+            grid_size: Tuple[int, int],
+            attn_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = self.attn(self.norm1(x), attn_mask=attn_mask)
+        x = x + self.drop_path1(self.ls1(z))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, z
 
 
 def validate_skip_indices(skip_indices: Sequence[int], depth: int) -> Tuple[int, ...]:
@@ -101,18 +110,21 @@ class SkipAtVisionTransformer(VisionTransformer):
     # -- construction -------------------------------------------------------------------------------
     def _install_skips(self, skip_indices: Sequence[int], hidden_ratio: float, kernel_size: int) -> None:
         self.skip_indices = validate_skip_indices(skip_indices, len(self.blocks))
-        for i in self.skip_indices:
-            block = self.blocks[i]
-            if not isinstance(block, Block):
+        # A ModuleList, not timm's Sequential: the blocks no longer chain one tensor to the next, and
+        # TorchScript compiles the forward of every Sequential it holds.
+        blocks = list(self.blocks)
+        for i, block in enumerate(blocks):
+            if type(block) is not Block:
                 raise TypeError(f"block {i} is a {type(block).__name__}; SkipAt needs timm's standard Block")
+            if i not in self.skip_indices:
+                block.__class__ = AttentionBlock  # same module, same weights; the SkipAt block interface
+                continue
             act_layer = type(block.mlp.act) if hasattr(block.mlp, "act") else nn.GELU
             phi = SkipAttentionPhi(self.embed_dim, hidden_ratio, kernel_size, act_layer=act_layer)
             phi.apply(init_weights_vit_timm)  # timm's ViT init; the conv keeps PyTorch's fan-in default
             phi.to(device=block.norm2.weight.device, dtype=block.norm2.weight.dtype)
-            self.blocks[i] = SkipAttentionBlock(block, self.num_prefix_tokens, phi)
-        skip = set(self.skip_indices)
-        # Blocks whose MSA output a following skipped block reuses.
-        self._emit_z = frozenset(i for i in range(len(self.blocks)) if i + 1 in skip and i not in skip)
+            blocks[i] = SkipAttentionBlock(block, self.num_prefix_tokens, phi)
+        self.blocks = nn.ModuleList(blocks)
 
     def fix_init_weight(self) -> None:
         with torch.no_grad():
@@ -123,32 +135,11 @@ class SkipAtVisionTransformer(VisionTransformer):
                 layer.mlp.fc2.weight.div_(scale)
 
     # -- forward ------------------------------------------------------------------------------------
-    def _grid_size(self, x: torch.Tensor) -> Tuple[int, int]:
-        if self.dynamic_img_size:
-            return self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
-        return self.patch_embed.grid_size
-
-    def _run_block(
-            self,
-            i: int,
-            x: torch.Tensor,
-            z: Optional[torch.Tensor],
-            grid_size: Tuple[int, int],
-            attn_mask: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        blk = self.blocks[i]
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        if isinstance(blk, SkipAttentionBlock):
-            return checkpoint(blk, x, z, grid_size) if ckpt else blk(x, z, grid_size)
-        if i in self._emit_z:
-            if ckpt:
-                return checkpoint(_attn_block_with_output, blk, x, attn_mask)
-            return _attn_block_with_output(blk, x, attn_mask)
-        x = checkpoint(blk, x, attn_mask) if ckpt else blk(x, attn_mask=attn_mask)
-        return x, None
-
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        grid_size = self._grid_size(x)
+        if self.dynamic_img_size:
+            grid_size = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        else:
+            grid_size = self.patch_embed.grid_size
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         if not isinstance(self.patch_drop, nn.Identity):
@@ -156,18 +147,42 @@ class SkipAtVisionTransformer(VisionTransformer):
         x = self.norm_pre(x)
         return x, grid_size
 
+    def _forward_blocks(
+            self,
+            x: torch.Tensor,
+            grid_size: Tuple[int, int],
+            attn_mask: Optional[torch.Tensor],
+            take_indices: List[int],
+            last: int,
+            norm: bool,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Blocks 0..last-1; returns x and the outputs of the blocks in ``take_indices``.
+
+        Every block takes and returns (x, z), so the loop needs no type dispatch: eager, TorchScript (which
+        unrolls the loop over the ModuleList) and torch.fx (no Python control flow on traced values) alike.
+        """
+        intermediates: List[torch.Tensor] = []
+        z: Optional[torch.Tensor] = None
+        for i, blk in enumerate(self.blocks):
+            if i < last:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x, z = checkpoint(blk, x, z, grid_size, attn_mask)
+                else:
+                    x, z = blk(x, z, grid_size, attn_mask)
+                if i in take_indices:
+                    intermediates.append(self.norm(x) if norm else x)
+        return x, intermediates
+
     def forward_features(
             self,
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        if is_causal:
-            raise NotImplementedError("SkipAt ViT does not support causal attention")
+        # torch._assert on a comparison, not `if is_causal: raise`: torch.fx traces it
+        torch._assert(is_causal == False, "SkipAt ViT does not support causal attention")  # noqa: E712
         x, grid_size = self._embed(x)
-        z = None
-        for i in range(len(self.blocks)):
-            x, z = self._run_block(i, x, z, grid_size, attn_mask)
+        x, _ = self._forward_blocks(x, grid_size, attn_mask, [], len(self.blocks), False)
         return self.norm(x)
 
     def forward_intermediates(
@@ -185,18 +200,12 @@ class SkipAtVisionTransformer(VisionTransformer):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Same contract as timm's ``VisionTransformer.forward_intermediates``."""
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        if is_causal:
-            raise NotImplementedError("SkipAt ViT does not support causal attention")
+        torch._assert(is_causal == False, "SkipAt ViT does not support causal attention")  # noqa: E712
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x, grid_size = self._embed(x)
         last = max_index + 1 if stop_early else len(self.blocks)
-        intermediates = []
-        z = None
-        for i in range(last):
-            x, z = self._run_block(i, x, z, grid_size, attn_mask)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
+        x, intermediates = self._forward_blocks(x, grid_size, attn_mask, take_indices, last, norm)
 
         p = self.num_prefix_tokens
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None

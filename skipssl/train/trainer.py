@@ -424,7 +424,7 @@ class Trainer:
         seconds = hours * 3600 / max(self.info.world_size * devices_per_rank(self.device.type), 1)
         return {
             'run_name': self.run_dir.name, 'model': model_spec(self.cfg),
-            'skipat': self.cfg.model.name.startswith('skipat_') or 'skip_indices' in self.cfg.model.kwargs,
+            'skipat': bool(getattr(self.teacher.backbone, 'skip_indices', ())),  # asked of the model, not its name
             'config_name': self.cfg.experiment.name, 'epochs_planned': self.plan.epochs,
             'epochs_done': self.pos.epoch, 'iterations': self.pos.iteration,
             'iterations_planned': self.plan.total_iterations, 'global_batch': self.plan.global_batch,
