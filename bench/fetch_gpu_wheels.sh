@@ -33,6 +33,8 @@ pure() {
 DS_BUILD_OPS=0 "$PY" -m pip wheel --isolated --no-deps --no-build-isolation -w "$DEST" deepspeed==0.19.8
 pure hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
      webdataset==1.0.2 braceexpand==0.1.7 submitit==1.5.4
+# there already, but perhaps older than this project and pydantic need: carry the versions tested here
+pure timm==1.0.31 typing_extensions==4.16.0
 binary pydantic_core==2.50.5
 # faiss-cpu: the CPU reference of the GPU k-NN comparison (stage f); skipped if it would break the budget
 binary faiss-cpu==1.15.1

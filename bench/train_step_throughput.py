@@ -156,6 +156,7 @@ def header(args, device: torch.device) -> Dict:
     return {'benchmark': 'train_step_throughput', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
             'device': device_name(device), 'device_type': device.type, 'torch': torch.__version__,
             'configs': CONFIGS, 'size': args.size, 'precision': args.precision, 'zero_stage': args.zero_stage,
+            'head_out_dim': args.head_out_dim or 'config',
             'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
             'repeats': args.repeats, 'iters_per_repeat': args.iters}
 
