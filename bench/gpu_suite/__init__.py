@@ -1,7 +1,7 @@
 """The prepared GPU suite: every GPU-only check and measurement in one command, within 8 minutes on one H100.
 
 On the GPU machine (through the device tool's ``run``; the wheels come from ``bash bench/fetch_gpu_wheels.sh``
-run here first, 22 MiB in .whl/):
+run here first, 25.6 MiB in .whl/):
 
     run(command="bash bench/gpu_suite_run.sh --out $OUT", carry=[".whl"], timeout_s=600)
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / 'bench' / 'results' / 'gpu_suite'
 DEFAULT_BUDGET = float(sum(STAGE_SECONDS.values()))
 LOG_TAIL_CHARS = 6000
+CHILD_LOG_TAIL_CHARS = 2500
 KILL_GRACE_S = 5.0
 
 
@@ -91,10 +92,14 @@ def run_stage(name: str, mode: str, cap: float, work: Path, out: Path) -> Dict:
         failure = {'error': f'time cap of {cap:.0f} s reached: process group killed', 'traceback': None}
     elif status == 'failed' and not failure:
         failure = {'error': f'stage process exited with status {rc} (killed: {rc < 0})', 'traceback': None}
-    return {'status': status, 'wall_s': round(wall, 2), 'cap_s': round(cap, 1), 'returncode': rc,
-            'error': failure.get('error'), 'traceback': failure.get('traceback'),
-            'measurements': read_json(partial),
-            'log_tail': log.read_text(errors='replace')[-LOG_TAIL_CHARS:] if log.exists() else ''}
+    result = {'status': status, 'wall_s': round(wall, 2), 'cap_s': round(cap, 1), 'returncode': rc,
+              'error': failure.get('error'), 'traceback': failure.get('traceback'),
+              'measurements': read_json(partial),
+              'log_tail': log.read_text(errors='replace')[-LOG_TAIL_CHARS:] if log.exists() else ''}
+    if status != 'ok':   # where the processes it had started were (pretrain.py runs log to files of their own)
+        result['child_log_tails'] = {p.name: p.read_text(errors='replace')[-CHILD_LOG_TAIL_CHARS:]
+                                     for p in sorted((work / name).glob('*.log'))}
+    return result
 
 
 def run_suite(mode: str, out: Path, work: Path, budget: float, only: Optional[List[str]] = None) -> Dict:

@@ -5,8 +5,8 @@ from typing import Dict, Tuple
 
 # the stages in order, with their share of the budget in seconds for the default 480 s (they sum to it, the
 # data preparation's share included); unused time flows on to the next stages
-STAGE_SECONDS: Dict[str, float] = {'prepare': 25, 'env': 15, 'trainer': 130, 'backbone': 70, 'step': 70,
-                                   'augment': 25, 'knn': 45, 'equal_images': 100}
+STAGE_SECONDS: Dict[str, float] = {'prepare': 40, 'env': 15, 'trainer': 125, 'backbone': 70, 'step': 70,
+                                   'augment': 25, 'knn': 40, 'equal_images': 95}
 MIN_STAGE_SECONDS = 10.0   # a stage with less left than this is skipped, not started
 
 

@@ -65,7 +65,7 @@ class SyntheticSource:
 
 
 def make_datasets(out_dir: Path, counts: Dict[str, int], size: Tuple[int, int], workers: int,
-                  per_shard: int = 1024) -> Dict[str, Path]:
+                  per_shard: int = 256) -> Dict[str, Path]:
     """Shards ``{out_dir}/{split}/{split}-*.tar`` + index per split; a re-run keeps finished ones."""
     from skipssl.data.make_shards import write_shards
     folders = {}
