@@ -35,7 +35,8 @@ def test_dry_run_runs_every_stage_ok(tmp_path):
     assert trainer['resume']['bit_identical'] and trainer['resume']['ok']   # CPU, fp32: exact
     assert trainer['sigterm']['checkpoint_at'] < trainer['resume']['iterations']
     assert trainer['zero2_cut']['finished'] and trainer['zero0_compiled']['finished']
-    assert trainer['zero0_compiled_freeze']['last_layer_unchanged_while_frozen']
+    freeze = trainer['zero0_compiled_freeze']
+    assert freeze['last_layer_unchanged_while_frozen'] and freeze['last_layer_moved_after']
     assert trainer['fp16']['status'] == 'skipped'
     assert {(r['mode'], r['batch_size']) for r in m['backbone']['results']} == {('infer', 2), ('train', 2)}
     assert m['step']['results'][0]['model_gflops_per_image']['skipat'] > 0

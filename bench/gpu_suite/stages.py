@@ -110,7 +110,7 @@ def _trainer_overrides(ctx: Context) -> List[str]:
     return [*s.trainer_overrides, f'data.train_shards={ctx.data / "train"}', f'data.batch_size_per_rank={s.trainer_batch}',
             f'data.samples_per_epoch={s.trainer_batch * s.trainer_ipe}', f'train.epochs={s.trainer_epochs}',
             'optim.warmup_epochs=1', 'loss.warmup_teacher_temp_epochs=1', 'optim.freeze_last_layer_epochs=1',
-            'train.log_every=1', 'train.checkpoint_every=100000', 'train.keep_checkpoints=5']
+            'train.log_every=1', 'train.checkpoint_every=100000', 'train.keep_checkpoints=10']
 
 
 def _last_layer(blob: Dict) -> Dict:
@@ -118,32 +118,28 @@ def _last_layer(blob: Dict) -> Dict:
 
 
 def _freeze_checks(ctx: Context, run: PretrainRun) -> Dict:
-    """The head's last layer is frozen (lr 0) in the first epoch: at the first epoch's checkpoint it must
-    equal the initial weights bit for bit, at the end it must have moved. Under fp16 also the dynamic loss
-    scaler's state (FP16_Optimizer)."""
+    """The head's last layer is frozen (lr 0) in the first epoch: between the checkpoints in the middle and
+    at the end of that epoch it must not change by a bit, and by the last checkpoint it must have moved.
+    (Against checkpoints, not the initial weights: a bf16/fp16 engine starts its fp32 master weights from the
+    rounded ones.) Under fp16 also the dynamic loss scaler's state (FP16_Optimizer)."""
     import torch
 
     from skipssl import checkpoint as ckpt
-    from skipssl.config import load_config
-    from skipssl.train.trainer import build_student
     s = ctx.sizes
-    cfg = load_config(run.cmd[3], run.cmd[4:])
-    torch.manual_seed(cfg.experiment.seed)   # the trainer builds the student right after this seed
-    initial = _last_layer({'student': build_student(cfg).state_dict()})
-    if not initial:
-        raise RuntimeError('the student has no head.last_layer parameters to check')
     checkpoints = dict(ckpt.list_checkpoints(run.dir / 'checkpoints'))
-    first, last = checkpoints[s.trainer_ipe], checkpoints[max(checkpoints)]
-    frozen = _last_layer(ckpt.load_file(first / ckpt.MODEL_FILE))
-    final = _last_layer(ckpt.load_file(last / ckpt.MODEL_FILE))
+    mid, end, last = (checkpoints[i] for i in (s.trainer_ipe // 2, s.trainer_ipe, max(checkpoints)))
+    mid_w, end_w, last_w = (_last_layer(ckpt.load_file(c / ckpt.MODEL_FILE)) for c in (mid, end, last))
+    if not mid_w:
+        raise RuntimeError('the student has no head.last_layer parameters to check')
     # our own file, just written: the full unpickler reads DeepSpeed's loss-scaler object as it is
     rank = torch.load(last / ckpt.rank_file(0), map_location='cpu', weights_only=False)
-    scaler = rank['optimizer'].get('loss_scaler') if isinstance(rank['optimizer'], dict) else None
-    return {'last_layer_unchanged_while_frozen': all(torch.equal(frozen[k], initial[k]) for k in initial),
-            'last_layer_moved_after': any(not torch.equal(final[k], initial[k]) for k in initial),
+    opt = rank['optimizer'] if isinstance(rank['optimizer'], dict) else {}
+    return {'checkpoints': sorted(checkpoints),
+            'last_layer_unchanged_while_frozen': all(torch.equal(mid_w[k], end_w[k]) for k in mid_w),
+            'last_layer_moved_after': any(not torch.equal(end_w[k], last_w[k]) for k in mid_w),
             'skipped_steps': rank['engine'].get('skipped_steps'),
-            'loss_scale': getattr(scaler, 'cur_scale', None), 'dynamic_loss_scale':
-                rank['optimizer'].get('dynamic_loss_scale') if isinstance(rank['optimizer'], dict) else None}
+            'loss_scale': getattr(opt.get('loss_scaler'), 'cur_scale', None),
+            'dynamic_loss_scale': opt.get('dynamic_loss_scale')}
 
 
 def _run_summary(run: PretrainRun) -> Dict:
@@ -167,14 +163,15 @@ def trainer(ctx: Context) -> None:
     common = _trainer_overrides(ctx)
     env_ = child_env(threads=2 if s.device == 'cuda' else 1)
     zero2 = common + ['engine.zero_stage=2', f'engine.precision={precision}']
+    mid_epoch = [f'train.checkpoint_every={s.trainer_ipe // 2}']   # for the last-layer freeze checks
     runs = {'zero2': PretrainRun('zero2', s.trainer_config, zero2, work, env_),
             'zero2_cut': PretrainRun('zero2_cut', s.trainer_config, zero2, work, env_),
             'zero0_compiled': PretrainRun('zero0_compiled', s.trainer_config,
-                                          common + ['engine.zero_stage=0', f'engine.precision={precision}',
-                                                    f'model.compile={str(s.compile).lower()}'], work, env_)}
+                                          common + mid_epoch + ['engine.zero_stage=0', f'engine.precision={precision}',
+                                                                f'model.compile={str(s.compile).lower()}'], work, env_)}
     if s.device == 'cuda':
-        runs['fp16'] = PretrainRun('fp16', s.trainer_config, common + ['engine.zero_stage=0', 'engine.precision=fp16'],
-                                   work, env_)
+        runs['fp16'] = PretrainRun('fp16', s.trainer_config,
+                                   common + mid_epoch + ['engine.zero_stage=0', 'engine.precision=fp16'], work, env_)
     else:
         rec.put('fp16', {'status': 'skipped', 'reason': 'fp16 needs CUDA (refused on CPU by pretrain.py)'})
     rec.put('config', {'file': s.trainer_config, 'overrides': common, 'precision': precision,
@@ -205,6 +202,9 @@ def trainer(ctx: Context) -> None:
             checks = rec.put(f'{name}_freeze', _freeze_checks(ctx, runs[name]))
             if not (checks['last_layer_unchanged_while_frozen'] and checks['last_layer_moved_after']):
                 problems.append(f'{name}: last-layer freeze: {checks}')
+        if 'fp16' in runs:   # the same schedule in bf16 (compiled): does fp16 learn as much?
+            fp16, bf16 = rec.data['fp16']['loss_last'], rec.data['zero0_compiled']['loss_last']
+            rec.put('fp16_vs_bf16_last_loss', {'fp16': fp16, 'bf16': bf16, 'rel_diff': abs(fp16 - bf16) / abs(bf16)})
     finally:
         for run in runs.values():
             if run.proc is not None and run.proc.poll() is None:
