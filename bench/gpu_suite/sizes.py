@@ -65,7 +65,7 @@ GPU = Sizes(
     train_images=4096, test_images=1024, image_size=(500, 375),
     trainer_config='dino_skipat_vit_s16_100ep.yaml',
     trainer_overrides=_S16 + ('data.num_workers=3',),
-    trainer_batch=32, trainer_ipe=20, trainer_epochs=2, sigterm_after=12,
+    trainer_batch=32, trainer_ipe=25, trainer_epochs=2, sigterm_after=15,
     backbone_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '2'),
     backbone_batches=(256, 1024),
     step_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '3'),
