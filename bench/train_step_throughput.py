@@ -119,7 +119,8 @@ def parse_args(argv=None):
     p.add_argument('--zero-stage', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=None, help='per device; default 64 on CUDA, 4 on CPU')
     p.add_argument('--n-local', type=int, default=10)
-    p.add_argument('--head-out-dim', type=int, default=None, help="DINO head prototypes (default: the config's, 65536)")
+    p.add_argument('--head-out-dim', type=int, default=None,
+                   help="DINO head prototypes (default: the config's, 65536)")
     p.add_argument('--global-size', type=int, default=224)
     p.add_argument('--local-size', type=int, default=96)
     p.add_argument('--compile', default=None, choices=['off', 'on', 'both'], help='default: both on CUDA, off on CPU')

@@ -107,8 +107,8 @@ def env(ctx: Context) -> None:
 # -- (b) the trainer -------------------------------------------------------------------------------------------
 def _trainer_overrides(ctx: Context) -> List[str]:
     s = ctx.sizes
-    return [*s.trainer_overrides, f'data.train_shards={ctx.data / "train"}', f'data.batch_size_per_rank={s.trainer_batch}',
-            f'data.samples_per_epoch={s.trainer_batch * s.trainer_ipe}', f'train.epochs={s.trainer_epochs}',
+    return [*s.trainer_overrides, f'data.train_shards={ctx.data / "train"}',
+            f'data.batch_size_per_rank={s.trainer_batch}', f'data.samples_per_epoch={s.trainer_batch * s.trainer_ipe}', f'train.epochs={s.trainer_epochs}',
             'optim.warmup_epochs=1', 'loss.warmup_teacher_temp_epochs=1', 'optim.freeze_last_layer_epochs=1',
             'train.log_every=1', 'train.checkpoint_every=100000', 'train.keep_checkpoints=10']
 
