@@ -28,6 +28,9 @@ class Context:
         return path
 
 
+NO_COMPILE = {'status': 'skipped', 'reason': 'CPU: inductor needs minutes and a C++ toolchain; compiled on CUDA'}
+
+
 def _free_device_memory() -> None:
     import torch
     gc.collect()
@@ -175,7 +178,8 @@ def trainer(ctx: Context) -> None:
     else:
         rec.put('fp16', {'status': 'skipped', 'reason': 'fp16 needs CUDA (refused on CPU by pretrain.py)'})
     rec.put('config', {'file': s.trainer_config, 'overrides': common, 'precision': precision,
-                       'iterations': s.trainer_ipe * s.trainer_epochs, 'compile': s.compile})
+                       'iterations': s.trainer_ipe * s.trainer_epochs,
+                       'compile': s.compile or NO_COMPILE})
     for run in runs.values():
         run.start()
     problems = []
@@ -222,6 +226,8 @@ def backbone(ctx: Context) -> None:
               for mode in ('infer', 'train')}
     for mode, (args, device) in parsed.items():
         rec.put(f'header_{mode}', bt.header(args, device))
+    if not s.compile:
+        rec.put('compiled', NO_COMPILE)
     results = rec.put('results', [])
     for compiled in [False] + ([True] if s.compile else []):   # eager first: a cap hit in compiling keeps it
         for mode, (args, device) in parsed.items():
@@ -238,6 +244,8 @@ def step(ctx: Context) -> None:
     args, device = ts.parse_args(list(s.step_args))
     ts.init_process_group(device)
     rec.put('header', ts.header(args, device))
+    if not s.compile:
+        rec.put('compiled', NO_COMPILE)
     results = rec.put('results', [])
     for compiled in [False] + ([True] if s.compile else []):
         for bs in s.step_batches:
