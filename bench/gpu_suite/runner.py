@@ -79,8 +79,8 @@ def run_stage(name: str, mode: str, cap: float, work: Path, out: Path) -> Dict:
     with open(log, 'w') as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc: Optional[int] = proc.wait(timeout=cap)
+        try:   # the kill's grace period comes out of the cap, so a stage never takes from the next one's
+            rc: Optional[int] = proc.wait(timeout=max(cap - KILL_GRACE_S, 0.1))
         except subprocess.TimeoutExpired:
             rc = None
         finally:
