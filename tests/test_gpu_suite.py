@@ -19,7 +19,7 @@ STAGES = [n for n in STAGE_SECONDS if n != 'prepare']
 def test_dry_run_runs_every_stage_ok(tmp_path):
     out = tmp_path / 'out'
     proc = subprocess.run([sys.executable, '-m', 'bench.gpu_suite', '--dry-run', '--out', str(out), '--work',
-                           str(tmp_path / 'work')], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / 'work')], cwd=ROOT, capture_output=True, text=True, timeout=900)
     results = {n: json.loads((out / f'{n}.json').read_text()) for n in STAGES}
     failed = {n: (r['status'], r['error'], r['log_tail'][-2000:]) for n, r in results.items() if r['status'] != 'ok'}
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-2000:], proc.stderr[-2000:])
