@@ -116,7 +116,16 @@ def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
     return result
 
 
-def main(argv=None) -> Dict:
+def pick_device(spec: str) -> torch.device:
+    """'auto' (CUDA when present, else CPU), or any torch device string."""
+    if spec == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(spec)
+
+
+def parse_args(argv=None):
+    """The command line with the device's defaults filled in: (args, device). On CUDA also allows TF32 and
+    cuDNN autotuning, as a training run would."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--size', default='small', choices=['tiny', 'small', 'base'])
     p.add_argument('--mode', default='infer', choices=['infer', 'train'], help='forward only, or forward+backward')
@@ -135,8 +144,7 @@ def main(argv=None) -> Dict:
     p.add_argument('--out', type=Path, default=None, help='JSON path (default: bench/results/<name>.json)')
     args = p.parse_args(argv)
 
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
-                          else ('cpu' if args.device == 'auto' else args.device))
+    device = pick_device(args.device)
     cuda = device.type == 'cuda'
     args.precision = args.precision or ('bf16' if cuda else 'fp32')
     args.batch_sizes = args.batch_sizes or ([256, 1024] if cuda else [16])
@@ -148,13 +156,21 @@ def main(argv=None) -> Dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    compiles = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+    return args, device
 
+
+def compile_modes(choice: str) -> List[bool]:
+    return {'off': [False], 'on': [True], 'both': [False, True]}[choice]
+
+
+def header(args, device: torch.device) -> Dict:
+    """What the run measures, on what, and the models' sizes (parameters, MACs per image)."""
     vit_name, skip_name = f'vit_{args.size}_patch16_224', f'skipat_vit_{args.size}_patch16_224'
-    vit_cpu = timm.create_model(vit_name, num_classes=0)
-    skip_cpu = timm.create_model(skip_name, num_classes=0)
+    # dynamic_img_size as in build(): --img-size other than 224 is counted at that size
+    vit_cpu = timm.create_model(vit_name, num_classes=0, dynamic_img_size=True)
+    skip_cpu = timm.create_model(skip_name, num_classes=0, dynamic_img_size=True)
     img = (1, 3, args.img_size, args.img_size)
-    header = {
+    return {
         'benchmark': 'backbone_throughput',
         'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'device': device_name(device),
@@ -171,19 +187,25 @@ def main(argv=None) -> Dict:
         'repeats': args.repeats,
         'iters_per_repeat': args.iters,
     }
-    del vit_cpu, skip_cpu
-    print(f"{args.mode} throughput, {args.size} at {args.img_size}px, {args.precision}, on {header['device']}")
-    print(f"  params ViT {header['params']['vit'] / 1e6:.2f}M  SkipAt {header['params']['skipat'] / 1e6:.2f}M;  "
-          f"GMACs ViT {header['gmacs_per_image']['vit']:.2f}  SkipAt {header['gmacs_per_image']['skipat']:.2f}")
-    results = [run_config(args, device, bs, c) for c in compiles for bs in args.batch_sizes]
-    report = dict(header, results=results)
 
-    out = args.out or RESULTS_DIR / f"backbone_{args.mode}_{args.size}_{device.type}.json"
+
+def write_json(report: Dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(report, indent=2) + '\n')
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def main(argv=None) -> Dict:
+    args, device = parse_args(argv)
+    head = header(args, device)
+    print(f"{args.mode} throughput, {args.size} at {args.img_size}px, {args.precision}, on {head['device']}")
+    print(f"  params ViT {head['params']['vit'] / 1e6:.2f}M  SkipAt {head['params']['skipat'] / 1e6:.2f}M;  "
+          f"GMACs ViT {head['gmacs_per_image']['vit']:.2f}  SkipAt {head['gmacs_per_image']['skipat']:.2f}")
+    results = [run_config(args, device, bs, c) for c in compile_modes(args.compile) for bs in args.batch_sizes]
+    report = dict(head, results=results)
+    write_json(report, args.out or RESULTS_DIR / f"backbone_{args.mode}_{args.size}_{device.type}.json")
     return report
 
 

@@ -17,13 +17,14 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
-from bench.backbone_throughput import RESULTS_DIR, device_name, synchronize
+from bench.backbone_throughput import RESULTS_DIR, device_name, pick_device, synchronize
 from skipssl.data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, canvas_resize,
                           resolve_shards)
 
@@ -68,6 +69,22 @@ def device_rate(cfg, device, batch_size: int, canvas: int, repeats: int) -> floa
     return statistics.median(rates)
 
 
+def decode_rate(jpegs: List[bytes], device: torch.device, batch_size: int, repeats: int) -> float:
+    """Images/s of torchvision's decode_jpeg on ``device`` (nvJPEG on CUDA, batched), JPEG bytes already in
+    memory: the decoder alone, median of ``repeats`` batches."""
+    from torchvision.io import decode_jpeg
+    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:batch_size]]
+    decode_jpeg(data, device=device)
+    rates = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        decode_jpeg(data, device=device)
+        synchronize(device)
+        rates.append(len(data) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--shards', default=None, help='real shards to read (default: a synthetic JPEG shard)')
@@ -81,8 +98,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     cfg = MultiCropConfig(n_local=args.n_local)
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
-                          else ('cpu' if args.device == 'auto' else args.device))
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         urls = resolve_shards(args.shards) if args.shards else [synthetic_jpeg_shard(Path(tmp), args.images + 16)]
         cpu = cpu_rate(urls, args.images, MultiCropTransform(cfg))

@@ -11,7 +11,6 @@ forward + backward (3x forward) over every crop, teacher forward over the 2 glob
 known bf16 peak the model FLOP utilisation (MFU) is reported.
 """
 import argparse
-import json
 import os
 import statistics
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from bench.backbone_throughput import RESULTS_DIR, device_name, time_steps
+from bench.backbone_throughput import RESULTS_DIR, compile_modes, device_name, pick_device, time_steps, write_json
 from skipssl.config import load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
@@ -56,6 +55,8 @@ def build_step(key: str, args, device: torch.device):
                  f'data.batch_size_per_rank={args.batch_size}', f'augment.n_local={args.n_local}',
                  f'model.compile={str(args.compile_model).lower()}', 'data.train_shards=unused',
                  f'model.kwargs.img_size={args.global_size}']
+    if args.head_out_dim:
+        overrides.append(f'head.out_dim={args.head_out_dim}')
     if args.size != 'small':
         name = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'skipat_vit_{args.size}_patch16_224'}[key]
         overrides.append(f'model.name={name}')
@@ -109,7 +110,8 @@ def measure(args, device) -> Dict:
     return out
 
 
-def main(argv=None) -> Dict:
+def parse_args(argv=None):
+    """The command line with the device's defaults filled in: (args, device)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--size', default='small', choices=['tiny', 'small', 'base'])
     p.add_argument('--device', default='auto')
@@ -117,6 +119,8 @@ def main(argv=None) -> Dict:
     p.add_argument('--zero-stage', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=None, help='per device; default 64 on CUDA, 4 on CPU')
     p.add_argument('--n-local', type=int, default=10)
+    p.add_argument('--head-out-dim', type=int, default=None,
+                   help="DINO head prototypes (default: the config's, 65536)")
     p.add_argument('--global-size', type=int, default=224)
     p.add_argument('--local-size', type=int, default=96)
     p.add_argument('--compile', default=None, choices=['off', 'on', 'both'], help='default: both on CUDA, off on CPU')
@@ -125,41 +129,50 @@ def main(argv=None) -> Dict:
     p.add_argument('--warmup', type=int, default=None, help='default: 5 on CUDA, 1 on CPU')
     p.add_argument('--out', type=Path, default=None)
     args = p.parse_args(argv)
-    os.environ.setdefault('RANK', '0')
-    os.environ.setdefault('WORLD_SIZE', '1')
-    os.environ.setdefault('LOCAL_RANK', '0')
-    os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
-    os.environ.setdefault('MASTER_PORT', '29591')
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available()
-                          else ('cpu' if args.device == 'auto' else args.device))
+    device = pick_device(args.device)
     cuda = device.type == 'cuda'
     args.precision = args.precision or ('bf16' if cuda else 'fp32')
     args.batch_size = args.batch_size or (64 if cuda else 4)
+    args.compile = args.compile or ('both' if cuda else 'off')
     args.repeats = args.repeats or (5 if cuda else 3)
     args.iters = args.iters or (10 if cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    if cuda:
+    return args, device
+
+
+def init_process_group(device: torch.device) -> None:
+    """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one."""
+    for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
+                       ('MASTER_PORT', '29591')):
+        os.environ.setdefault(key, value)
+    if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     import deepspeed
-    deepspeed.init_distributed(dist_backend='nccl' if cuda else 'gloo', auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend='nccl' if device.type == 'cuda' else 'gloo', auto_mpi_discovery=False,
+                               verbose=False)
+
+
+def header(args, device: torch.device) -> Dict:
+    return {'benchmark': 'train_step_throughput', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            'device': device_name(device), 'device_type': device.type, 'torch': torch.__version__,
+            'configs': CONFIGS, 'size': args.size, 'precision': args.precision, 'zero_stage': args.zero_stage,
+            'head_out_dim': args.head_out_dim or 'config',
+            'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
+            'repeats': args.repeats, 'iters_per_repeat': args.iters}
+
+
+def main(argv=None) -> Dict:
+    args, device = parse_args(argv)
+    init_process_group(device)
     print(f"DINO step ({args.size}/16, 2x{args.global_size} + {args.n_local}x{args.local_size} crops, {args.precision}) "
           f"on {device_name(device)}")
     results = []
-    for compile_model in {'off': [False], 'on': [True], 'both': [False, True]}[args.compile or ('both' if cuda else 'off')]:
+    for compile_model in compile_modes(args.compile):
         args.compile_model = compile_model
         results.append(measure(args, device))
-    report = {'benchmark': 'train_step_throughput', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-              'device': device_name(device), 'device_type': device.type, 'torch': torch.__version__,
-              'configs': CONFIGS, 'size': args.size, 'precision': args.precision, 'zero_stage': args.zero_stage,
-              'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
-              'repeats': args.repeats, 'iters_per_repeat': args.iters, 'results': results}
-    out = args.out or RESULTS_DIR / f'train_step_{args.size}_{device.type}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(report, indent=2) + '\n')
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    report = dict(header(args, device), results=results)
+    write_json(report, args.out or RESULTS_DIR / f'train_step_{args.size}_{device.type}.json')
     torch.distributed.destroy_process_group()
     return report
 

@@ -1,4 +1,5 @@
-"""DINO's weighted k-NN classifier with a faiss exact inner-product index.
+"""DINO's weighted k-NN classifier with an exact inner-product index: faiss (CPU, or GPU where faiss has GPU
+support), or torch matmuls on a CUDA device when faiss has none (``TorchFlatIP``).
 
 Features are L2-normalised, so inner product = cosine similarity. Each query's ``max(ks)`` nearest training
 features vote for their class with weight exp(sim / T) (T = 0.07); every k in ``ks`` is scored from the same
@@ -10,10 +11,16 @@ one extra neighbour and a query whose k-th and (k+1)-th similarity tie is search
 Memory: the index holds the training features (N x D float32: 1.28M x 384 = 1.97 GB), read from the cache
 in chunks and normalised chunk by chunk; queries go in batches, so the rest is O(batch x (D + k)) plus
 faiss's BLAS tile (4096 x 1024 floats). The similarity matrix is never materialised.
+
+Backends (``gpu``): 'auto' takes faiss's GPU index where faiss has GPU support, else torch on CUDA where a
+CUDA device is present, else faiss's CPU index; 'yes' / 'no' force faiss GPU / CPU; 'torch' the torch search
+(on CUDA if present, else on the CPU: how CI covers it). Every backend only has to return a valid top-k; the
+tie rules above are applied to all of them by the same code (``search``).
 """
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
 GPU_MAX_K = 2048       # faiss's GPU k-selection limit
+GPU_OPTIONS = ('auto', 'yes', 'no', 'torch')
+TORCH_TILE_ELEMENTS = 1 << 27   # similarities per (query block x training tile): 512 MiB of float32
 _GPU = {}
 
 
@@ -71,8 +80,77 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def faiss_gpus() -> int:
-    import faiss
+    try:
+        import faiss
+    except ImportError:   # a GPU machine may carry no faiss: the torch search needs none
+        return 0
     return faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def choose_backend(gpu: str) -> str:
+    """'faiss-gpu', 'faiss-cpu', 'torch-cuda' or 'torch-cpu' for ``gpu`` in GPU_OPTIONS."""
+    if gpu not in GPU_OPTIONS:
+        raise EvalError(f"gpu must be one of {', '.join(GPU_OPTIONS)}, got {gpu!r}")
+    if gpu == 'torch':
+        return 'torch-cuda' if cuda_available() else 'torch-cpu'
+    if gpu == 'yes' and faiss_gpus() == 0:
+        raise EvalError("a faiss GPU index was asked for, but this faiss has no GPU support (faiss-cpu)")
+    if gpu == 'yes' or (gpu == 'auto' and faiss_gpus() > 0):
+        return 'faiss-gpu'
+    if gpu == 'auto' and cuda_available():
+        return 'torch-cuda'
+    return 'faiss-cpu'
+
+
+@contextmanager
+def _ieee_fp32():
+    """Full float32 matmuls: TF32 (which the benchmarks and the trainer switch on) would round the
+    similarities to 10 mantissa bits and reorder neighbours."""
+    import torch
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class TorchFlatIP:
+    """Exact inner-product search with torch matmuls on ``device``, with a faiss flat index's interface
+    (``ntotal``, ``search(queries, k) -> (sims, ids)`` as numpy, any valid top-k), so ``search`` below orders
+    ties for it exactly as for faiss. The normalised training rows live on the device; each query block is
+    scored against training tiles of at most TORCH_TILE_ELEMENTS similarities and the tiles' top-k merged."""
+
+    def __init__(self, train: Rows, device, chunk_rows: int = 1 << 16):
+        import torch
+        self.device = torch.device(device)
+        self.ntotal = train.num
+        self.xb = torch.empty((train.num, train.dim), dtype=torch.float32, device=self.device)
+        for start in range(0, train.num, chunk_rows):
+            stop = min(start + chunk_rows, train.num)
+            self.xb[start:stop] = torch.from_numpy(l2_normalize(train.read(start, stop)))
+
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        import torch
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        tile = max(k, TORCH_TILE_ELEMENTS // max(len(q), 1))
+        best_sims = best_ids = None
+        with _ieee_fp32():
+            for start in range(0, self.ntotal, tile):
+                sims = q @ self.xb[start:start + tile].T
+                s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+                i += start
+                if best_sims is not None:
+                    s, i = torch.cat([best_sims, s], 1), torch.cat([best_ids, i], 1)
+                    s, j = s.topk(k, dim=1)
+                    i = i.gather(1, j)
+                best_sims, best_ids = s, i
+        return best_sims.cpu().numpy(), best_ids.cpu().numpy()
 
 
 def build_index(train: Rows, use_gpu: bool, chunk_rows: int = 1 << 16):
@@ -151,13 +229,14 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         raise EvalError("negative labels: k-NN evaluation needs labelled data")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    use_gpu = {'auto': faiss_gpus() > 0, 'yes': True, 'no': False}[gpu]
-    if use_gpu and faiss_gpus() == 0:
-        raise EvalError("a faiss GPU index was asked for, but this faiss has no GPU support (faiss-cpu)")
+    backend = choose_backend(gpu)
     kmax, top = ks[-1], min(5, num_classes)
 
     t0 = time.perf_counter()
-    index = build_index(train, use_gpu)
+    if backend.startswith('torch'):
+        index = TorchFlatIP(train, backend.split('-')[1])
+    else:
+        index = build_index(train, backend == 'faiss-gpu')
     t_add = time.perf_counter() - t0
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
@@ -168,7 +247,7 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         stop = min(start + query_batch, test.num)
         t1 = time.perf_counter()
         sims, ids, bad = search(index, l2_normalize(test.read(start, stop)), kmax,
-                                GPU_MAX_K if use_gpu else None)
+                                GPU_MAX_K if backend == 'faiss-gpu' else None)
         unresolved += bad
         t2 = time.perf_counter()
         y = test_labels[start:stop]
@@ -194,5 +273,5 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
                     "their ties are broken arbitrarily", unresolved)
     return KnnResult(ks, temperature, {k: 100.0 * c / test.num for k, c in correct1.items()},
                      {k: 100.0 * c / test.num for k, c in correct5.items()}, train.num, test.num, num_classes,
-                     'faiss-gpu' if use_gpu else 'faiss-cpu',
+                     backend,
                      {'index': round(t_add, 3), 'search': round(t_search, 3), 'vote': round(t_vote, 3)}, preds)

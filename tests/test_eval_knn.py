@@ -1,9 +1,11 @@
-"""DINO's weighted k-NN on a faiss index against a brute-force numpy implementation of the same rule."""
+"""DINO's weighted k-NN on a faiss index, and on the torch search (here on the CPU; on CUDA in
+bench.gpu_suite), against a brute-force numpy implementation of the same rule."""
 import numpy as np
 import pytest
 
+from eval import knn as knn_module
 from eval.errors import EvalError
-from eval.knn import Rows, build_index, knn_classify, search
+from eval.knn import Rows, TorchFlatIP, build_index, choose_backend, knn_classify, search
 from eval.synthetic import clustered_features
 
 T = 0.07
@@ -43,11 +45,16 @@ def exact_features(rng, n, dim=12):
     return x
 
 
-def test_same_predictions_as_brute_force_on_random_features():
+BACKENDS = pytest.mark.parametrize('gpu', ['no', 'torch'], ids=['faiss-cpu', 'torch-cpu'])
+
+
+@BACKENDS
+def test_same_predictions_as_brute_force_on_random_features(gpu):
     train, ytr, centers = clustered_features(1500, 24, 10, spread=2.5, seed=1)
     test, yte, _ = clustered_features(150, 24, 10, spread=2.5, seed=2, centers=centers)
     ks = (1, 10, 20, 100, 200)
-    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=64)
+    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=64, gpu=gpu)
+    assert got.backend == {'no': 'faiss-cpu', 'torch': 'torch-cpu'}[gpu]
     ref = brute_force(train, ytr, test, ks, T, 10)
     for k in ks:
         np.testing.assert_array_equal(got.predictions[k], ref[k], err_msg=f'k={k}')
@@ -56,7 +63,9 @@ def test_same_predictions_as_brute_force_on_random_features():
     assert 20 < got.top1[20] < 100   # neither trivial nor chance: the rule is really exercised
 
 
-def test_ties_between_neighbours_and_between_classes_resolve_like_the_reference():
+@BACKENDS
+def test_ties_between_neighbours_and_between_classes_resolve_like_the_reference(gpu, monkeypatch):
+    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 7 * 64)   # torch: training tiles of 64 rows, merged
     rng = np.random.default_rng(0)
     base = exact_features(rng, 60)
     train = np.concatenate([base, base, base[:20]])   # duplicates: many neighbours tie exactly
@@ -64,7 +73,7 @@ def test_ties_between_neighbours_and_between_classes_resolve_like_the_reference(
     test = exact_features(rng, 80)
     yte = rng.integers(0, 3, len(test))
     ks = (1, 2, 5, 10, 50)
-    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=7)
+    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=7, gpu=gpu)
     ref = brute_force(train, ytr, test, ks, T, 3)
     for k in ks:
         np.testing.assert_array_equal(got.predictions[k], ref[k], err_msg=f'k={k}')
@@ -89,14 +98,17 @@ def test_k_larger_than_the_number_of_classes():
         assert got.top5[k] == 100.0   # with 2 classes, the top-5 holds both
 
 
-def test_a_tie_group_larger_than_the_fetch_is_resolved_by_training_index():
+@pytest.mark.parametrize('kind', ['faiss', 'torch'])
+def test_a_tie_group_larger_than_the_fetch_is_resolved_by_training_index(kind, monkeypatch):
+    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 16)   # torch: the tie group spans many tiles
     rng = np.random.default_rng(5)
     other = exact_features(rng, 200)
     same = np.zeros((1, 12), np.float32)
     same[0, :4] = 1.0
     other = other[(other @ same.T)[:, 0] < 4]          # nothing else is as similar as the copies
     train = np.concatenate([other[:50], np.repeat(same, 40, 0), other[50:]])
-    index = build_index(Rows.of(train / 2), use_gpu=False)
+    rows = Rows.of(train / 2)
+    index = build_index(rows, use_gpu=False) if kind == 'faiss' else TorchFlatIP(rows, 'cpu')
     sims, ids, unresolved = search(index, same / 2, 10)
     assert unresolved == 0
     np.testing.assert_array_equal(ids[0], np.arange(50, 60))   # the 10 lowest-indexed of 40 exact ties
@@ -120,3 +132,16 @@ def test_bad_k_and_labels_fail_with_a_message():
         knn_classify(Rows.of(train), ytr, Rows.of(train), ytr, (0, 10))
     with pytest.raises(EvalError, match='labelled'):
         knn_classify(Rows.of(train), -np.ones(30, np.int64), Rows.of(train), ytr, (10,))
+
+
+def test_backend_choice_without_a_gpu():
+    """On a machine without CUDA and with faiss-cpu: auto is faiss's CPU index; torch runs on the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present: auto would choose it')
+    assert choose_backend('auto') == 'faiss-cpu' and choose_backend('no') == 'faiss-cpu'
+    assert choose_backend('torch') == 'torch-cpu'
+    with pytest.raises(EvalError, match='no GPU support'):
+        choose_backend('yes')
+    with pytest.raises(EvalError, match='gpu must be one of'):
+        choose_backend('maybe')
