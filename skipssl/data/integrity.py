@@ -147,7 +147,11 @@ def scan_shard(path: str) -> ShardScan:
         stream = tariterators.tar_file_expander([{'url': path, 'stream': reader}], handler=handler)
         count = sum(1 for _ in tariterators.group_by_keys(stream, handler=handler))
         reader.drain()
-    error = f"{type(errors[0]).__name__}: {errors[0].args[0] if errors[0].args else ''}" if errors else None
+    # webdataset appends ' @ <stream object>' to the message: not worth a line of the error
+    error = None
+    if errors:
+        message = str(errors[0].args[0]) if errors[0].args else ''
+        error = f"{type(errors[0]).__name__}: {message.split(' @ ')[0]}"
     return ShardScan(reader.digest.hexdigest(), reader.size, count, error)
 
 

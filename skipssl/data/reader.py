@@ -41,11 +41,13 @@ class TooManyBadSamples(RuntimeError):
 # -- raw samples ----------------------------------------------------------------------------------------
 class _Counter:
     """Warns about and counts what the tar layer could not read (``errors``: unreadable shard parts) and
-    the samples that shards lacked against their index counts (``lost``)."""
+    the samples that shards lacked against their index counts (``lost``). ``total`` counts an error in a
+    shard with an index count through the samples it lost, not once more."""
 
     def __init__(self) -> None:
         self.errors = 0
         self.lost = 0
+        self.covered = 0   # errors in shards whose losses are counted in samples
 
     def __call__(self, exn: Exception) -> bool:
         self.errors += 1
@@ -59,7 +61,7 @@ class _Counter:
 
     @property
     def total(self) -> int:
-        return self.errors + self.lost
+        return self.errors - self.covered + self.lost
 
 
 def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> Iterator[Dict]:
@@ -83,13 +85,15 @@ def iter_counted(urls: List[str], counter: _Counter, expected: Dict[str, int], s
     ``expected`` (url -> index count); with a stride, only the lost positions that fall to ``slot``."""
     position = 0
     for url in urls:
-        got = 0
+        got, errors = 0, counter.errors
         for sample in iter_raw_samples([url], counter):
             got += 1
             yield sample
         want = expected.get(url)
-        if want is not None and got < want:
-            counter.shard_short(url, got, want, _share_of(position + got, want - got, slot, stride))
+        if want is not None:
+            counter.covered += counter.errors - errors
+            if got < want:
+                counter.shard_short(url, got, want, _share_of(position + got, want - got, slot, stride))
         position += got
 
 
