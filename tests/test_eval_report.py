@@ -120,3 +120,17 @@ def test_report_of_really_evaluated_exports(tmp_path):
     assert sorted(scalars) == [0, 100, 200]
     assert scalars[100] == pytest.approx(results[0]['top1']['20']) and scalars[200] == pytest.approx(
         results[1]['top1']['20'])
+
+
+def test_results_on_other_data_under_one_dataset_name_stay_apart(tmp_path):
+    run = fake_run(tmp_path, 'vit', False, [1.0], [70.0], [None])
+    info = ModelInfo('x', 'export', 'vit_tiny_patch16_224', {}, 'ab' * 32, '00000100', iteration=100, epoch=1,
+                     run_dir=str(run))
+    relabelled = 'e5' * 32
+    write_result(run / 'eval', 'knn', info, 'fmnist', relabelled, {'k': [20], 'top1': {'20': 2.0},
+                                                                    'top5': {'20': 9.0}})
+    assert len(list((run / 'eval').glob('knn-00000100-fmnist-*.json'))) == 2   # neither overwrote the other
+    report = collect([run], k=20)
+    assert {name: part['rows'][0]['knn_top1'] for name, part in report['datasets'].items()} == {
+        f'fmnist@{DATA[:8]}': 70.0, f'fmnist@{relabelled[:8]}': 2.0}
+    assert collect([run], k=20, dataset=f'fmnist@{relabelled[:8]}')['datasets'].keys() == {f'fmnist@{relabelled[:8]}'}
