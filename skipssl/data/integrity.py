@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -161,28 +162,40 @@ def _stat_key(st: os.stat_result) -> List[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def scan_shards(paths: Sequence[str], memo: Optional[os.PathLike] = None) -> Dict[str, ShardScan]:
+def scan_shards(paths: Sequence[str], memo: Optional[os.PathLike] = None,
+                workers: Optional[int] = None) -> Dict[str, ShardScan]:
     """path -> ShardScan; scans are reused from, and added to, the JSON file ``memo`` while the file's
-    stat is unchanged."""
+    stat is unchanged. Shards not in the memo are read by ``workers`` threads (default: up to 8): SHA-256
+    and file reads release the GIL, which is where the time goes for shards of full-size images (only
+    the per-member tar parsing holds it)."""
     known = _read_memo(memo)
-    out, changed = {}, False
+    out, todo = {}, {}
     for path in paths:
         real = os.path.realpath(path)
         before = _stat_key(os.stat(real))
         hit = known.get(real)
         if hit is not None and hit['stat'] == before:
             out[path] = ShardScan(**hit['scan'])
-            continue
-        scan = scan_shard(real)
+        else:
+            todo[path] = (real, before)
+    for path, scan in zip(todo, _map(scan_shard, [real for real, _ in todo.values()], workers)):
+        real, before = todo[path]
         if _stat_key(os.stat(real)) != before:
             raise ShardIntegrityError(f"shard {path} changed while it was being read: is it still being written?")
         out[path] = scan
         known[real] = {'stat': before, 'scan': asdict(scan)}
-        changed = True
-    if memo is not None and changed:
+    if memo is not None and todo:
         Path(memo).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps({'format': MEMO_FORMAT, 'shards': known}, indent=0) + '\n', memo)
     return out
+
+
+def _map(fn, items: List[str], workers: Optional[int]) -> List:
+    workers = min(len(items), workers or min(os.cpu_count() or 1, 8))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def _read_memo(memo: Optional[os.PathLike]) -> Dict[str, dict]:
