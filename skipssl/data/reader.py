@@ -39,7 +39,7 @@ class TooManyBadSamples(RuntimeError):
 
 
 # -- raw samples ----------------------------------------------------------------------------------------
-class _Counter:
+class ReadCounter:
     """Warns about and counts what the tar layer could not read (``errors``: unreadable shard parts) and
     the samples that shards lacked against their index counts (``lost``). ``total`` counts an error in a
     shard with an index count through the samples it lost, not once more."""
@@ -79,7 +79,7 @@ def _share_of(start: int, count: int, slot: int, stride: Optional[int]) -> int:
     return 0 if first >= start + count else (start + count - 1 - first) // stride + 1
 
 
-def iter_counted(urls: List[str], counter: _Counter, expected: Dict[str, int], slot: int = 0,
+def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int], slot: int = 0,
                  stride: Optional[int] = None) -> Iterator[Dict]:
     """iter_raw_samples, shard by shard, telling ``counter`` how many samples each shard lacked against
     ``expected`` (url -> index count); with a stride, only the lost positions that fall to ``slot``."""
@@ -112,7 +112,7 @@ def slot_share(urls: List[str], slot: int, n_slots: int) -> Tuple[List[str], Opt
     return urls, n_slots
 
 
-def read_share(urls: List[str], slot: int, stride: Optional[int], counter: _Counter,
+def read_share(urls: List[str], slot: int, stride: Optional[int], counter: ReadCounter,
                expected: Dict[str, int]) -> Iterator[Dict]:
     """The raw samples of a slot's share, in shard order."""
     samples = iter_counted(urls, counter, expected, slot, stride)
@@ -231,8 +231,9 @@ class PretrainShards(IterableDataset):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.state.step
 
-    def raw_stream(self, epoch: int, slot: int, n_slots: int, handler) -> Iterator[Dict]:
-        """The slot's endless, deterministic stream of raw samples for an epoch."""
+    def raw_stream(self, epoch: int, slot: int, n_slots: int, counter: ReadCounter) -> Iterator[Dict]:
+        """The slot's endless, deterministic stream of raw samples for an epoch; what could not be read, or
+        is missing from short shards, is counted in ``counter``."""
         rng = random.Random(f"{self.seed}/{epoch}/{slot}")
         urls, stride = slot_share(self.urls, slot, n_slots)
 
@@ -242,7 +243,7 @@ class PretrainShards(IterableDataset):
                 if stride is None:
                     rng.shuffle(order)
                 empty = True
-                for s in read_share(order, slot, stride, handler, self.expected):
+                for s in read_share(order, slot, stride, counter, self.expected):
                     empty = False
                     yield s
                 if empty:
@@ -258,7 +259,7 @@ class PretrainShards(IterableDataset):
         st = self.state
         offset = st.offsets[wid] if wid < len(st.offsets) else 0
         skipped = st.skipped[wid] if wid < len(st.skipped) else 0
-        counter = _Counter()
+        counter = ReadCounter()
         stream = itertools.islice(self.raw_stream(st.epoch, slot, n_slots, counter), offset, None)
         for step in range(st.step, self.steps_per_epoch):
             if step % nw != wid:
@@ -322,7 +323,7 @@ class EvalShards(IterableDataset):
     def __iter__(self):
         _, _, slot, n_slots = worker_slot(self.rank, self.world_size)
         urls, stride = slot_share(self.urls, slot, n_slots)
-        for sample in read_share(urls, slot, stride, _Counter(), self.expected):
+        for sample in read_share(urls, slot, stride, ReadCounter(), self.expected):
             try:
                 image, label = decode_sample(sample, self.channels)
             except ValueError as exn:
