@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 import knn_eval
 import linear_probe
+from eval.errors import EvalError
 from eval.features import FeatureFile
 from eval.pipeline import run_knn
 from eval.report import main as report_main
@@ -111,3 +114,36 @@ def test_evaluator_user_errors_are_one_line_and_exit_2(shards, tmp_path, capsys)
     (run / 'summary.json').write_text('{"run_name": ')
     assert report_main([str(run)]) == 2
     assert f'{run}/summary.json is unreadable' in one_line_error(capsys.readouterr().err, 'python -m eval.report')
+
+
+def _two_rank_knn(rank: int, root: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{root}/init', rank=rank, world_size=2)
+    try:
+        outcome = {}
+        for name in ('good', 'overstated'):
+            try:
+                res = run_knn('pixels', f'{root}/{name}', f'{root}/{name}', out_dir=f'{root}/out-{name}', **PIXELS)
+                outcome[name] = res[0]['top1'] if res else None
+            except EvalError as exn:
+                outcome[name] = f'EvalError: {exn}'
+        Path(f'{root}/rank{rank}.json').write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_rank_0s_verdict_on_the_data(tmp_path):
+    """Rank 0 reads the shards; the other ranks get its digests, or its error (none is left waiting)."""
+    for name in ('good', 'overstated'):
+        write_shards(tmp_path / name, 'train', [14, 10], size=16)
+        write_shards(tmp_path / name, 'test', [9], size=16, key_offset=100)
+    index = json.loads((tmp_path / 'overstated' / 'test-index.json').read_text())
+    index['shards'][0]['num_samples'], index['num_samples'] = 12, 12   # fits the bytes: only reading tells
+    (tmp_path / 'overstated' / 'test-index.json').write_text(json.dumps(index))
+    mp.spawn(_two_rank_knn, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    alone = run_knn('pixels', str(tmp_path / 'good'), str(tmp_path / 'good'), out_dir=str(tmp_path / 'alone'),
+                    **PIXELS)[0]
+    assert ranks[0]['good'] == alone['top1'] and ranks[1]['good'] is None
+    assert ranks[0]['overstated'] == ranks[1]['overstated']
+    assert ranks[0]['overstated'].startswith(f'EvalError: test shards {tmp_path}/overstated: shard '
+                                             f'{tmp_path}/overstated/test-000000.tar holds 9 samples but its index')
