@@ -48,6 +48,7 @@ class IndexedShard:
     num_samples: Optional[int]
     num_bytes: Optional[int]
     sha256: Optional[str]
+    index_problem: Optional[str] = None   # the index contradicts itself (refused where its shards are used)
 
 
 def _folder_entries(folder: Path) -> Dict[str, IndexedShard]:
@@ -58,18 +59,19 @@ def _folder_entries(folder: Path) -> Dict[str, IndexedShard]:
             index = read_index(path)
         except (OSError, ValueError) as exn:
             raise ShardIntegrityError(f"shard index {path} is unreadable: {exn}") from exn
-        _check_totals(path, index)
+        problem = _totals_problem(path, index)
         for s in index['shards']:
             entries.setdefault(os.path.realpath(folder / s['name']), IndexedShard(
-                str(path), s.get('num_samples'), s.get('num_bytes'), s.get('sha256')))
+                str(path), s.get('num_samples'), s.get('num_bytes'), s.get('sha256'), problem))
     return entries
 
 
-def _check_totals(path: Path, index: dict) -> None:
+def _totals_problem(path: Path, index: dict) -> Optional[str]:
     counts = [s.get('num_samples') for s in index['shards']]
     if 'num_samples' in index and None not in counts and sum(counts) != index['num_samples']:
-        raise ShardIntegrityError(f"shard index {path} says num_samples {index['num_samples']} but its shards' "
-                                  f"counts add up to {sum(counts)}: rebuild it with make_shards")
+        return (f"shard index {path} says num_samples {index['num_samples']} but its shards' counts add up to "
+                f"{sum(counts)}: rebuild it with make_shards")
+    return None
 
 
 def indexed_shards(urls: Iterable[str]) -> Dict[str, IndexedShard]:
@@ -97,6 +99,8 @@ def check_against_index(urls: Sequence[str]) -> None:
     """Refuse, naming the shard, a local shard whose size differs from its index's record, or whose index
     count cannot fit in its bytes (an overstated index). One stat per shard."""
     for url, entry in indexed_shards(urls).items():
+        if entry.index_problem:
+            raise ShardIntegrityError(entry.index_problem)
         size = os.path.getsize(url)
         if entry.num_bytes is not None and size != entry.num_bytes:
             raise ShardIntegrityError(
