@@ -92,8 +92,9 @@ def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int]
         want = expected.get(url)
         if want is not None:
             counter.covered += counter.errors - errors
-            if got < want:
-                counter.shard_short(url, got, want, _share_of(position + got, want - got, slot, stride))
+            lost = _share_of(position + got, max(want - got, 0), slot, stride)
+            if lost:   # with a stride, the slots whose share it is say so
+                counter.shard_short(url, got, want, lost)
         position += got
 
 
