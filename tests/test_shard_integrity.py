@@ -191,7 +191,7 @@ def test_make_shards_skips_a_fifo_and_user_errors_are_one_line(tmp_path, capsys)
         assert err.startswith('make_shards: error: ') and err.count('\n') == 1 and message in err, err
 
 
-@pytest.mark.parametrize('umask', [0o022, 0o002])
+@pytest.mark.parametrize('umask', [0o022, 0o002], ids=['umask022', 'umask002'])
 def test_outputs_have_the_umask_mode(tmp_path, umask):
     old = os.umask(umask)
     try:
