@@ -1,4 +1,5 @@
-"""Labelled evaluation shards: found, checked (exist, carry labels) and fingerprinted before any extraction."""
+"""Labelled evaluation shards: found, checked (exist, carry labels, match their index) and identified by
+content before any extraction."""
 import hashlib
 import json
 import os
@@ -7,10 +8,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from skipssl.data import read_index, resolve_shards
+from skipssl.data.integrity import content_digest, verify_content
 from skipssl.data.reader import iter_raw_samples
-from skipssl.data.shards import INDEX_SUFFIX
+from skipssl.data.shards import INDEX_SUFFIX, is_remote
 
 from .errors import EvalError
+
+SCAN_MEMO = 'shard-scans.json'
 
 
 _ROLE_PREFIXES = {'train': ('train',), 'test': ('test', 'val'), 'val': ('val',)}
@@ -21,9 +25,9 @@ class Split:
     role: str                      # 'train' / 'test' / 'val'
     spec: str
     urls: List[str]
-    num_samples: Optional[int]     # from the shard index, when there is one
+    num_samples: Optional[int]     # from the shard index, else from the content scan
     classes: Optional[List[str]]
-    signature: str                 # digest of shard names and sizes: part of the feature-cache key
+    digest: Optional[str] = None   # content digest (verify_split): feature-cache key, result-file name
 
     @property
     def name(self) -> str:
@@ -40,14 +44,6 @@ def _index_of(spec: str, prefix: Optional[str]) -> Optional[dict]:
     if spec.endswith(INDEX_SUFFIX) and path.is_file():
         return read_index(path)
     return None
-
-
-def _signature(urls: List[str]) -> str:
-    h = hashlib.sha256()
-    for url in urls:
-        size = os.path.getsize(url) if os.path.isfile(url) else -1
-        h.update(f'{os.path.basename(url)}\t{size}\n'.encode())
-    return h.hexdigest()[:16]
 
 
 def first_sample_label(url: str) -> tuple:
@@ -85,8 +81,28 @@ def open_split(spec: str, role: str, prefix: Optional[str] = None, require_label
             raise EvalError(f"{role} shards {spec}: sample {key} of {urls[0]} has no label (.cls or json "
                             "'label'); k-NN and linear evaluation need a labelled dataset")
     return Split(role, spec, urls, index.get('num_samples') if index else None,
-                 index.get('classes') if index else None, _signature(urls) if local else hashlib.sha256(
-                     '\n'.join(urls).encode()).hexdigest()[:16])
+                 index.get('classes') if index else None)
+
+
+def verify_split(split: Split, memo_dir: Path) -> None:
+    """Read every local shard once (memoised in ``memo_dir``): refuse one that is not a complete tar or
+    disagrees with its index (bytes, SHA-256, sample count); set the split's content digest and, without
+    an index, its sample count. Remote shards cannot be hashed without reading them: named, not hashed."""
+    if split.digest is not None:
+        return
+    if any(is_remote(u) for u in split.urls):
+        split.digest = hashlib.sha256('\n'.join(split.urls).encode()).hexdigest()
+        return
+    try:
+        scans = verify_content(split.urls, Path(memo_dir) / SCAN_MEMO)
+    except (OSError, ValueError) as exn:
+        raise EvalError(f"{split.role} shards {split.spec}: {exn}") from exn
+    counted = sum(s.num_samples for s in scans.values())
+    if split.num_samples is not None and split.num_samples != counted:
+        raise EvalError(f"{split.role} shards {split.spec}: the index records {split.num_samples} samples, the "
+                        f"shards hold {counted}")
+    split.num_samples = counted
+    split.digest = content_digest(scans, split.classes)
 
 
 def check_k(ks, n_train: int, where: str) -> None:

@@ -5,8 +5,9 @@ the final norm, concatenated (DINO's linear-probe features); the last block's sl
 (DINO's k-NN feature), so the k-NN reads only those columns of the same cache file.
 
 Cache file ``{sha256[:16]}-{teacher|student|export|random-init|pixels}-{role}-{digest}.safetensors``: the
-weights' digest, and a digest of everything else that changes the features (shards, preprocessing,
-precision, blocks). Tensors 'features' (N, D) float32, 'labels' (N,) int64, 'keys' (UTF-8, newline-joined),
+weights' digest, and a digest of everything else that changes the features (the shards' content digest,
+preprocessing, precision, blocks): shards relabelled or replaced under the same names and sizes miss the
+cache. Tensors 'features' (N, D) float32, 'labels' (N,) int64, 'keys' (UTF-8, newline-joined),
 rows sorted by sample key, so every world size and worker count gives the same file.
 """
 import functools
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from skipssl.checkpoint import replace_into_place
 from skipssl.data import EvalShards, eval_transform
 from skipssl.models import last_cls_tokens
 
@@ -64,7 +66,9 @@ def feature_fn(module: Optional[nn.Module], n_last_blocks: int) -> Tuple[Callabl
 
 
 def cache_path(cache_dir: os.PathLike, info: ModelInfo, split: Split, spec: FeatureSpec) -> Path:
-    key = json.dumps({'spec': asdict(spec), 'shards': split.signature, 'which': info.which,
+    if split.digest is None:
+        raise RuntimeError(f"{split.role} shards {split.spec}: no content digest (verify_split first)")
+    key = json.dumps({'spec': asdict(spec), 'shards': split.digest, 'which': info.which,
                       'model': [info.model_name, info.model_kwargs]}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / f'{info.sha256[:16]}-{info.which or info.kind}-{split.role}-{digest}.safetensors'
@@ -165,7 +169,7 @@ def save_features(path: Path, features: torch.Tensor, labels: torch.Tensor, keys
     blob = torch.frombuffer(bytearray('\n'.join(keys).encode()), dtype=torch.uint8)
     save_file({'features': features.contiguous(), 'labels': labels.contiguous(), 'keys': blob}, str(tmp),
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    replace_into_place(tmp, path)
 
 
 def get_features(module: Optional[nn.Module], info: ModelInfo, split: Split, spec: FeatureSpec,
@@ -187,14 +191,14 @@ def get_features(module: Optional[nn.Module], info: ModelInfo, split: Split, spe
         _, knn_dim = feature_fn(module, spec.n_last_blocks)
         num_classes = len(split.classes) if split.classes else int(labels.max()) + 1
         meta = {'format': FEATURES_FORMAT, 'role': split.role, 'shards': split.spec, 'num_samples': len(keys),
-                'index_num_samples': split.num_samples, 'num_classes': num_classes,
+                'expected_num_samples': split.num_samples, 'data_digest': split.digest, 'num_classes': num_classes,
                 'knn_dim': knn_dim or features.shape[1], 'spec': asdict(spec), 'model': info.as_dict(),
                 'world_size': ranks.world_size, 'device': str(ranks.device), 'extract_seconds': round(seconds, 3),
                 'keys_sha256': hashlib.sha256('\n'.join(keys).encode()).hexdigest()}
         save_features(path, features, labels, keys, meta)
         log(f"[features] {split.role}: {len(keys)} x {features.shape[1]} in {seconds:.1f} s -> {path}")
         if split.num_samples is not None and split.num_samples != len(keys):
-            log(f"[features] warning: {split.spec} index lists {split.num_samples} samples, "
-                f"{len(keys)} were readable")
+            log(f"[features] warning: {split.spec} holds {split.num_samples} samples, {len(keys)} were readable: "
+                f"{split.num_samples - len(keys)} skipped (warnings above name them)")
     ranks.barrier()   # the file exists for everyone before anyone goes on
     return FeatureFile(path) if ranks.main else None

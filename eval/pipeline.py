@@ -1,10 +1,12 @@
 """What ``knn_eval.py`` and ``linear_probe.py`` run: check every input, extract (or reuse) features, evaluate,
 write results. Runs as one process or under torchrun (extraction on every rank, evaluation on rank 0).
 
-Order of work, so bad input fails before anything expensive: options, shards (exist, labelled, large enough
-for k), model (loads, is a ViT with a class token, the asked-for architecture, takes the data's channels),
-result folder; then features; then the evaluator.
+Order of work, so bad input fails before anything expensive: options, shards (exist, labelled, sizes as
+their index records), model (loads, is a ViT with a class token, the asked-for architecture, takes the data's
+channels), result folder (writable); then one read of the shards (content digests and sample counts, against
+the index; memoised) and k against the training set; then features; then the evaluator.
 """
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -12,13 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import distributed
-from .data import Split, check_k, open_split
+from .data import Split, check_k, open_split, verify_split
 from .errors import EvalError
 from .features import FeatureFile, FeatureSpec, feature_fn, get_features
 from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 from .linear import (DEFAULT_BASE_LR, DEFAULT_BATCH, DEFAULT_EPOCHS, SWEEP_BASE_LRS, probe_augmented,
                      probe_cached)
-from .results import log_scalars, result_dir, tb_dir, write_result
+from .results import log_scalars, result_dir, tb_dir, writable_dir, write_result
 from .source import check_blocks, check_channels, data_settings, list_exports, load_model, looks_like_path
 
 
@@ -68,35 +70,72 @@ class _Job:
         self.precision = precision
         self.train = open_split(train_shards, 'train', train_prefix)
         self.test = open_split(test_shards, 'test', test_prefix)
+        self.val: Optional[Split] = None
         self.dataset = dataset or self.test.name
         self.specs = model_specs(checkpoint, all_exports)
         self.ranks = distributed.from_env(device)
         if self.precision == 'auto':
             self.precision = 'bf16' if self.ranks.device.type == 'cuda' else 'fp32'
+        self._first = None
 
     def _load(self, spec: str):
         module, info = load_model(spec, **self.opts)
         data = data_settings(info, self.overrides)
         check_channels(module, info, data['channels'])
         check_blocks(module, info, self.n_last_blocks)
-        return module, info, FeatureSpec.make(self.n_last_blocks, data, self.precision), result_dir(info, self.out_dir)
+        results = writable_dir(result_dir(info, self.out_dir), 'result folder')
+        return module, info, FeatureSpec.make(self.n_last_blocks, data, self.precision), results
+
+    def _cache(self, results: Path) -> Path:
+        return writable_dir(Path(self.cache_dir) if self.cache_dir else results / 'features', 'feature cache')
+
+    def check(self) -> None:
+        """Every model loaded and checked (a bad export at epoch 90 fails now, not after 89 extractions), then
+        the data read once and verified: content digests and sample counts on every split."""
+        self._first = self._load(self.specs[0])
+        for spec in self.specs[1:]:
+            self._load(spec)
+        self.verify_data(self._cache(self._first[3]))
+
+    @property
+    def splits(self) -> Dict[str, Split]:
+        return {'train': self.train, 'test': self.test, **({'val': self.val} if self.val is not None else {})}
+
+    def verify_data(self, memo_dir: Path) -> None:
+        """Rank 0 reads the shards, every rank gets the outcome (an error included: no rank is left waiting)."""
+        outcome = None
+        if self.ranks.main:
+            try:
+                for split in self.splits.values():
+                    verify_split(split, memo_dir)
+                outcome = {role: (s.digest, s.num_samples) for role, s in self.splits.items()}
+            except EvalError as exn:
+                outcome = str(exn)
+        outcome = distributed.broadcast_object(outcome, self.ranks)
+        if isinstance(outcome, str):
+            raise EvalError(outcome)
+        for role, split in self.splits.items():
+            split.digest, split.num_samples = outcome[role]
+
+    def data_digest(self) -> str:
+        """What a result was computed on: the content of its train, test (and val) shards."""
+        parts = '\n'.join(f'{role}:{s.digest}' for role, s in sorted(self.splits.items()))
+        return hashlib.sha256(parts.encode()).hexdigest()
 
     def models(self):
-        """(module, info, feature spec, results folder) per model; all of them checked before the first
-        extraction (a bad export at epoch 90 fails now, not after 89 extractions)."""
-        if len(self.specs) > 1:
-            for spec in self.specs:
-                self._load(spec)
-        for spec in self.specs:
-            module, info, fspec, results = self._load(spec)
+        """(module, info, feature spec, results folder) per model, after ``check``."""
+        if self._first is None:
+            self.check()
+        first, self._first = self._first, None
+        for i, spec in enumerate(self.specs):
+            (module, info, fspec, results), first = (first if i == 0 else self._load(spec)), None
             if module is not None:
                 module.to(self.ranks.device)
             yield module, info, fspec, results
 
     def features(self, module, info, fspec, results, split: Split) -> Optional[FeatureFile]:
-        cache = Path(self.cache_dir) if self.cache_dir else results / 'features'
-        return get_features(module, info, split, fspec, cache, self.ranks, self.batch_size, self.num_workers,
-                            self.refresh, say)
+        return get_features(module, info, split, fspec, self._cache(results), self.ranks, self.batch_size,
+                            self.num_workers, self.refresh, say)
 
     def extract_all(self, splits: Dict[str, Split]) -> List[tuple]:
         """(info, feature spec, results folder, {role: FeatureFile or None}) per model, every model's features
@@ -117,7 +156,10 @@ class _Job:
 
 def _common_payload(job: _Job, info, fspec: FeatureSpec, files: Dict[str, FeatureFile]) -> Dict[str, Any]:
     return {'epoch': info.epoch, 'iteration': info.iteration, 'images_seen': info.images_seen,
-            'train_shards': job.train.spec, 'test_shards': job.test.spec,
+            'train_shards': job.train.spec, 'test_shards': job.test.spec, 'data_digest': job.data_digest(),
+            'shards': {role: {'spec': s.spec, 'digest': s.digest, 'num_samples': s.num_samples,
+                              'read': files[role].num if role in files else None}
+                       for role, s in job.splits.items()},
             'features': {'n_last_blocks': fspec.n_last_blocks, 'precision': fspec.precision,
                          'files': {role: str(f.path) for role, f in files.items()},
                          'extract_seconds': {role: float(f.meta.get('extract_seconds', 0))
@@ -141,8 +183,10 @@ def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequenc
     job = _Job(checkpoint, train_shards, test_shards, **options)
     out = []
     try:
-        if job.train.num_samples is not None:
+        if job.train.num_samples is not None:   # the index's count: before the models load
             check_k(ks, job.train.num_samples, job.train.spec)
+        job.check()
+        check_k(ks, job.train.num_samples, job.train.spec)   # counted by the scan where there is no index
         prepared = job.extract_all({'train': job.train, 'test': job.test})
         for info, fspec, results, files in prepared if job.ranks.main else []:
             train, test = files['train'], files['test']
@@ -153,7 +197,7 @@ def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequenc
                                keep_predictions=False, progress=say)
             payload = {**_common_payload(job, info, fspec, {'train': train, 'test': test}), **res.summary()}
             payload['feature_dim'] = train.knn_dim
-            path = write_result(results, 'knn', info, job.dataset, payload)
+            path = write_result(results, 'knn', info, job.dataset, job.data_digest(), payload)
             scalars = {**{f'top1_k{k}': v for k, v in res.top1.items()},
                        **{f'top5_k{k}': v for k, v in res.top5.items()}}
             log_scalars(tb_dir(info, results), 'knn', job.dataset, scalars, info.iteration or 0)
@@ -189,17 +233,17 @@ def run_linear(checkpoint: str, train_shards: str, test_shards: str, *, lrs: Seq
         raise EvalError("a learning-rate sweep needs --val-fraction > 0 or --val-shards: the lr is chosen on "
                         "held-out training data, not on the test set")
     job = _Job(checkpoint, train_shards, test_shards, **options)
-    val_split = open_split(val_shards, 'val') if val_shards else None
+    job.val = open_split(val_shards, 'val') if val_shards else None
     if augment and job.train.num_samples is None:
         raise EvalError(f"--augment needs a shard index with num_samples for {job.train.spec} (epoch length)")
     evaluator = 'linear_augment' if augment else 'linear'
     seed = options.get('seed', 0)
-    splits = {'test': job.test, **({'val': val_split} if val_split is not None else {})}
+    splits = {role: split for role, split in job.splits.items() if role != 'train'}
     out = []
 
     def finish(info, fspec, results, files, res):
         payload = {**_common_payload(job, info, fspec, files), **res}
-        path = write_result(results, evaluator, info, job.dataset, payload)
+        path = write_result(results, evaluator, info, job.dataset, job.data_digest(), payload)
         scalars = {'top1': res['top1'], 'top5': res['top5']}
         if 'val_top1' in res:
             scalars['val_top1_best'] = max(res['val_top1'])

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from skipssl.checkpoint import atomic_write_text
 
 from .errors import EvalError
-from .results import read_results
+from .results import read_results, writable_dir
 
 BASELINE_TAGS = ('random-init', 'pixels')
 LINEAR_EVALUATORS = ('linear_augment', 'linear')   # preferred first
@@ -33,7 +33,10 @@ def load_summary(run_dir: Path) -> Dict[str, Any]:
         raise EvalError(f"run folder {run_dir} does not exist")
     if not path.is_file():
         raise EvalError(f"{run_dir} has no summary.json (not a training run folder, or training never started)")
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exn:
+        raise EvalError(f"{path} is unreadable: {exn}") from exn
     missing = [k for k in ('run_name', 'model', 'skipat', 'config_name') if k not in summary]
     if missing:
         raise EvalError(f"{path} lacks {missing}")
@@ -69,10 +72,11 @@ def collect(run_dirs: List[Path], k: int = 20, dataset: Optional[str] = None) ->
     """The report as a dict: {'k', 'datasets': {name: {'rows': [...], 'points': [...]}}, 'units'}."""
     runs = []
     for run_dir in run_dirs:
-        summary = load_summary(run_dir)
-        results = [r for r in read_results(run_dir) if dataset is None or r['dataset'] == dataset]
-        runs.append((Path(run_dir), summary, results))
-    datasets = sorted({r['dataset'] for _, _, results in runs for r in results})
+        runs.append((Path(run_dir), load_summary(run_dir), read_results(run_dir)))
+    _label_datasets([r for _, _, results in runs for r in results])
+    runs = [(d, summary, [r for r in results if dataset in (None, r['dataset'], r['_dataset'])])
+            for d, summary, results in runs]
+    datasets = sorted({r['_dataset'] for _, _, results in runs for r in results})
     if dataset is not None and not datasets:
         raise EvalError(f"no evaluation results for dataset {dataset!r} in {[str(d) for d in run_dirs]}")
     report = {'k': k, 'generated': datetime.now(timezone.utc).isoformat(timespec='seconds'),
@@ -80,12 +84,23 @@ def collect(run_dirs: List[Path], k: int = 20, dataset: Optional[str] = None) ->
     for name in datasets:
         rows, points = [], []
         for run_dir, summary, results in runs:
-            mine = [r for r in results if r['dataset'] == name]
+            mine = [r for r in results if r['_dataset'] == name]
             rows += _rows(run_dir, summary, mine, k)
             points += _points(summary, mine, k)
         _compare(rows)
         report['datasets'][name] = {'rows': rows, 'points': points}
     return report
+
+
+def _label_datasets(results: List[Dict]) -> None:
+    """Set each result's '_dataset': its dataset name, or, where results under one name were computed on
+    different data (a relabelled test set), the name and the data digest, so they are never mixed."""
+    digests: Dict[str, set] = {}
+    for r in results:
+        digests.setdefault(r['dataset'], set()).add(r.get('data_digest'))
+    for r in results:
+        several = len(digests[r['dataset']]) > 1
+        r['_dataset'] = f"{r['dataset']}@{(r.get('data_digest') or 'unknown')[:8]}" if several else r['dataset']
 
 
 def _rows(run_dir: Path, summary: Dict, results: List[Dict], k: int) -> List[Dict]:
@@ -239,7 +254,7 @@ def write_report(run_dirs: List[os.PathLike], out_dir: Optional[os.PathLike] = N
     out = Path(out_dir) if out_dir else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs])) / 'report'
     if len(run_dirs) == 1 and not out_dir:
         out = run_dirs[0] / 'report'
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, 'report folder')
     paths = {'md': out / 'report.md', 'json': out / 'report.json'}
     atomic_write_text(markdown(report), paths['md'])
     atomic_write_text(json.dumps(report, indent=1) + '\n', paths['json'])

@@ -87,9 +87,12 @@ def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
 
 def export_metadata(path: Path) -> Dict[str, Any]:
     """Metadata of an exported backbone without reading its weights."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        return {k: _parse(v, k) for k, v in (f.metadata() or {}).items()}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return {k: _parse(v, k) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, OSError) as exn:
+        raise EvalError(f"{path} is not a readable safetensors file ({exn})") from exn
 
 
 def _checkpoint_extras(folder: Path) -> Dict[str, Any]:

@@ -58,6 +58,24 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0o644 under umask 022)."""
+    try:   # Linux >= 4.7 reports it; os.umask() can only be read by setting it, which races other threads
+        with open('/proc/self/status') as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_into_place(tmp: PathLike, path: PathLike) -> None:
+    """Rename a finished temporary file over ``path`` with the mode a plainly written file would have:
+    writers that go through mkstemp (safetensors among them) create 0600 files, unreadable to collaborators."""
+    os.chmod(tmp, new_file_mode())
+    os.replace(tmp, path)
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -66,17 +84,17 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_into_place(tmp, path)
 
 
 def atomic_write_text(text: str, path: PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'w') as f:
+    with open(tmp, 'w', encoding='utf-8') as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_into_place(tmp, path)
 
 
 # -- training checkpoints -------------------------------------------------------------------------------
@@ -193,7 +211,7 @@ def save_backbone(backbone: nn.Module, path: PathLike, name: str, kwargs: Dict,
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()})
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    replace_into_place(tmp, path)
     return path
 
 
@@ -202,12 +220,16 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
     (``which`` of 'teacher' / 'student'; a run folder means its newest complete checkpoint)."""
     path = Path(path)
     if path.suffix == '.safetensors':
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         if not path.is_file():
             raise CheckpointError(f"no such backbone file: {path}")
-        with safe_open(str(path), framework='pt') as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as exn:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({type(exn).__name__}: {exn})") \
+                from exn
         if meta.get('format') != BACKBONE_FORMAT:
             raise CheckpointError(f"{path} is not a skipssl backbone export (metadata format "
                                   f"{meta.get('format')!r}, expected {BACKBONE_FORMAT!r})")

@@ -91,9 +91,10 @@ def test_k_larger_than_the_training_set(inputs, tmp_path):
     with pytest.raises(EvalError, match=r'k=200 is larger than the training set \(50 samples'):
         knn(root, export, ks=[10, 200])   # the index says 50: refused before extraction
     assert no_features_extracted(root)
-    # no index to count from: refused after extraction, before the search
+    # no index to count from: the content scan counts them, still before extraction
     with pytest.raises(EvalError, match=r'k=100 is larger than the training set \(12 samples'):
         knn(root, export, train_shards=str(root / 'noindex'), ks=[10, 100], out_dir=str(tmp_path))
+    assert not list(tmp_path.rglob('features/*.safetensors'))
 
 
 def test_other_bad_options(inputs):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.data import open_split
+from eval.data import open_split, verify_split
 from eval.distributed import Ranks, from_env
 from eval.features import FeatureFile, FeatureSpec, get_features
 from eval.source import data_settings, load_model
@@ -36,7 +36,9 @@ def setup(tmp_path_factory):
 def _extract(export, shards, cache, ranks, num_workers):
     module, info = load_model(str(export))
     spec = FeatureSpec.make(4, data_settings(info, {}), 'fp32')
-    return get_features(module, info, open_split(shards, 'test'), spec, cache, ranks, batch_size=8,
+    split = open_split(shards, 'test')
+    verify_split(split, cache)
+    return get_features(module, info, split, spec, cache, ranks, batch_size=8,
                         num_workers=num_workers, log=lambda msg: None), info
 
 
@@ -127,4 +129,6 @@ def test_a_folder_holding_train_and_test_indices_is_read_by_role(tmp_path):
     write_shards(tmp_path, 'test', [4], size=8, key_offset=100)
     train, test = open_split(str(tmp_path), 'train'), open_split(str(tmp_path), 'test')
     assert (train.num_samples, len(train.urls), test.num_samples, len(test.urls)) == (11, 2, 4, 1)
-    assert train.name == test.name == tmp_path.name and train.signature != test.signature
+    for split in (train, test):
+        verify_split(split, tmp_path / 'memo')
+    assert train.name == test.name == tmp_path.name and train.digest != test.digest

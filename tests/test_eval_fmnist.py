@@ -27,6 +27,7 @@ def test_raw_pixel_knn_on_fashion_mnist_shards(tmp_path):
     assert 84.0 < top1[10] < 87.0 and 83.5 < top1[20] < 86.5   # measured: 85.59, 84.59
     assert top1[10] > top1[20] > top1[100] > top1[200]         # raw pixels: fewer, closer neighbours are better
     assert all(98.0 < v <= 100.0 for v in res['top5'].values())
-    saved = json.loads((tmp_path / 'eval' / 'knn-pixels-fmnist.json').read_text())
+    assert Path(res['_path']).parent == tmp_path / 'eval' and Path(res['_path']).name.startswith('knn-pixels-fmnist-')
+    saved = json.loads(Path(res['_path']).read_text())
     assert saved['top1'] == res['top1'] and saved['backend'] == 'faiss-cpu'
     assert list((tmp_path / 'eval' / 'tb').glob('events.out.tfevents.*.knn'))

@@ -1,6 +1,7 @@
 """Linear probe: separable features reach 100%; a sweep of heads trained together equals separate runs and
 is decided on held-out training data; both modes run end to end and write their results."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def test_cached_sweep_end_to_end(run):
     out = run_linear(str(run / 'run' / 'export' / 'teacher-00000020.safetensors'), str(run / 'train'),
                      str(run / 'test'), lrs=[1e-3, 1e-1], epochs=3, linear_batch_size=32, num_workers=0)
     [res] = out
-    saved = json.loads((run / 'run' / 'eval' / 'linear-00000020-test.json').read_text())
+    saved = json.loads(Path(res['_path']).read_text())
+    assert Path(res['_path']).name == f"linear-00000020-test-{saved['data_digest'][:8]}.json"
     assert saved['top1'] == res['top1'] and saved['mode'] == 'cached' and saved['epochs'] == 3
     assert saved['checkpoint']['model_name'] == 'vit_tiny_patch16_skipat_224' and saved['iteration'] == 20
     assert saved['feature_dim'] == 4 * 32 and saved['n_val'] == 9 and saved['n_train'] == 79
@@ -96,7 +98,8 @@ def test_cached_sweep_end_to_end(run):
 def test_augmented_mode_end_to_end(run):
     [res] = run_linear(str(run / 'run' / 'export' / 'teacher-00000020.safetensors'), str(run / 'train'),
                        str(run / 'test'), augment=True, epochs=2, linear_batch_size=16, num_workers=0)
-    saved = json.loads((run / 'run' / 'eval' / 'linear_augment-00000020-test.json').read_text())
+    saved = json.loads(Path(res['_path']).read_text())
+    assert Path(res['_path']).parent == run / 'run' / 'eval' and Path(res['_path']).name.startswith('linear_augment-00000020-test-')
     assert saved['mode'] == 'augment' and saved['n_train'] == 80 and saved['n_test'] == 30   # 5 full batches
     assert 0.0 <= saved['top1'] <= 100.0 and saved['top1'] == res['top1']
     assert np.isfinite(saved['train_loss']).all()

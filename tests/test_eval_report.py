@@ -15,6 +15,8 @@ from eval.source import ModelInfo
 from eval.synthetic import write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
 
+DATA = 'd4' * 32   # the data digest of the fake runs' results
+
 
 def fake_run(root: Path, name: str, skipat: bool, hours: list, knn: list, linear: list, config='dino_fmnist_tiny'):
     """A run folder as the trainer leaves it (summary.json) with k-NN and linear results per epoch export."""
@@ -33,10 +35,10 @@ def fake_run(root: Path, name: str, skipat: bool, hours: list, knn: list, linear
         it = 100 * (e + 1)
         info = ModelInfo('x', 'export', model, {}, 'ab' * 32, f'{it:08d}', iteration=it, epoch=e + 1,
                          run_dir=str(run))
-        write_result(run / 'eval', 'knn', info, 'fmnist', {'k': [10, 20], 'top1': {'10': k + 1, '20': k},
+        write_result(run / 'eval', 'knn', info, 'fmnist', DATA, {'k': [10, 20], 'top1': {'10': k + 1, '20': k},
                                                           'top5': {'10': 99.0, '20': 99.0}})
         if lin is not None:
-            write_result(run / 'eval', 'linear', info, 'fmnist', {'top1': lin, 'top5': 99.5})
+            write_result(run / 'eval', 'linear', info, 'fmnist', DATA, {'top1': lin, 'top5': 99.5})
     return run
 
 
@@ -44,7 +46,7 @@ def test_table_compares_skipat_with_the_vit_run_of_the_same_config(tmp_path):
     vit = fake_run(tmp_path, 'vit', False, [1.0, 2.0], [70.0, 75.0], [78.0, 80.0])
     skip = fake_run(tmp_path, 'skipat', True, [0.8, 1.5], [71.0, 74.5], [None, 81.0])
     baseline = ModelInfo('vit_tiny_patch16_224', 'random-init', 'vit_tiny_patch16_224', {}, 'cd' * 32, 'random-init')
-    write_result(vit / 'eval', 'knn', baseline, 'fmnist', {'k': [20], 'top1': {'20': 40.0}, 'top5': {'20': 80.0}})
+    write_result(vit / 'eval', 'knn', baseline, 'fmnist', DATA, {'k': [20], 'top1': {'20': 40.0}, 'top5': {'20': 80.0}})
     paths = write_report([vit, skip], tmp_path / 'out', k=20)
     report = json.loads(paths['json'].read_text())
     rows = {r['run']: r for r in report['datasets']['fmnist']['rows']}
@@ -100,8 +102,9 @@ def test_report_of_really_evaluated_exports(tmp_path):
     results = run_knn(str(run), all_exports=True, **common)
     assert [r['iteration'] for r in results] == [100, 200]
     run_knn('vit_tiny_patch16_224', run_dir=str(run), model_kwargs=kwargs, **common)   # data settings: the run's
+    digest = results[0]['data_digest'][:8]
     assert sorted(p.name for p in (run / 'eval').glob('knn-*.json')) == [
-        'knn-00000100-toy.json', 'knn-00000200-toy.json', 'knn-random-init-toy.json']
+        f'knn-00000100-toy-{digest}.json', f'knn-00000200-toy-{digest}.json', f'knn-random-init-toy-{digest}.json']
     report = collect([run], k=20)
     part = report['datasets']['toy']
     assert [r['run'] for r in part['rows']] == ['vit', 'vit (random-init)']
@@ -117,3 +120,17 @@ def test_report_of_really_evaluated_exports(tmp_path):
     assert sorted(scalars) == [0, 100, 200]
     assert scalars[100] == pytest.approx(results[0]['top1']['20']) and scalars[200] == pytest.approx(
         results[1]['top1']['20'])
+
+
+def test_results_on_other_data_under_one_dataset_name_stay_apart(tmp_path):
+    run = fake_run(tmp_path, 'vit', False, [1.0], [70.0], [None])
+    info = ModelInfo('x', 'export', 'vit_tiny_patch16_224', {}, 'ab' * 32, '00000100', iteration=100, epoch=1,
+                     run_dir=str(run))
+    relabelled = 'e5' * 32
+    write_result(run / 'eval', 'knn', info, 'fmnist', relabelled, {'k': [20], 'top1': {'20': 2.0},
+                                                                    'top5': {'20': 9.0}})
+    assert len(list((run / 'eval').glob('knn-00000100-fmnist-*.json'))) == 2   # neither overwrote the other
+    report = collect([run], k=20)
+    assert {name: part['rows'][0]['knn_top1'] for name, part in report['datasets'].items()} == {
+        f'fmnist@{DATA[:8]}': 70.0, f'fmnist@{relabelled[:8]}': 2.0}
+    assert collect([run], k=20, dataset=f'fmnist@{relabelled[:8]}')['datasets'].keys() == {f'fmnist@{relabelled[:8]}'}

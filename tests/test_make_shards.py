@@ -1,6 +1,7 @@
 """The shard writer: round trips read back with plain tarfile (not the writer's code), determinism, the
 byte bound, resuming, refusing a mismatched out_dir, Fashion-MNIST from its IDX files, and bad inputs."""
 import gzip
+import hashlib
 import io
 import json
 import tarfile
@@ -79,6 +80,7 @@ def test_round_trip_as_is(tree, tmp_path):
     for shard in index['shards']:
         assert sum(name == shard['name'] for name, _, _ in samples) == shard['num_samples']
         assert (out / shard['name']).stat().st_size == shard['num_bytes']
+        assert hashlib.sha256((out / shard['name']).read_bytes()).hexdigest() == shard['sha256']
     for _, key, members in samples:
         path = originals[key]
         data = path.read_bytes()
@@ -319,6 +321,6 @@ def test_cli(tree, tmp_path, capsys):
     index = json.loads((out / 'train-index.json').read_text())
     assert index['seed'] == 3 and [s['num_samples'] for s in index['shards']] == [10, 10, 5]
     assert f'25 samples in 3 shards: {out}/train-index.json' in capsys.readouterr().err
-    assert M.main(['--source', 'imagefolder', '--root', str(tmp_path / 'nowhere'), '--out-dir', str(out)]) == 1
+    assert M.main(['--source', 'imagefolder', '--root', str(tmp_path / 'nowhere'), '--out-dir', str(out)]) == 2
     assert f'make_shards: error: image folder root not found (or not a directory): {tmp_path}/nowhere' in \
         capsys.readouterr().err

@@ -20,7 +20,7 @@ from skipssl.data import (
     decode_sample,
     resolve_shards,
 )
-from skipssl.data.reader import slot_share
+from skipssl.data.reader import ReadCounter, slot_share
 
 
 def png_bytes(arr):
@@ -111,7 +111,7 @@ def test_pretrain_split_is_disjoint_and_covers_the_data_in_one_pass(tmp_path, wo
                 shard_urls, stride = slot_share(urls, slot, n_slots)
                 n = (sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls) if stride is None
                      else len(range(slot, total, stride)))
-                stream = ds.raw_stream(0, slot, n_slots, handler=lambda e: True)
+                stream = ds.raw_stream(0, slot, n_slots, ReadCounter())
                 slots.append([next(stream)['__key__'] for _ in range(n)])
         keys = [k for s in slots for k in s]
         assert sorted(keys) == sorted(f'sample{i:05d}' for i in range(total))

@@ -18,7 +18,8 @@ Usage::
 
 Output in out_dir: `{prefix}-000000.tar`, ... and, once every shard is written, `{prefix}-index.json`:
 {"format": "skipssl-shards/1", "prefix", "split", "source", "num_samples", "num_classes", "classes" (names
-in class-index order), "shards": [{"name" (relative to the index's folder), "num_samples", "num_bytes"}],
+in class-index order), "shards": [{"name" (relative to the index's folder), "num_samples", "num_bytes",
+"sha256"}],
 "seed", "image_format": "as-is" | "jpeg" | "png"}. A sample is the tar members `{key}.jpg` or
 `{key}.png` (named by the bytes, whatever the file's extension), `{key}.cls` (class index, ASCII decimal)
 and `{key}.json` ({"label", "class_name", "source"}). Samples follow one global permutation (numpy
@@ -39,7 +40,6 @@ rest; with other parameters it refuses to touch an out_dir that holds shards unl
 are written to hidden temporary files and os.replace()d into place; the index is written last.
 """
 import argparse
-import hashlib
 import io
 import json
 import multiprocessing
@@ -56,6 +56,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..checkpoint import atomic_write_text, sha256
 from .sources import FASHION_MNIST_ROOT, SOURCES, PathLike, Source, open_source
 
 INDEX_FORMAT = 'skipssl-shards/1'
@@ -217,19 +218,11 @@ def _write_shard(source: Source, task: ShardTask) -> Dict[str, Any]:
         size = tmp.stat().st_size
         if task.max_bytes and size > task.max_bytes:  # the plan's exact sizes make this a bug, not bad input
             raise RuntimeError(f'{path.name}: {size} bytes, more than --max-bytes {task.max_bytes}')
-        record = {'num_samples': len(task.indices), 'num_bytes': size, 'sha256': _sha256(tmp)}
+        record = {'num_samples': len(task.indices), 'num_bytes': size, 'sha256': sha256(tmp)}
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return {'name': path.name, **record}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- out_dir state
@@ -247,25 +240,20 @@ def _index_path(out_dir: Path, prefix: str) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=2, ensure_ascii=False) + '\n', path)
 
 
 def _own_files(out_dir: Path, prefix: str) -> List[Path]:
     """Shards, plan, index and leftover temporaries of this prefix: what --overwrite may delete."""
-    names = re.compile(rf'\.?{re.escape(prefix)}-(\d{{6,}}\.tar|plan\.json|index\.json)(\.\d+\.tmp)?')
+    # temporaries: '.{name}.{pid}.tmp' (shards), '.{name}.tmp{pid}' (atomic_write_text: plan, index)
+    names = re.compile(rf'\.?{re.escape(prefix)}-(\d{{6,}}\.tar|plan\.json|index\.json)(\.\d+\.tmp|\.tmp\d+)?')
     return sorted(p for p in out_dir.iterdir() if names.fullmatch(p.name))
 
 
 def _remove_temporaries(out_dir: Path, prefix: str) -> None:
     """Delete the temporary files of killed writers (a terminated pool worker cannot clean up)."""
     for path in _own_files(out_dir, prefix):
-        if path.name.endswith('.tmp'):
+        if '.tmp' in path.name:
             path.unlink(missing_ok=True)
 
 
@@ -379,7 +367,7 @@ def _index(source: Source, prefix: str, seed: int, encoding: Encoding, records: 
     return {'format': INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
             'num_samples': sum(r['num_samples'] for r in records), 'num_classes': len(source.classes),
             'classes': list(source.classes),
-            'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes')} for r in records],
+            'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes', 'sha256')} for r in records],
             'seed': seed, 'image_format': encoding.image_format}
 
 
@@ -469,9 +457,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              max_bytes=args.max_bytes, reencode=args.reencode, quality=args.quality,
                              resize_shorter=args.resize_shorter, workers=args.workers, overwrite=args.overwrite,
                              progress=not args.no_progress)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:   # bad input or paths: one line, the status argparse gives usage errors
         print(f'make_shards: error: {err}', file=sys.stderr)
-        return 1
+        return 2
     print(f'{index["num_samples"]} samples in {len(index["shards"])} shards: '
           f'{_index_path(Path(args.out_dir), index["prefix"])}', file=sys.stderr)
     return 0

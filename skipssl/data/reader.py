@@ -8,6 +8,10 @@ unevenly the shards divide. Batches are built in the workers; PyTorch's DataLoad
 round-robin (batch b comes from worker b % num_workers), so each batch carries its worker's position
 (raw samples consumed, samples skipped) and :class:`ReaderState` records it: a resumed reader skips
 exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
+
+Both readers compare what each shard yields with the count its index records (``integrity.index_counts``):
+a shard that ends early (truncated, even on a member boundary, or an index that overstates it) has its
+missing samples counted as skipped, with a warning naming the shard.
 """
 import hashlib
 import itertools
@@ -23,6 +27,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from webdataset import filters, tariterators
 
+from .integrity import index_counts
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
@@ -33,16 +39,29 @@ class TooManyBadSamples(RuntimeError):
 
 
 # -- raw samples ----------------------------------------------------------------------------------------
-class _Counter:
-    """Warns about and counts what the tar layer could not read (unreadable or truncated shards)."""
+class ReadCounter:
+    """Warns about and counts what the tar layer could not read (``errors``: unreadable shard parts) and
+    the samples that shards lacked against their index counts (``lost``). ``total`` counts an error in a
+    shard with an index count through the samples it lost, not once more."""
 
     def __init__(self) -> None:
         self.errors = 0
+        self.lost = 0
+        self.covered = 0   # errors in shards whose losses are counted in samples
 
     def __call__(self, exn: Exception) -> bool:
         self.errors += 1
         log.warning("skipping unreadable shard data: %s", exn)
         return True
+
+    def shard_short(self, url: str, got: int, expected: int, lost: int) -> None:
+        self.lost += lost
+        log.warning("shard %s ended after %d of the %d samples its index records (truncated?): %d lost here",
+                    url, got, expected, lost)
+
+    @property
+    def total(self) -> int:
+        return self.errors - self.covered + self.lost
 
 
 def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> Iterator[Dict]:
@@ -50,6 +69,33 @@ def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> I
     stream = tariterators.url_opener(({'url': u} for u in urls), handler=handler)
     files = tariterators.tar_file_expander(stream, handler=handler)
     return tariterators.group_by_keys(files, handler=handler)
+
+
+def _share_of(start: int, count: int, slot: int, stride: Optional[int]) -> int:
+    """How many of the stream positions [start, start + count) fall to ``slot`` when every stride-th is kept."""
+    if stride is None:
+        return count
+    first = start + (slot - start) % stride
+    return 0 if first >= start + count else (start + count - 1 - first) // stride + 1
+
+
+def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int], slot: int = 0,
+                 stride: Optional[int] = None) -> Iterator[Dict]:
+    """iter_raw_samples, shard by shard, telling ``counter`` how many samples each shard lacked against
+    ``expected`` (url -> index count); with a stride, only the lost positions that fall to ``slot``."""
+    position = 0
+    for url in urls:
+        got, errors = 0, counter.errors
+        for sample in iter_raw_samples([url], counter):
+            got += 1
+            yield sample
+        want = expected.get(url)
+        if want is not None:
+            counter.covered += counter.errors - errors
+            lost = _share_of(position + got, max(want - got, 0), slot, stride)
+            if lost:   # with a stride, the slots whose share it is say so
+                counter.shard_short(url, got, want, lost)
+        position += got
 
 
 def worker_slot(rank: int, world_size: int) -> Tuple[int, int, int, int]:
@@ -67,9 +113,10 @@ def slot_share(urls: List[str], slot: int, n_slots: int) -> Tuple[List[str], Opt
     return urls, n_slots
 
 
-def read_share(urls: List[str], slot: int, stride: Optional[int], handler) -> Iterator[Dict]:
+def read_share(urls: List[str], slot: int, stride: Optional[int], counter: ReadCounter,
+               expected: Dict[str, int]) -> Iterator[Dict]:
     """The raw samples of a slot's share, in shard order."""
-    samples = iter_raw_samples(urls, handler)
+    samples = iter_counted(urls, counter, expected, slot, stride)
     return samples if stride is None else itertools.islice(samples, slot, None, stride)
 
 
@@ -96,9 +143,10 @@ def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
 @dataclass
 class ReaderState:
     """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker the raw
-    samples consumed, bad samples skipped and unreadable shard parts met, up to the last batch the trainer
-    used. (Unreadable parts are met again when a resumed worker re-reads up to its offset, so only
-    ``offsets`` and ``skipped`` are restored.)"""
+    samples consumed, bad samples skipped and unreadable shard parts met (plus samples missing from shards
+    that ended before their index count), up to the last batch the trainer used. (Unreadable parts and
+    missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
+    ``skipped`` are restored.)"""
     epoch: int = 0
     step: int = 0
     offsets: List[int] = field(default_factory=list)
@@ -119,7 +167,8 @@ class ReaderState:
 
     @property
     def total_skipped(self) -> int:
-        """Bad samples plus unreadable shard parts in this epoch so far (reported with training metrics)."""
+        """Bad samples, unreadable shard parts and samples missing from short shards in this epoch so far
+        (reported with training metrics)."""
         return sum(self.skipped) + sum(self.unreadable)
 
     def state_dict(self) -> Dict:
@@ -171,6 +220,7 @@ class PretrainShards(IterableDataset):
         self.transform, self.seed, self.shuffle_buffer, self.channels = transform, seed, shuffle_buffer, channels
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_before_skip_check = min_samples_before_skip_check
+        self.expected = index_counts(self.urls)
         self.state = ReaderState()
 
     def set_state(self, state: ReaderState) -> None:
@@ -182,8 +232,9 @@ class PretrainShards(IterableDataset):
     def __len__(self) -> int:
         return self.steps_per_epoch - self.state.step
 
-    def raw_stream(self, epoch: int, slot: int, n_slots: int, handler) -> Iterator[Dict]:
-        """The slot's endless, deterministic stream of raw samples for an epoch."""
+    def raw_stream(self, epoch: int, slot: int, n_slots: int, counter: ReadCounter) -> Iterator[Dict]:
+        """The slot's endless, deterministic stream of raw samples for an epoch; what could not be read, or
+        is missing from short shards, is counted in ``counter``."""
         rng = random.Random(f"{self.seed}/{epoch}/{slot}")
         urls, stride = slot_share(self.urls, slot, n_slots)
 
@@ -193,7 +244,7 @@ class PretrainShards(IterableDataset):
                 if stride is None:
                     rng.shuffle(order)
                 empty = True
-                for s in read_share(order, slot, stride, handler):
+                for s in read_share(order, slot, stride, counter, self.expected):
                     empty = False
                     yield s
                 if empty:
@@ -209,7 +260,7 @@ class PretrainShards(IterableDataset):
         st = self.state
         offset = st.offsets[wid] if wid < len(st.offsets) else 0
         skipped = st.skipped[wid] if wid < len(st.skipped) else 0
-        counter = _Counter()
+        counter = ReadCounter()
         stream = itertools.islice(self.raw_stream(st.epoch, slot, n_slots, counter), offset, None)
         for step in range(st.step, self.steps_per_epoch):
             if step % nw != wid:
@@ -221,7 +272,7 @@ class PretrainShards(IterableDataset):
                 offset, skipped = self._fill(stream, items, labels, offset, skipped, counter)
             batch = _collate(items)
             batch.update(labels=torch.tensor(labels), worker=wid, offset=offset, skipped=skipped,
-                         unreadable=counter.errors, step=step, epoch=st.epoch)
+                         unreadable=counter.total, step=step, epoch=st.epoch)
             yield batch
 
     def _fill(self, stream, items: List, labels: List, offset: int, skipped: int, counter) -> Tuple[int, int]:
@@ -235,13 +286,14 @@ class PretrainShards(IterableDataset):
             except ValueError as exn:
                 skipped += 1
                 log.warning("skipping sample: %s", exn)
-                self._check_skips(skipped + counter.errors, offset)
+            # also after good samples: samples missing from a short shard are never met one by one
+            self._check_skips(skipped + counter.total, offset + counter.lost)
         return offset, skipped
 
     def _check_skips(self, skipped: int, seen: int) -> None:
         if seen >= self.min_samples_before_skip_check and skipped > self.max_skip_fraction * seen:
             raise TooManyBadSamples(
-                f"{skipped} of {seen} samples could not be read (more than max_skip_fraction="
+                f"{skipped} of {seen} samples were unreadable or missing (more than max_skip_fraction="
                 f"{self.max_skip_fraction}); check the shards (warnings above name them)")
 
 
@@ -266,12 +318,13 @@ class EvalShards(IterableDataset):
             raise ValueError("EvalShards needs at least one shard")
         self.urls, self.transform, self.rank, self.world_size = list(urls), transform, rank, world_size
         self.channels, self.require_labels = channels, require_labels
+        self.expected = index_counts(self.urls)
         self.skipped = 0
 
     def __iter__(self):
         _, _, slot, n_slots = worker_slot(self.rank, self.world_size)
         urls, stride = slot_share(self.urls, slot, n_slots)
-        for sample in read_share(urls, slot, stride, _Counter()):
+        for sample in read_share(urls, slot, stride, ReadCounter(), self.expected):
             try:
                 image, label = decode_sample(sample, self.channels)
             except ValueError as exn:

@@ -10,7 +10,7 @@ INDEX_SUFFIX = '-index.json'
 _REMOTE = ('pipe:', 'http://', 'https://', 'gs://', 's3://')
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith(_REMOTE)
 
 
@@ -30,13 +30,21 @@ def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None
     - an index file (``*-index.json``): its shards, relative to the file;
     - a ``.txt`` file: one URL or path per line;
     - a brace pattern or URL (``data/train-{000000..000099}.tar``, ``pipe:curl -s ...``), or a list of them.
-    Local paths must exist and be non-empty; remote URLs are checked when read.
+    Local paths must exist and be non-empty, and have the size their index records (see ``integrity``);
+    remote URLs are checked when read.
     """
+    from .integrity import check_against_index   # integrity reads indices through this module
+    urls = _resolve(spec, prefix)
+    check_against_index(urls)
+    return urls
+
+
+def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str]) -> List[str]:
     if isinstance(spec, (list, tuple)):
-        urls = [u for s in spec for u in resolve_shards(s, prefix)]
+        urls = [u for s in spec for u in _resolve(s, prefix)]
     else:
         spec = str(spec)
-        if _is_remote(spec):
+        if is_remote(spec):
             urls = expand_urls(spec)
         elif os.path.isdir(spec):
             urls = _from_folder(Path(spec), prefix)
@@ -44,13 +52,13 @@ def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None
             urls = _from_index(Path(spec))
         elif spec.endswith('.txt') and os.path.isfile(spec):
             lines = [ln.strip() for ln in Path(spec).read_text().splitlines()]
-            urls = resolve_shards([ln for ln in lines if ln and not ln.startswith('#')], prefix)
+            urls = _resolve([ln for ln in lines if ln and not ln.startswith('#')], prefix)
         else:
             urls = expand_urls(spec)
     if not urls:
         raise FileNotFoundError(f"no shards found in {spec!r}")
     for url in urls:
-        if not _is_remote(url):
+        if not is_remote(url):
             if not os.path.isfile(url):
                 raise FileNotFoundError(f"shard {url} does not exist")
             if os.path.getsize(url) == 0:
@@ -61,8 +69,9 @@ def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None
 def _from_folder(folder: Path, prefix: Optional[str]) -> List[str]:
     indices = sorted(folder.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
     if len(indices) > 1:
-        names = ', '.join(p.name for p in indices)
-        raise ValueError(f"{folder} holds several shard indices ({names}); name one, or pass a prefix")
+        names = ' or '.join(str(p) for p in indices)
+        raise ValueError(f"{folder} holds several shard indices: name one, {names} (the evaluators also take "
+                         "--train-prefix / --test-prefix)")
     if indices:
         return _from_index(indices[0])
     pattern = f"{prefix}-*.tar" if prefix else '*.tar'
@@ -82,7 +91,7 @@ def _from_index(path: Path) -> List[str]:
 def count_samples(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> Optional[int]:
     """Number of samples recorded in the index of ``spec`` (a folder with one index, or an index file);
     None when there is no index to read it from."""
-    if isinstance(spec, (list, tuple)) or _is_remote(str(spec)):
+    if isinstance(spec, (list, tuple)) or is_remote(str(spec)):
         return None
     path = Path(spec)
     if path.is_dir():

@@ -10,6 +10,7 @@ to whichever process writes that image's shard.
 """
 import gzip
 import hashlib
+import logging
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder extensions, matched case-insensitively (ImageNet's files end in .JPEG).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -55,8 +57,9 @@ def sanitize_key(text: str) -> str:
 class ImageFolderSource:
     """A tree root/<class>/**/<image>, as torchvision's ImageFolder and ImageNet's train/ and val/.
 
-    Classes are the sorted sub-folder names (index 0..C-1); hidden files and folders are ignored. Keys are
-    f'{class_dir}__{file_stem}' sanitized, where the stem keeps the path below the class folder when images
+    Classes are the sorted sub-folder names (index 0..C-1); hidden files and folders are ignored, and
+    anything not a regular file (a FIFO named .jpg would block the writer) is skipped with a warning. Keys
+    are f'{class_dir}__{file_stem}' sanitized, where the stem keeps the path below the class folder when images
     are nested. Raises before anything is written: missing root, no class folders, a class folder without
     images, an image that cannot be stat'ed, two files with the same key, a key too long for a tar name.
     """
@@ -125,7 +128,16 @@ def _image_files(class_dir: Path) -> List[Path]:
     for folder, subdirs, names in os.walk(class_dir, followlinks=True):
         subdirs[:] = [d for d in subdirs if not d.startswith('.')]
         found += [Path(folder, n) for n in names if not n.startswith('.') and n.lower().endswith(IMG_EXTENSIONS)]
-    return sorted(found)
+    return sorted(p for p in found if _regular(p))
+
+
+def _regular(path: Path) -> bool:
+    """A regular file (or a link to one); anything else (a FIFO would block the writer forever, a socket or
+    device cannot be read as an image) is left out with a warning."""
+    if path.is_file() or not path.exists():   # a dangling link is reported when its size is read
+        return True
+    log.warning('skipping %s: not a regular file', path)
+    return False
 
 
 def _file_size(path: Path) -> int:
