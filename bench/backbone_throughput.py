@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import timm
 import torch
 
-import skipssl  # noqa: F401  (registers skipat_vit_*)
+import skipssl  # noqa: F401  (registers the SkipAt models)
 from skipssl.models import count_macs, count_params
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -83,7 +83,7 @@ def time_steps(step, iters: int, device: torch.device) -> float:
 
 def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
     amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
-    names = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'skipat_vit_{args.size}_patch16_224'}
+    names = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'vit_{args.size}_patch16_skipat_224'}
     x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=device)
     steps = {}
     for key, name in names.items():
@@ -165,7 +165,7 @@ def compile_modes(choice: str) -> List[bool]:
 
 def header(args, device: torch.device) -> Dict:
     """What the run measures, on what, and the models' sizes (parameters, MACs per image)."""
-    vit_name, skip_name = f'vit_{args.size}_patch16_224', f'skipat_vit_{args.size}_patch16_224'
+    vit_name, skip_name = f'vit_{args.size}_patch16_224', f'vit_{args.size}_patch16_skipat_224'
     # dynamic_img_size as in build(): --img-size other than 224 is counted at that size
     vit_cpu = timm.create_model(vit_name, num_classes=0, dynamic_img_size=True)
     skip_cpu = timm.create_model(skip_name, num_classes=0, dynamic_img_size=True)

@@ -58,7 +58,7 @@ def build_step(key: str, args, device: torch.device):
     if args.head_out_dim:
         overrides.append(f'head.out_dim={args.head_out_dim}')
     if args.size != 'small':
-        name = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'skipat_vit_{args.size}_patch16_224'}[key]
+        name = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'vit_{args.size}_patch16_skipat_224'}[key]
         overrides.append(f'model.name={name}')
     cfg = load_config(CONFIG_DIR / CONFIGS[key], overrides)
     plan = Plan(1, args.batch_size, 1, iterations_per_epoch=1000, epochs=cfg.train.epochs)

@@ -188,7 +188,7 @@ def resolve_checkpoint(path: PathLike) -> Path:
 def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
     """A timm ViT (or SkipAt-ViT) without classifier that takes inputs of any size."""
     import timm
-    from . import models  # noqa: F401  (registers skipat_vit_*)
+    from . import models  # noqa: F401  (registers the SkipAt models)
     kwargs = dict(kwargs or {})
     kwargs.setdefault('dynamic_img_size', True)
     if not timm.is_model(name):

@@ -123,8 +123,8 @@ def _last_layer(blob: Dict) -> Dict:
 def _freeze_checks(ctx: Context, run: PretrainRun) -> Dict:
     """The head's last layer is frozen (lr 0) in the first epoch: between the checkpoints in the middle and
     at the end of that epoch it must not change by a bit, and by the last checkpoint it must have moved.
-    (Against checkpoints, not the initial weights: a bf16/fp16 engine starts its fp32 master weights from the
-    rounded ones.) Under fp16 also the dynamic loss scaler's state (FP16_Optimizer)."""
+    (Against checkpoints, which hold exactly what the engine holds.) Under fp16 also the dynamic loss scaler's
+    state."""
     import torch
 
     from skipssl import checkpoint as ckpt
@@ -174,7 +174,9 @@ def trainer(ctx: Context) -> None:
                                                                 f'model.compile={str(s.compile).lower()}'], work, env_)}
     if s.device == 'cuda':
         runs['fp16'] = PretrainRun('fp16', s.trainer_config,
-                                   common + mid_epoch + ['engine.zero_stage=0', 'engine.precision=fp16'], work, env_)
+                                   # ZeRO 1: pretrain.py refuses fp16 at ZeRO 0 (DeepSpeed's ZeRO-0 fp16
+                                   # optimizer does not scale the loss)
+                                   common + mid_epoch + ['engine.zero_stage=1', 'engine.precision=fp16'], work, env_)
     else:
         rec.put('fp16', {'status': 'skipped', 'reason': 'fp16 needs CUDA (refused on CPU by pretrain.py)'})
     rec.put('config', {'file': s.trainer_config, 'overrides': common, 'precision': precision,
