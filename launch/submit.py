@@ -39,6 +39,7 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     shards, epoch size for the job's world size, model; engine.device agrees with the GPUs asked for.
     Raises skipssl.config.ConfigError naming the key."""
     from skipssl.config import ConfigError, load_config
+    from skipssl.runlock import check_free
     from skipssl.train import preflight
     from skipssl.train.trainer import make_plan
 
@@ -67,13 +68,14 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
         make_plan(cfg, res.world_size)
     except ValueError as exn:
         raise ConfigError(f"data.batch_size_per_rank: {exn}") from exn
+    check_free(Path(cfg.experiment.output_dir))
     return cfg
 
 
-def check_shards(spec: str, option: str) -> str:
+def check_shards(spec: str, option: str, allow_pipe: bool = False) -> str:
     from skipssl.data import resolve_shards
     try:
-        resolve_shards(spec)
+        resolve_shards(spec, allow_pipe=allow_pipe)
     except (FileNotFoundError, ValueError) as exn:
         raise UsageError(f"{option}: {exn}") from exn
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
@@ -165,8 +167,9 @@ def cmd_eval(args, passthrough: List[str]) -> int:
     check_entry_point(args.command)
     res = ex.resources_from_args(args)
     checkpoint = check_checkpoint(args.checkpoint)
-    train = check_shards(args.train_shards, '--train-shards')
-    test = check_shards(args.test_shards, '--test-shards')
+    pipes = '--allow-pipe-shards' in passthrough
+    train = check_shards(args.train_shards, '--train-shards', pipes)
+    test = check_shards(args.test_shards, '--test-shards', pipes)
     root = run_dir_of(checkpoint) or Path.cwd()
     argv = eval_argv(args.command, checkpoint, train, test, passthrough)
     job = ex.submit(EntryPointJob(args.command, argv), res, _folder(args, root),
@@ -204,14 +207,15 @@ def cmd_pipeline(args, passthrough: List[str]) -> int:
     available = available_entry_points()
     evals = [k for k in ('knn', 'linear') if k in available]
     skipped = [k for k in ('knn', 'linear', 'report') if k not in available or (k == 'report' and not evals)]
+    extra = {'knn': shlex.split(args.knn_args or ''), 'linear': shlex.split(args.linear_args or ''),
+             'report': shlex.split(args.report_args or '')}
     if evals:
         if not (args.eval_train_shards and args.eval_test_shards):
             raise UsageError("pipeline: --eval-train-shards and --eval-test-shards (labelled shards) are needed for "
                              "the k-NN and linear-probe jobs")
-        train = check_shards(args.eval_train_shards, '--eval-train-shards')
-        test = check_shards(args.eval_test_shards, '--eval-test-shards')
-    extra = {'knn': shlex.split(args.knn_args or ''), 'linear': shlex.split(args.linear_args or ''),
-             'report': shlex.split(args.report_args or '')}
+        pipes = all('--allow-pipe-shards' in extra[k] for k in evals)
+        train = check_shards(args.eval_train_shards, '--eval-train-shards', pipes)
+        test = check_shards(args.eval_test_shards, '--eval-test-shards', pipes)
     folder = _folder(args, run_dir)
     name = args.job_name or 'skipssl'
     slurm = res.cluster == 'slurm'
@@ -302,6 +306,7 @@ def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from skipssl.config import ConfigError
+    from skipssl.runlock import RunFolderError
     ours, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(ours)
     try:
@@ -309,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exn:
         print(f"{PROG} {args.command}: config error (nothing submitted): {exn}", file=sys.stderr)
         return 2
-    except (UsageError, ex.SubmitError) as exn:
+    except (UsageError, ex.SubmitError, RunFolderError) as exn:
         print(f"{PROG} {args.command}: error (nothing submitted): {exn}", file=sys.stderr)
         return 2
     except JobError as exn:

@@ -52,6 +52,20 @@ def iter_raw_samples(urls: List[str], handler: Callable[[Exception], bool]) -> I
     return tariterators.group_by_keys(files, handler=handler)
 
 
+def first_readable_sample(urls: List[str]) -> Optional[str]:
+    """The key of the first sample that the local shards of ``urls`` yield, trying them in order (a cheap
+    start-up check: one sample of one good shard). ValueError naming the first shard's error when none yields
+    one; None when there is no local shard to try (remote shards are read only by the run)."""
+    local = [u for u in urls if '://' not in u and not u.startswith('pipe:')]
+    errors: List[Exception] = []
+    for sample in iter_raw_samples(local, handler=lambda exn: errors.append(exn) or True):
+        return sample['__key__']
+    if not local:
+        return None
+    raise ValueError(f"none of the {len(local)} shard(s) holds a readable sample "
+                     f"({errors[0] if errors else f'{local[0]}: no samples'})")
+
+
 def worker_slot(rank: int, world_size: int) -> Tuple[int, int, int, int]:
     """(worker id, workers, slot, slots) of the calling data-loader worker; a slot is a (rank, worker) pair."""
     info = get_worker_info()
@@ -197,7 +211,8 @@ class PretrainShards(IterableDataset):
                     empty = False
                     yield s
                 if empty:
-                    raise RuntimeError(f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
+                    raise TooManyBadSamples(
+                        f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
 
         # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
         return filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(cycles())
