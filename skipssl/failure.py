@@ -30,6 +30,7 @@ CLAIM_KEY = 'skipssl/failure/claims'    # the first rank to add 1 is the root
 ACK_KEY = 'skipssl/failure/acks'        # peers that have seen it
 POLL_S = 0.25
 ACK_WAIT_S = 3.0                        # the root waits this long for its peers to print their line
+FOLLOWER_DELAY_S = 1.0                 # a follower outlives the root by this long
 ROOT_WAIT_S = 5.0                       # a peer that lost contact waits this long for the root's record
 
 # Messages of errors that only say a peer went away (gloo, NCCL, the TCPStore).
@@ -153,7 +154,7 @@ class FailureWatch:
                               f"the launcher ended): {first_line(exn)}")
             if root != self.rank:
                 self._ack(store)
-                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed")
+                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed", follower=True)
 
     # -- the error path ------------------------------------------------------------------------------------
     def fail(self, exn: BaseException, describe: Callable[[BaseException], Tuple[int, Optional[str]]]) -> NoReturn:
@@ -163,17 +164,18 @@ class FailureWatch:
             root = self._wait_for_root()
             if root is not None:
                 self._ack(self._store)
-                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed")
+                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed", follower=True)
             self._exit(1, f"rank {self.rank}: stopping: lost contact with another rank, which ended without reporting "
                           f"an error (killed, out of memory, crashed?): {first_line(exn)}")
         status, line = describe(exn)
         text = f"{self.prog}: {line}" if line else ''.join(traceback.format_exception(exn)).rstrip()
         if self._claim():
-            self._exit(status, f"{text}" if self.world_size <= 1 else f"rank {self.rank}: {text}", root=True)
+            _record_for_torchrun(exn)
+            self._exit(status, f"rank {self.rank}: {text}", root=True)
         root = self._wait_for_root()
         self._ack(self._store)
         self._exit(status, f"rank {self.rank}: stopping because rank {root if root is not None else '?'} failed "
-                           f"first (here too: {first_line(exn) if line is None else line})")
+                           f"first (here too: {first_line(exn) if line is None else line})", follower=True)
 
     def _claim(self) -> bool:
         try:
@@ -198,7 +200,7 @@ class FailureWatch:
         except Exception:
             pass
 
-    def _exit(self, status: int, message: str, root: bool = False) -> NoReturn:
+    def _exit(self, status: int, message: str, root: bool = False, follower: bool = False) -> NoReturn:
         with self._exiting:  # the watch thread and the main thread must not both print
             _flush()
             print(message, file=sys.stderr, flush=True)
@@ -211,5 +213,19 @@ class FailureWatch:
                         time.sleep(POLL_S / 2)
                 except Exception:
                     pass
+            elif follower:
+                # the root ends first, so that torchrun's summary names it as the first failure
+                time.sleep(FOLLOWER_DELAY_S)
             _flush()
             os._exit(status)
+
+
+def _record_for_torchrun(exn: BaseException) -> None:
+    """The root error in torchrun's error file (TORCHELASTIC_ERROR_FILE), which its failure summary shows."""
+    if not os.environ.get('TORCHELASTIC_ERROR_FILE'):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(exn)
+    except Exception:  # a summary without the message is no reason to fail differently
+        pass

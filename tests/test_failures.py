@@ -64,9 +64,11 @@ def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(sha
     root = err.index('rank 1: pretrain.py: no readable samples in shards')
     assert 'train-000001.tar' in err[root:].splitlines()[0]
     assert 'rank 0: stopping because rank 1 failed' in err[root:]
-    # no traceback from either rank (torchrun's own summary of the failed workers follows at the end)
-    assert 'Traceback' not in err[:err.find('torch.distributed.elastic')] if 'torch.distributed.elastic' in err \
-        else 'Traceback' not in err
+    # no traceback from either rank: the only one is torchrun's own, after both lines
+    assert 'Traceback' not in err[:root] and 'Traceback' not in err[root:err.index('torch/distributed/elastic')]
+    # torchrun's summary names rank 1 as the root cause, with its message
+    summary = err[err.index('Root Cause'):]
+    assert 'rank      : 1' in summary and 'no readable samples' in summary, summary
     assert not list((tmp_path / 'run' / 'checkpoints').glob('ckpt-*'))
 
 
