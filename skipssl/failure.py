@@ -16,6 +16,7 @@ every rank's tracebacks. Here:
 
 Dependency-light on purpose: training and evaluation both use it, and it imports nothing of either.
 """
+import json
 import logging
 import os
 import sys
@@ -170,7 +171,7 @@ class FailureWatch:
         status, line = describe(exn)
         text = f"{self.prog}: {line}" if line else ''.join(traceback.format_exception(exn)).rstrip()
         if self._claim():
-            _record_for_torchrun(exn)
+            _record_for_torchrun(text)
             self._exit(status, f"rank {self.rank}: {text}", root=True)
         root = self._wait_for_root()
         self._ack(self._store)
@@ -220,12 +221,16 @@ class FailureWatch:
             os._exit(status)
 
 
-def _record_for_torchrun(exn: BaseException) -> None:
-    """The root error in torchrun's error file (TORCHELASTIC_ERROR_FILE), which its failure summary shows."""
-    if not os.environ.get('TORCHELASTIC_ERROR_FILE'):
+def _record_for_torchrun(text: str) -> None:
+    """The root error in torchrun's error file (TORCHELASTIC_ERROR_FILE, its ErrorHandler's format), which its
+    failure summary shows as the root cause's 'traceback'."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if not path:
         return
+    record = {'message': {'message': text.splitlines()[-1],
+                          'extraInfo': {'py_callstack': text, 'timestamp': str(int(time.time()))}}}
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(exn)
-    except Exception:  # a summary without the message is no reason to fail differently
+        with open(path, 'w') as f:
+            json.dump(record, f)
+    except OSError:  # a summary without the message is no reason to fail differently
         pass
