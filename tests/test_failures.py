@@ -22,6 +22,7 @@ from skipssl.train.distributed import DistInfo
 
 from .image_shards import write_pattern_shards
 from .test_train import ROOT, TINY, _env, command, run
+from .test_train import _port as _free_port
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 ONE_RANK = DistInfo(0, 1, 0, torch.device('cpu'), 'single')
@@ -246,3 +247,33 @@ def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
         lock.release()
     line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
     assert proc.returncode == 2 and 'in use by another run' in line
+
+
+# -- evaluators under torchrun -----------------------------------------------------------------------------------
+def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shards, tmp_path):
+    """knn_eval.py with 2 ranks: rank 1's shard has samples without labels, so rank 1 stops in its extraction
+    while rank 0 waits to gather the features."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    data = tmp_path / 'data'
+    shutil.copytree(shards, data)
+    with wds.TarWriter(str(data / 'train-000001.tar')) as w:
+        for i in range(256):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((28, 28), i, dtype=np.uint8)).save(buf, format='PNG')
+            w.write({'__key__': f'nolabel{i:05d}', 'png': buf.getvalue()})
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+           '--master_port', str(_free_port()), 'knn_eval.py', '--checkpoint', 'pixels', '--out-dir', str(tmp_path / 'e'),
+           '--train-shards', str(data), '--test-shards', str(shards), '--channels', '1', '--resize', '28', '--crop',
+           '28', '--num-workers', '0', '--k', '1']
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed < 90, (elapsed, proc.stderr[-3000:])
+    err = _ranks_output(proc.stderr)
+    assert err.count('has no label') == 1 and 'Traceback' not in err, err[-3000:]
+    root = err.index('rank 1: knn_eval.py: error: ')
+    assert 'rank 0: stopping because rank 1 failed' in err[root:]
