@@ -13,7 +13,6 @@ import yaml
 from ..config import Config, ConfigError, load_config
 from ..failure import FailureWatch, first_line
 from ..runlock import RunLock
-from .distributed import rank0_decides
 
 log = logging.getLogger('skipssl')
 
@@ -91,15 +90,16 @@ def describe_failure(exn: BaseException) -> Tuple[int, Optional[str]]:
     return 1, None
 
 
-def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[RunLock, Optional[Path]]:
-    """Rank 0 takes the run folder's lock and decides where to resume; every rank gets the answer or stops.
-    Nothing of an existing run changes before its resume is accepted."""
+def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Optional[Path]]:
+    """Rank 0 takes the run folder's lock (None elsewhere) and decides where to resume; every rank gets the
+    answer or stops. Nothing of an existing run changes before its resume is accepted."""
+    from .distributed import rank0_decides
     from .state import find_resumable
     from .trainer import model_spec
-    lock = rank0_decides(lambda: RunLock(run_dir).acquire(), info) if info.is_main else \
-        rank0_decides(lambda: None, info)
+    held: List[RunLock] = []
+    rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
     folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint)
-    return lock, folder
+    return (held[0] if held else None), folder
 
 
 def pretrain(cfg: Config) -> Dict:
