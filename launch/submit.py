@@ -13,6 +13,7 @@ size, scheduler arguments), so a typo fails here and not after hours in the queu
 """
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -126,7 +127,19 @@ def _wait(job, kind: str):
     try:
         return job.results()
     except Exception as exn:  # the job's own error (debug) or submitit's report of it (local)
-        raise JobError(f"{kind} job {job.job_id} failed: {exn}") from exn
+        root = root_error(job)
+        raise JobError(f"{kind} job {job.job_id} failed: {root or exn}"
+                       + (f" (logs: {job.paths.folder})" if root else '')) from exn
+
+
+def root_error(job) -> Optional[str]:
+    """The line a failing rank of a multi-task job printed (skipssl.failure): submitit reports task 0, which may
+    only say that it stopped because another rank failed."""
+    for path in sorted(Path(job.paths.folder).glob(f'{job.job_id}_*_log.err')):
+        for line in path.read_text(errors='replace').splitlines():
+            if re.match(r'rank \d+: ', line) and not line.split(': ', 1)[1].startswith('stopping'):
+                return line
+    return None
 
 
 # ---------------------------------------------------------------- commands

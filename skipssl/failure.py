@@ -81,8 +81,10 @@ def _store(timeout_s: float = 10.0):
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'MASTER_ADDR' not in os.environ:
         return None
     import torch.distributed as dist
-    return dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    # torchrun's agent store outlives a restart of the workers (--max-restarts): keys of each attempt apart
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _flush() -> None:

@@ -277,3 +277,21 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
     assert err.count('has no label') == 1 and 'Traceback' not in err, err[-3000:]
     root = err.index('rank 1: knn_eval.py: error: ')
     assert 'rank 0: stopping because rank 1 failed' in err[root:]
+
+
+def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(shards, tmp_path):
+    """The same one-rank failure through ``launch.submit --cluster local`` (2 tasks, srun-like environment): the
+    job ends in seconds (submitit then waits up to 15 s for results) and the client names rank 1's error, not
+    rank 0's note that it stopped because of it."""
+    data = tmp_path / 'data'
+    shutil.copytree(shards, data)
+    (data / 'train-000001.tar').write_bytes(os.urandom(20000))
+    cmd = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'local', '--tasks-per-node', '2',
+           '--config', TINY, f'data.train_shards={data}', f'experiment.output_dir={tmp_path / "run"}',
+           'data.samples_per_epoch=256']
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1 and elapsed < 90, (elapsed, proc.stderr[-3000:])
+    line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+    assert 'failed: rank 1: pretrain.py: no readable samples in shards' in line and 'train-000001.tar' in line
