@@ -295,3 +295,37 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     assert proc.returncode == 1 and elapsed < 90, (elapsed, proc.stderr[-3000:])
     line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
     assert 'failed: rank 1: pretrain.py: no readable samples in shards' in line and 'train-000001.tar' in line
+
+
+WATCH_PROBE = '''
+import sys, time
+import torch.distributed as dist
+from skipssl.failure import FailureWatch
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+watch = FailureWatch(rank, 2, 'probe').start()
+if rank == int(sys.argv[1]):
+    try:
+        raise ValueError(f'bad input on rank {rank}')
+    except ValueError as exn:
+        watch.fail(exn, lambda e: (2, str(e)))
+time.sleep(120)   # in no collective: only the watch can end this rank
+'''
+
+
+@pytest.mark.parametrize('failing', [0, 1])
+def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, failing):
+    """Two plain processes with env:// variables (as srun starts them, no agent to kill the rest; rank 0 hosts
+    the store): the rank that is not failing sleeps outside any collective, as one stuck in an NCCL kernel or a
+    long step would, and still ends within seconds."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, '-c', WATCH_PROBE, str(failing)], cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True, env={**_env(), 'PYTHONPATH': str(ROOT), 'RANK': str(r), 'WORLD_SIZE': '2',
+                                              'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)})
+             for r in (0, 1)]
+    start = time.monotonic()
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert time.monotonic() - start < 30
+    other = 1 - failing
+    assert procs[failing].returncode == 2 and f'rank {failing}: probe: bad input on rank {failing}' in errs[failing]
+    assert procs[other].returncode == 1 and errs[other].strip() == f'rank {other}: stopping because rank {failing} failed'
