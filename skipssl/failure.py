@@ -31,13 +31,12 @@ CLAIM_KEY = 'skipssl/failure/claims'    # the first rank to add 1 is the root
 ACK_KEY = 'skipssl/failure/acks'        # peers that have seen it
 POLL_S = 0.25
 ACK_WAIT_S = 3.0                        # the root waits this long for its peers to print their line
-FOLLOWER_DELAY_S = 1.0                 # a follower outlives the root by this long
+FOLLOWER_DELAY_S = 1.0                  # a follower outlives the root by this long
 ROOT_WAIT_S = 5.0                       # a peer that lost contact waits this long for the root's record
 
 # Messages of errors that only say a peer went away (gloo, NCCL, the TCPStore).
-_LOST_PEER = ('connection closed by peer', 'connection reset by peer', 'broken pipe', 'connection refused',
-              'remote worker crashing', 'socket closed', 'recvbytes failed', 'failed to recv', 'nccl communicator was aborted',
-              'process group watchdog')
+_LOST_PEER = ('connection closed by peer', 'connection reset by peer', 'remote worker crashing',
+              'nccl communicator was aborted')
 
 
 class PeerFailed(RuntimeError):

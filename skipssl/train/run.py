@@ -36,9 +36,12 @@ def preflight(cfg: Config) -> str:
     try:
         urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
         first_readable_sample(urls)
-        make_plan(cfg, world_size_from_env())
     except (FileNotFoundError, ValueError) as exn:
         raise ConfigError(f"data.train_shards: {exn}") from exn
+    try:
+        make_plan(cfg, world_size_from_env())
+    except ValueError as exn:
+        raise ConfigError(f"data.samples_per_epoch: {exn}") from exn
     kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)
     try:
         build_backbone(cfg.model.name, kwargs)
