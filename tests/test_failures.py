@@ -331,3 +331,24 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
     other = 1 - failing
     assert procs[failing].returncode == 2 and f'rank {failing}: probe: bad input on rank {failing}' in errs[failing]
     assert procs[other].returncode == 1 and errs[other].strip() == f'rank {other}: stopping because rank {failing} failed'
+
+
+@pytest.mark.slurm
+def test_a_failing_task_of_a_slurm_job_ends_the_job_within_seconds(slurm_cluster, shards, tmp_path):
+    """The same one-rank failure as a 2-task SLURM job (srun, env:// rendezvous hosted by rank 0)."""
+    from .test_launch_helpers import CPU2, in_queue, job_logs, submit_cli, submitted, wait_until
+    data = tmp_path / 'data'
+    shutil.copytree(shards, data)
+    (data / 'train-000001.tar').write_bytes(os.urandom(20000))
+    out = tmp_path / 'run'
+    start = time.monotonic()
+    proc = submit_cli('pretrain', '--config', TINY, *CPU2, '--time', '10', f'data.train_shards={data}',
+                      f'experiment.output_dir={out}', 'data.samples_per_epoch=256', 'engine.device=cpu')
+    job_id, folder = submitted(proc)
+    wait_until(lambda: not in_queue(job_id), 90, f'job {job_id} leaving the queue', lambda: job_logs(folder, job_id))
+    elapsed = time.monotonic() - start
+    assert elapsed < 90, elapsed
+    errs = [(folder / f'{job_id}_{t}_log.err').read_text() for t in (0, 1)]
+    assert errs[1].count('rank 1: pretrain.py: no readable samples in shards') == 1, errs[1][-3000:]
+    assert 'no readable samples' not in errs[0] and 'Traceback' not in errs[0] + errs[1]
+    assert 'rank 0: stopping because rank 1 failed' in errs[0]
