@@ -42,7 +42,8 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     from skipssl.config import ConfigError, load_config
     from skipssl.runlock import check_free
     from skipssl.train import preflight
-    from skipssl.train.trainer import make_plan
+    from skipssl.train.state import check_resumable
+    from skipssl.train.trainer import make_plan, model_spec
 
     cfg = load_config(config, overrides)
     device, gpus = cfg.engine.device, res.gpus_per_node
@@ -69,7 +70,10 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
         make_plan(cfg, res.world_size)
     except ValueError as exn:
         raise ConfigError(f"data.batch_size_per_rank: {exn}") from exn
-    check_free(Path(cfg.experiment.output_dir))
+    run_dir = Path(cfg.experiment.output_dir)
+    check_free(run_dir)
+    if not cfg.train.restart_if_no_valid_checkpoint:  # else the job decides (and moves unusable ones aside)
+        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg))
     return cfg
 
 
@@ -319,6 +323,7 @@ def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from skipssl.config import ConfigError
+    from skipssl.checkpoint import CheckpointError
     from skipssl.runlock import RunFolderError
     ours, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(ours)
@@ -327,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exn:
         print(f"{PROG} {args.command}: config error (nothing submitted): {exn}", file=sys.stderr)
         return 2
-    except (UsageError, ex.SubmitError, RunFolderError) as exn:
+    except (UsageError, ex.SubmitError, RunFolderError, CheckpointError) as exn:
         print(f"{PROG} {args.command}: error (nothing submitted): {exn}", file=sys.stderr)
         return 2
     except JobError as exn:

@@ -251,6 +251,19 @@ def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
     assert proc.returncode == 2 and 'in use by another run' in line
 
 
+def test_launch_submit_refuses_a_resume_the_job_would_refuse(short_run, shards, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(short_run, out)
+    base = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'debug', '--config', TINY,
+            f'data.train_shards={shards}', f'experiment.output_dir={out}', 'data.samples_per_epoch=64']
+    for extra, expect in ((['model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]'], 'the config asks for'),
+                          (['--cluster', 'local', '--tasks-per-node', '2'], 'written by 1 ranks, this run has 2')):
+        proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+        assert proc.returncode == 2 and expect in line and 'nothing submitted' in line
+    assert not (out / 'submitit').exists()
+
+
 # -- evaluators under torchrun -----------------------------------------------------------------------------------
 def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shards, tmp_path):
     """knn_eval.py with 2 ranks: rank 1's shard has samples without labels, so rank 1 stops in its extraction

@@ -83,6 +83,12 @@ def find_resumable(root: Path, info: DistInfo, model: Optional[Dict] = None,
     return rank0_decides(lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid), info)
 
 
+def check_resumable(root: Path, world_size: int, model: Dict) -> Optional[Path]:
+    """What ``find_resumable`` would decide for ``world_size`` ranks, made without a process group (before a job
+    is submitted, say) and without moving anything; CheckpointError if the run would be refused."""
+    return _choose_checkpoint(root, world_size, model, restart_if_none_valid=False)
+
+
 def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict],
                        restart_if_none_valid: bool) -> Optional[Path]:
     unusable = []
