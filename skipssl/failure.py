@@ -10,8 +10,8 @@ every rank's tracebacks. Here:
   (no barrier, no tear-down that could wait for a peer). Its sockets close, so gloo peers' collectives fail
   at once; torchrun's agent and ``srun --kill-on-bad-exit`` end the rest.
 - every rank runs a :class:`FailureWatch` thread that polls the store; when a peer has recorded a failure (or
-  the store itself is gone), it prints one line, ``rank N: stopping because rank M failed``, and ends its
-  process. This ends ranks stuck where no socket error reaches them (an NCCL kernel, a long step).
+  the store has been unreachable for ``STORE_LOST_S``), it prints one line, ``rank N: stopping because rank M
+  failed``, and ends its process. This ends ranks stuck where no socket error reaches them (an NCCL kernel, a long step).
 - a rank whose own error is a consequence (a lost connection, :class:`PeerFailed`) prints only that line.
 
 Dependency-light on purpose: training and evaluation both use it, and it imports nothing of either.
@@ -32,6 +32,7 @@ ACK_KEY = 'skipssl/failure/acks'        # peers that have seen it
 POLL_S = 0.25
 ACK_WAIT_S = 3.0                        # the root waits this long for its peers to print their line
 FOLLOWER_DELAY_S = 1.0                  # a follower outlives the root by this long
+STORE_LOST_S = 30.0                     # a store unreachable this long means the job is gone
 ROOT_WAIT_S = 5.0                       # a peer that lost contact waits this long for the root's record
 
 # Messages of errors that only say a peer went away (gloo, NCCL, the TCPStore).
@@ -144,17 +145,20 @@ class FailureWatch:
             self._thread = None
 
     def _poll(self, store) -> None:
+        unreachable_since = None
         while not self._stop.wait(POLL_S):
             try:
-                if not store.check([FAILED_KEY]):
+                found = store.check([FAILED_KEY])
+                root = int(store.get(FAILED_KEY)) if found else None
+                unreachable_since = None
+            except Exception as exn:  # the store's host (rank 0 or the launcher) may be gone
+                unreachable_since = unreachable_since or time.monotonic()
+                # a passing network hiccup must not end a healthy job: only a store that stays away does
+                if self._stop.is_set() or time.monotonic() - unreachable_since < STORE_LOST_S:
                     continue
-                root = int(store.get(FAILED_KEY))
-            except Exception as exn:  # the store's host (rank 0 or the launcher) is gone
-                if self._stop.is_set():
-                    return
-                self._exit(1, f"rank {self.rank}: stopping because the job's rendezvous store is gone (rank 0 or "
-                              f"the launcher ended): {first_line(exn)}")
-            if root != self.rank:
+                self._exit(1, f"rank {self.rank}: stopping because the job's rendezvous store has been unreachable "
+                              f"for {STORE_LOST_S:.0f} s (rank 0 or the launcher ended?): {first_line(exn)}")
+            if root is not None and root != self.rank:
                 self._ack(store)
                 self._exit(1, f"rank {self.rank}: stopping because rank {root} failed", follower=True)
 

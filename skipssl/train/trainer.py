@@ -299,7 +299,8 @@ class Trainer:
         bad = int(self._first_nonfinite.item())
         if bad >= 0:
             raise NonFiniteLoss(  # iterations counted from 1, as the console log does
-                f"the DINO loss became non-finite at iteration {bad + 1} (epoch {bad // self.plan.iterations_per_epoch}); "
+                f"the DINO loss became non-finite at iteration {bad + 1} "
+                f"(epoch {bad // self.plan.iterations_per_epoch}); "
                 "stopping without saving this state (the newest checkpoint is intact). Try a lower lr, bf16 "
                 "instead of fp16, or a smaller optim.clip_grad.")
 
@@ -424,7 +425,8 @@ class Trainer:
             'per_epoch': self.pos.per_epoch, 'finished': finished, 'stopped_by': stopped_by,
         }
 
-    def fit(self, resume_from: Optional[Path] = None) -> Dict:
+    def fit(self, resume_from: Optional[Path]) -> Dict:
+        """Train from ``resume_from`` (``train_state.find_resumable``'s decision; None: from the start)."""
         c = self.cfg
         resumed = self.resume(resume_from)
         if self.info.is_main and not resumed:
