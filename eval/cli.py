@@ -3,9 +3,10 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 from skipssl.checkpoint import CheckpointError
+from skipssl.failure import active_watch
 
 from .errors import EvalError
 
@@ -45,6 +46,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--precision', default='auto', choices=('auto', 'fp32', 'bf16'),
                    help='extraction precision (auto: bf16 autocast on GPU, fp32 on CPU)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    p.add_argument('--allow-pipe-shards', action='store_true',
+                   help="accept 'pipe:' shard specs (also in .txt lists): each runs as a shell command")
     g = p.add_argument_group('preprocessing (default: what the checkpoint says, else ImageNet 256/224)')
     g.add_argument('--channels', type=int)
     g.add_argument('--resize', type=int, help='shorter side before the centre crop')
@@ -59,7 +62,19 @@ def run(prog: str, fn: Callable, kwargs: Dict) -> int:
     logging.getLogger('faiss.loader').setLevel(logging.WARNING)   # which SIMD build it tried, at INFO
     try:
         fn(**kwargs)
-    except (EvalError, CheckpointError) as exn:
-        print(f"{prog}: error: {exn}", file=sys.stderr)
-        return 2
+    except BaseException as exn:
+        watch = active_watch()
+        if watch is not None:  # other ranks wait in a collective for this one: end the whole job now
+            watch.fail(exn, _describe)
+        status, line = _describe(exn)
+        if line is None:
+            raise
+        print(f"{prog}: {line}", file=sys.stderr)
+        return status
     return 0
+
+
+def _describe(exn: BaseException) -> Tuple[int, Optional[str]]:
+    if isinstance(exn, (EvalError, CheckpointError)):
+        return 2, f"error: {exn}"
+    return 1, None

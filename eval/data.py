@@ -59,10 +59,11 @@ def first_sample_label(url: str) -> tuple:
     raise EvalError(f"shard {url} holds no readable sample ({errors[0] if errors else 'empty'})")
 
 
-def open_split(spec: str, role: str, prefix: Optional[str] = None, require_labels: bool = True) -> Split:
+def open_split(spec: str, role: str, prefix: Optional[str] = None, require_labels: bool = True,
+               allow_pipe: bool = False) -> Split:
     """Resolve ``spec`` (folder, index, brace pattern, list file) and check that it is usable for evaluation."""
     spec = str(spec)
-    local = not spec.startswith(('pipe:', 'http://', 'https://'))
+    local = not is_remote(spec)
     if local and '{' not in spec and not os.path.exists(spec) and not spec.endswith('.tar'):
         raise EvalError(f"{role} shards: {spec} does not exist (expected a folder of shards, a "
                         f"*{INDEX_SUFFIX} file, a .txt list or a brace pattern)")
@@ -71,7 +72,7 @@ def open_split(spec: str, role: str, prefix: Optional[str] = None, require_label
         prefix = next((p for p in _ROLE_PREFIXES.get(role, (role,)) if (Path(spec) / f'{p}{INDEX_SUFFIX}').is_file()),
                       None)
     try:
-        urls = resolve_shards(spec, prefix)
+        urls = resolve_shards(spec, prefix, allow_pipe)
     except (FileNotFoundError, ValueError) as exn:
         raise EvalError(f"{role} shards {spec}: {exn}") from exn
     index = _index_of(spec, prefix) if local else None

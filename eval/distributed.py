@@ -5,11 +5,14 @@ runs the (single-process) k-NN search or linear probe. Gathering goes in fixed-s
 ever holds more than its own part plus one chunk per rank besides rank 0's result.
 """
 import os
+import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from skipssl.failure import FailureWatch
 
 
 @dataclass
@@ -18,6 +21,7 @@ class Ranks:
     world_size: int = 1
     device: torch.device = torch.device('cpu')
     owns_group: bool = False     # initialised here, so torn down here
+    watch: Optional[FailureWatch] = None  # ends this rank when another fails (skipssl.failure)
 
     @property
     def main(self) -> bool:
@@ -32,7 +36,14 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the group without a barrier: rank 0 may still be evaluating, long after the others are done."""
+        """Leave the group without a barrier: rank 0 may still be evaluating, long after the others are done.
+        Called (from a ``finally``) while an error propagates, it keeps the group and the failure watch: the entry
+        point (``eval.cli.run``) then ends the whole job at once instead of leaving peers in a collective."""
+        if self.watch is not None and sys.exc_info()[1] is not None:
+            return
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
@@ -52,7 +63,9 @@ def from_env(device: str = 'auto') -> Ranks:
     if world <= 1:
         return Ranks(0, 1, dev, False)
     dist.init_process_group('nccl' if use_cuda else 'gloo')
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev, True)
+    rank = dist.get_rank()
+    prog = os.path.basename(sys.argv[0]) or 'evaluation'
+    return Ranks(rank, dist.get_world_size(), dev, True, FailureWatch(rank, dist.get_world_size(), prog).start())
 
 
 def comm_device(ranks: Ranks) -> torch.device:

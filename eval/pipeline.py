@@ -49,7 +49,8 @@ class _Job:
                  batch_size: int = 128, num_workers: int = 2, n_last_blocks: int = 4, precision: str = 'auto',
                  device: str = 'auto', train_prefix: Optional[str] = None, test_prefix: Optional[str] = None,
                  channels: Optional[int] = None, resize: Optional[int] = None, crop: Optional[int] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 allow_pipe_shards: bool = False):
         if which not in ('teacher', 'student'):
             raise EvalError(f"--which must be teacher or student, got {which!r}")
         if precision not in ('auto', 'fp32', 'bf16'):
@@ -68,8 +69,9 @@ class _Job:
         self.out_dir, self.cache_dir, self.refresh = out_dir, cache_dir, refresh
         self.batch_size, self.num_workers, self.n_last_blocks = batch_size, num_workers, n_last_blocks
         self.precision = precision
-        self.train = open_split(train_shards, 'train', train_prefix)
-        self.test = open_split(test_shards, 'test', test_prefix)
+        self.allow_pipe = allow_pipe_shards
+        self.train = open_split(train_shards, 'train', train_prefix, allow_pipe=allow_pipe_shards)
+        self.test = open_split(test_shards, 'test', test_prefix, allow_pipe=allow_pipe_shards)
         self.val: Optional[Split] = None
         self.dataset = dataset or self.test.name
         self.specs = model_specs(checkpoint, all_exports)
@@ -233,7 +235,7 @@ def run_linear(checkpoint: str, train_shards: str, test_shards: str, *, lrs: Seq
         raise EvalError("a learning-rate sweep needs --val-fraction > 0 or --val-shards: the lr is chosen on "
                         "held-out training data, not on the test set")
     job = _Job(checkpoint, train_shards, test_shards, **options)
-    job.val = open_split(val_shards, 'val') if val_shards else None
+    job.val = open_split(val_shards, 'val', allow_pipe=job.allow_pipe) if val_shards else None
     if augment and job.train.num_samples is None:
         raise EvalError(f"--augment needs a shard index with num_samples for {job.train.spec} (epoch length)")
     evaluator = 'linear_augment' if augment else 'linear'

@@ -170,7 +170,8 @@ def make_executor(res: Resources, folder: Path, name: str, dependency: Optional[
         params: Dict[str, Any] = {
             'job_name': name, 'nodes': res.nodes, 'ntasks_per_node': res.ntasks_per_node, 'cpus_per_task': threads,
             'time': res.time_min, 'signal_delay_s': res.signal_delay_s, 'setup': setup,
-            'additional_parameters': sbatch}
+            # a task that fails ends the job's other tasks at once (as torchrun's agent does), whatever they wait in
+            'srun_args': ['--kill-on-bad-exit=1'], 'additional_parameters': sbatch}
         if res.gpus_per_node:
             params['gpus_per_node'] = res.gpus_per_node
         if res.mem_gb is not None:

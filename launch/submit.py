@@ -13,6 +13,7 @@ size, scheduler arguments), so a typo fails here and not after hours in the queu
 """
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     shards, epoch size for the job's world size, model; engine.device agrees with the GPUs asked for.
     Raises skipssl.config.ConfigError naming the key."""
     from skipssl.config import ConfigError, load_config
+    from skipssl.runlock import check_free
     from skipssl.train import preflight
-    from skipssl.train.trainer import make_plan
+    from skipssl.train.state import check_resumable
+    from skipssl.train.trainer import make_plan, model_spec
 
     cfg = load_config(config, overrides)
     device, gpus = cfg.engine.device, res.gpus_per_node
@@ -67,13 +70,17 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
         make_plan(cfg, res.world_size)
     except ValueError as exn:
         raise ConfigError(f"data.batch_size_per_rank: {exn}") from exn
+    run_dir = Path(cfg.experiment.output_dir)
+    check_free(run_dir)
+    if not cfg.train.restart_if_no_valid_checkpoint:  # else the job decides (and moves unusable ones aside)
+        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg))
     return cfg
 
 
-def check_shards(spec: str, option: str) -> str:
+def check_shards(spec: str, option: str, allow_pipe: bool = False) -> str:
     from skipssl.data import resolve_shards
     try:
-        resolve_shards(spec)
+        resolve_shards(spec, allow_pipe=allow_pipe)
     except (FileNotFoundError, ValueError) as exn:
         raise UsageError(f"{option}: {exn}") from exn
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
@@ -124,7 +131,19 @@ def _wait(job, kind: str):
     try:
         return job.results()
     except Exception as exn:  # the job's own error (debug) or submitit's report of it (local)
-        raise JobError(f"{kind} job {job.job_id} failed: {exn}") from exn
+        root = root_error(job)
+        raise JobError(f"{kind} job {job.job_id} failed: {root or exn}"
+                       + (f" (logs: {job.paths.folder})" if root else '')) from exn
+
+
+def root_error(job) -> Optional[str]:
+    """The line a failing rank of a multi-task job printed (skipssl.failure): submitit reports task 0, which may
+    only say that it stopped because another rank failed."""
+    for path in sorted(Path(job.paths.folder).glob(f'{job.job_id}_*_log.err')):
+        for line in path.read_text(errors='replace').splitlines():
+            if re.match(r'rank \d+: ', line) and not line.split(': ', 1)[1].startswith('stopping'):
+                return line
+    return None
 
 
 # ---------------------------------------------------------------- commands
@@ -165,8 +184,9 @@ def cmd_eval(args, passthrough: List[str]) -> int:
     check_entry_point(args.command)
     res = ex.resources_from_args(args)
     checkpoint = check_checkpoint(args.checkpoint)
-    train = check_shards(args.train_shards, '--train-shards')
-    test = check_shards(args.test_shards, '--test-shards')
+    pipes = '--allow-pipe-shards' in passthrough
+    train = check_shards(args.train_shards, '--train-shards', pipes)
+    test = check_shards(args.test_shards, '--test-shards', pipes)
     root = run_dir_of(checkpoint) or Path.cwd()
     argv = eval_argv(args.command, checkpoint, train, test, passthrough)
     job = ex.submit(EntryPointJob(args.command, argv), res, _folder(args, root),
@@ -204,14 +224,15 @@ def cmd_pipeline(args, passthrough: List[str]) -> int:
     available = available_entry_points()
     evals = [k for k in ('knn', 'linear') if k in available]
     skipped = [k for k in ('knn', 'linear', 'report') if k not in available or (k == 'report' and not evals)]
+    extra = {'knn': shlex.split(args.knn_args or ''), 'linear': shlex.split(args.linear_args or ''),
+             'report': shlex.split(args.report_args or '')}
     if evals:
         if not (args.eval_train_shards and args.eval_test_shards):
             raise UsageError("pipeline: --eval-train-shards and --eval-test-shards (labelled shards) are needed for "
                              "the k-NN and linear-probe jobs")
-        train = check_shards(args.eval_train_shards, '--eval-train-shards')
-        test = check_shards(args.eval_test_shards, '--eval-test-shards')
-    extra = {'knn': shlex.split(args.knn_args or ''), 'linear': shlex.split(args.linear_args or ''),
-             'report': shlex.split(args.report_args or '')}
+        pipes = all('--allow-pipe-shards' in extra[k] for k in evals)
+        train = check_shards(args.eval_train_shards, '--eval-train-shards', pipes)
+        test = check_shards(args.eval_test_shards, '--eval-test-shards', pipes)
     folder = _folder(args, run_dir)
     name = args.job_name or 'skipssl'
     slurm = res.cluster == 'slurm'
@@ -302,6 +323,8 @@ def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from skipssl.config import ConfigError
+    from skipssl.checkpoint import CheckpointError
+    from skipssl.runlock import RunFolderError
     ours, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(ours)
     try:
@@ -309,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exn:
         print(f"{PROG} {args.command}: config error (nothing submitted): {exn}", file=sys.stderr)
         return 2
-    except (UsageError, ex.SubmitError) as exn:
+    except (UsageError, ex.SubmitError, RunFolderError, CheckpointError) as exn:
         print(f"{PROG} {args.command}: error (nothing submitted): {exn}", file=sys.stderr)
         return 2
     except JobError as exn:

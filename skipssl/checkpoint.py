@@ -126,11 +126,17 @@ def verify_checkpoint(folder: PathLike, world_size: Optional[int] = None) -> Dic
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {info['bytes']} were written (truncated?)")
         if sha256(f) != info['sha256']:
             raise CheckpointError(f"{f}: SHA-256 differs from the one recorded at write time (corrupt)")
-    if world_size is not None and record.get('world_size') != world_size:
+    if world_size is not None:
+        check_world_size(record, folder, world_size)
+    return record
+
+
+def check_world_size(record: Dict, folder: PathLike, world_size: int) -> None:
+    """A resume needs the ranks that wrote the checkpoint (CheckpointError otherwise)."""
+    if record.get('world_size') != world_size:
         raise CheckpointError(
             f"{folder} was written by {record.get('world_size')} ranks, this run has {world_size}: exact resume "
             "needs the same number of ranks (optimizer partitions, RNG and reader positions are per rank)")
-    return record
 
 
 def finalize_checkpoint(tmp_folder: PathLike, final_folder: PathLike, record: Dict) -> None:

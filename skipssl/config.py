@@ -90,6 +90,7 @@ class DataSection:
     augment_on: str = 'cpu'           # 'cpu': loader workers; 'device': BatchedMultiCrop on the training device
     canvas_size: int = 256            # device augmentation: images reach the device at this size
     max_skip_fraction: float = 0.01
+    allow_pipe_shards: bool = False   # run 'pipe:' shard specs (also lines of a .txt list) as shell commands
     eval_resize: int = 256            # evaluation preprocessing, stored with exports
     eval_crop: int = 224
 
@@ -105,6 +106,7 @@ class TrainSection:
     export_every_epoch: bool = True   # teacher backbone as safetensors at every epoch's end
     attention_images: int = 4         # last-layer attention maps of this many fixed images, every epoch
     collapse_warn_every: int = 100    # iterations between collapse checks
+    restart_if_no_valid_checkpoint: bool = False  # checkpoints exist but none verifies: start again at 0 (else stop)
 
 
 @dataclass
@@ -348,7 +350,32 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.teacher.momentum <= cfg.teacher.momentum_end <= 1, 'teacher.momentum',
            "need 0 <= momentum <= momentum_end <= 1")
     _check(cfg.head.out_dim >= 2 and cfg.head.nlayers >= 1, 'head.out_dim', "out_dim >= 2 and nlayers >= 1")
+    for key in ('hidden_dim', 'bottleneck_dim'):
+        _check(getattr(cfg.head, key) >= 1, f'head.{key}', f"must be >= 1, got {getattr(cfg.head, key)}")
+    _check(t.stop_after_iterations >= 0, 'train.stop_after_iterations',
+           f"must be >= 0 (0: no early stop), got {t.stop_after_iterations}")
+    _check(t.attention_images >= 0 and t.collapse_warn_every >= 1, 'train.attention_images',
+           "attention_images >= 0 and collapse_warn_every >= 1")
+    _check(d.samples_per_epoch >= 0, 'data.samples_per_epoch',
+           f"must be >= 0 (0: count from the shard index), got {d.samples_per_epoch}")
+    _check(d.shuffle_buffer >= 0, 'data.shuffle_buffer', f"must be >= 0, got {d.shuffle_buffer}")
+    _check(0 <= d.max_skip_fraction <= 1, 'data.max_skip_fraction', f"must be in [0, 1], got {d.max_skip_fraction}")
+    for key in ('canvas_size', 'eval_resize', 'eval_crop'):
+        _check(getattr(d, key) >= 1, f'data.{key}', f"must be >= 1, got {getattr(d, key)}")
+    _check(o.weight_decay >= 0 and o.weight_decay_end >= 0, 'optim.weight_decay', "must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), 'optim.betas', f"each in [0, 1), got {list(o.betas)}")
+    _check(0 <= lo.center_momentum <= 1, 'loss.center_momentum', f"must be in [0, 1], got {lo.center_momentum}")
+    _check_skip_indices(cfg.model.kwargs.get('skip_indices', []))
     _check(not math.isnan(cfg.model.drop_path_rate) and 0 <= cfg.model.drop_path_rate < 1,
            'model.drop_path_rate', "must be in [0, 1)")
     _check('num_classes' not in cfg.model.kwargs and 'drop_path_rate' not in cfg.model.kwargs, 'model.kwargs',
            "num_classes is fixed to 0 (the DINO head follows) and drop_path_rate is model.drop_path_rate")
+
+
+def _check_skip_indices(value: Any) -> None:
+    # a string is iterable too: "13" would silently mean blocks 1 and 3
+    _check(isinstance(value, (list, tuple)), 'model.kwargs.skip_indices',
+           f"expected a list of block indices, e.g. [3, 4, 5], got {value!r}")
+    _check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value), 'model.kwargs.skip_indices',
+           f"block indices are integers >= 0, got {list(value)}")
+    _check(len(set(value)) == len(value), 'model.kwargs.skip_indices', f"repeated block index in {list(value)}")

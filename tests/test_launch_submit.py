@@ -67,6 +67,8 @@ def test_sbatch_script_asks_for_what_the_command_line_says(tmp_path):
                  '--dependency=afterok:41', '--kill-on-invalid-dep=yes'):
         assert f'#SBATCH {flag}' in script, flag
     assert 'export OMP_NUM_THREADS=10' in script and executor.max_num_timeout == 5
+    # a task that fails ends the others at once (skipssl.failure), as torchrun's agent does
+    assert re.search(r'^srun .*--kill-on-bad-exit=1', script, re.M), script
 
 
 def test_bad_config_and_arguments_are_refused_before_anything_runs(shards, tmp_path, capsys):

@@ -230,6 +230,6 @@ def test_decode_sample_reads_labels_from_json_too():
 
 def test_pipe_urls_are_read_through_webdataset(tmp_path):
     urls = write_shards(tmp_path, [3, 2])
-    piped = resolve_shards([f'pipe:cat {u}' for u in urls])
+    piped = resolve_shards([f'pipe:cat {u}' for u in urls], allow_pipe=True)
     assert piped == [f'pipe:cat {u}' for u in urls]
     assert sorted(key for _, _, key in EvalShards(piped)) == [f'sample{i:05d}' for i in range(5)]

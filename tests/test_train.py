@@ -398,9 +398,12 @@ def test_checkpoints_load_weights_only():
 def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_path):
     out = tmp_path / 'run'
     proc = run(out, shards, 'data.samples_per_epoch=128', 'train.epochs=1', 'optim.base_lr=1e30',
-               'optim.clip_grad=0', 'optim.warmup_epochs=0', 'train.log_every=4', check=False)
+               'optim.clip_grad=0', 'optim.warmup_epochs=0', 'train.log_every=1', check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert 'non-finite at iteration' in proc.stderr
+    # the first step's loss is finite, the huge update makes the second one non-finite; counted from 1 as the
+    # console's "it 1/4" is
+    assert 'it 1/4 ' in proc.stderr and 'it 2/4 ' not in proc.stderr
+    assert 'non-finite at iteration 2 ' in proc.stderr
     assert ckpt.list_checkpoints(out / 'checkpoints') == []
 
 

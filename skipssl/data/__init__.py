@@ -3,11 +3,11 @@ from .multicrop import BatchedMultiCrop, MultiCropConfig, MultiCropTransform, st
 
 __all__ = ['BatchedMultiCrop', 'MultiCropConfig', 'MultiCropTransform', 'stack_crops']
 from .reader import (EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, decode_sample,
-                     eval_transform)
+                     eval_transform, first_readable_sample)
 from .shards import read_index, resolve_shards
 
 __all__ += ['EvalShards', 'PretrainShards', 'ReaderState', 'TooManyBadSamples', 'canvas_resize', 'decode_sample',
-            'eval_transform', 'read_index', 'resolve_shards']
+            'eval_transform', 'first_readable_sample', 'read_index', 'resolve_shards']
 from .sources import FashionMNISTSource, ImageFolderSource, open_source
 
 __all__ += ['FashionMNISTSource', 'ImageFolderSource', 'open_source']

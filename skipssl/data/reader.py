@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset import filters, tariterators
 
 from .integrity import index_counts
+from .shards import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,20 @@ def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int]
             if lost:   # with a stride, the slots whose share it is say so
                 counter.shard_short(url, got, want, lost)
         position += got
+
+
+def first_readable_sample(urls: List[str]) -> Optional[str]:
+    """The key of the first sample that the local shards of ``urls`` yield, trying them in order (a cheap
+    start-up check: one sample of one good shard). ValueError naming the first shard's error when none yields
+    one; None when there is no local shard to try (remote shards are read only by the run)."""
+    local = [u for u in urls if not is_remote(u)]
+    errors: List[Exception] = []
+    for sample in iter_raw_samples(local, handler=lambda exn: errors.append(exn) or True):
+        return sample['__key__']
+    if not local:
+        return None
+    raise ValueError(f"none of the {len(local)} shard(s) holds a readable sample "
+                     f"({errors[0] if errors else f'{local[0]}: no samples'})")
 
 
 def worker_slot(rank: int, world_size: int) -> Tuple[int, int, int, int]:
@@ -248,7 +263,8 @@ class PretrainShards(IterableDataset):
                     empty = False
                     yield s
                 if empty:
-                    raise RuntimeError(f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
+                    raise TooManyBadSamples(
+                        f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
 
         # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
         return filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(cycles())

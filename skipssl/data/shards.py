@@ -22,7 +22,15 @@ def read_index(path: Union[str, Path]) -> dict:
     return index
 
 
-def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> List[str]:
+def check_pipe(url: str, allow_pipe: bool) -> None:
+    """``pipe:`` specs are shell commands (webdataset runs them when it opens the shard): only with an opt-in."""
+    if url.startswith('pipe:') and not allow_pipe:
+        raise ValueError(f"shard spec {url!r} is a shell command (pipe:), refused without an explicit opt-in "
+                         "(data.allow_pipe_shards=true for pretraining, --allow-pipe-shards for the evaluators)")
+
+
+def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None,
+                   allow_pipe: bool = False) -> List[str]:
     """Shard URLs from ``spec``; fails at once, naming the path, if nothing usable is there.
 
     - a folder: the shards of its ``*-index.json`` (``prefix`` picks one when there are several, e.g.
@@ -31,19 +39,21 @@ def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None
     - a ``.txt`` file: one URL or path per line;
     - a brace pattern or URL (``data/train-{000000..000099}.tar``, ``pipe:curl -s ...``), or a list of them.
     Local paths must exist and be non-empty, and have the size their index records (see ``integrity``);
-    remote URLs are checked when read.
+    remote URLs are checked when read. ``pipe:`` specs (also as lines of a list) run a shell command per shard
+    and are refused unless ``allow_pipe``.
     """
     from .integrity import check_against_index   # integrity reads indices through this module
-    urls = _resolve(spec, prefix)
+    urls = _resolve(spec, prefix, allow_pipe)
     check_against_index(urls)
     return urls
 
 
-def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str]) -> List[str]:
+def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str], allow_pipe: bool) -> List[str]:
     if isinstance(spec, (list, tuple)):
-        urls = [u for s in spec for u in _resolve(s, prefix)]
+        urls = [u for s in spec for u in _resolve(s, prefix, allow_pipe)]
     else:
         spec = str(spec)
+        check_pipe(spec, allow_pipe)
         if is_remote(spec):
             urls = expand_urls(spec)
         elif os.path.isdir(spec):
@@ -52,12 +62,13 @@ def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str]) -> List[str
             urls = _from_index(Path(spec))
         elif spec.endswith('.txt') and os.path.isfile(spec):
             lines = [ln.strip() for ln in Path(spec).read_text().splitlines()]
-            urls = _resolve([ln for ln in lines if ln and not ln.startswith('#')], prefix)
+            urls = _resolve([ln for ln in lines if ln and not ln.startswith('#')], prefix, allow_pipe)
         else:
             urls = expand_urls(spec)
     if not urls:
         raise FileNotFoundError(f"no shards found in {spec!r}")
     for url in urls:
+        check_pipe(url, allow_pipe)
         if not is_remote(url):
             if not os.path.isfile(url):
                 raise FileNotFoundError(f"shard {url} does not exist")

@@ -5,10 +5,12 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar('T')
 
 
 @dataclass
@@ -48,6 +50,16 @@ def detect_launcher(env=os.environ) -> str:
     if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
         return 'slurm'
     return 'single'
+
+
+def world_size_from_env(env=os.environ) -> int:
+    """The number of ranks the launcher will start, read before any process group exists."""
+    launcher = detect_launcher(env)
+    if launcher == 'torchrun':
+        return int(env['WORLD_SIZE'])
+    if launcher == 'slurm':
+        return int(env['SLURM_NTASKS'])
+    return 1
 
 
 def export_env(launcher: str) -> None:
@@ -95,13 +107,36 @@ def init_distributed(device_kind: str) -> DistInfo:
     return DistInfo(rank, world, local, device, launcher, control)
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group; without ``barrier`` on an error path, where peers may be in another collective."""
     # an explicit teardown: exiting with a live gloo group occasionally aborts the process at exit
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def rank0_decides(fn: Callable[[], T], info: DistInfo) -> T:
+    """``fn()`` run on rank 0 only, its result on every rank. If it raises, rank 0 raises that error and the
+    other ranks raise PeerFailed, so a check that only rank 0 makes (files on rank 0's disk, say) cannot leave
+    the ranks disagreeing."""
+    from ..failure import PeerFailed, first_line
+    box: List = [None]
+    if info.is_main:
+        try:
+            box[0] = (True, fn())
+        except Exception as exn:
+            if info.world_size > 1:
+                dist.broadcast_object_list([(False, first_line(exn))], src=0, group=info.control_group)
+            raise
+    if info.world_size > 1:
+        dist.broadcast_object_list(box, src=0, group=info.control_group)
+    ok, value = box[0]
+    if not ok:
+        raise PeerFailed(f"rank 0 refused: {value}")
+    return value
 
 
 def all_reduce_cpu(t: torch.Tensor, info: DistInfo, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -6,22 +6,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
 from ..config import Config, ConfigError, load_config
+from ..failure import FailureWatch, first_line
+from ..runlock import RunLock
 
 log = logging.getLogger('skipssl')
 
 
 def preflight(cfg: Config) -> str:
-    """Checks that need files or devices but no training: device and precision, shards, epoch size, model.
-    Returns the device kind. Raises ConfigError naming the key at fault."""
+    """Checks that need files or devices but no training: device and precision, shards, epoch size for the
+    launcher's world size, model, output folder. Returns the device kind. Raises ConfigError naming the key."""
     from ..checkpoint import build_backbone
-    from ..data import resolve_shards
-    from .distributed import resolve_device
-    from .trainer import samples_per_epoch
+    from ..data import first_readable_sample, resolve_shards
+    from .distributed import resolve_device, world_size_from_env
+    from .trainer import make_plan
     try:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
@@ -32,15 +34,30 @@ def preflight(cfg: Config) -> str:
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: not set (a shard folder, index json, .txt list or brace pattern)")
     try:
-        resolve_shards(cfg.data.train_shards)
-        samples_per_epoch(cfg)
+        urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
+        first_readable_sample(urls)
     except (FileNotFoundError, ValueError) as exn:
         raise ConfigError(f"data.train_shards: {exn}") from exn
     try:
-        build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate))
+        make_plan(cfg, world_size_from_env())
     except ValueError as exn:
-        raise ConfigError(f"model: {exn}") from exn
+        raise ConfigError(f"data.samples_per_epoch: {exn}") from exn
+    kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)
+    try:
+        build_backbone(cfg.model.name, kwargs)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as exn:  # timm checks kwargs with asserts
+        raise ConfigError(f"model: {cfg.model.name} cannot be built with {cfg.model.kwargs}: "
+                          f"{str(exn) or type(exn).__name__}") from exn
+    check_output_dir(Path(cfg.experiment.output_dir))
     return device
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, must be writable."""
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"experiment.output_dir: cannot write to {existing}"
+                          + ('' if existing == run_dir else f" (to create {run_dir})"))
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
@@ -58,24 +75,65 @@ def _save_config(cfg: Config, run_dir: Path) -> None:
     atomic_write_text(text, path)
 
 
+def describe_failure(exn: BaseException) -> Tuple[int, Optional[str]]:
+    """(exit status, one-line message) of an error that stops a run; a None message for an internal error,
+    which keeps its traceback."""
+    from ..checkpoint import CheckpointError
+    from ..data import TooManyBadSamples
+    from ..runlock import RunFolderError
+    from .trainer import NonFiniteLoss
+    if isinstance(exn, ConfigError):
+        return 2, f"config error: {exn}"
+    if isinstance(exn, NonFiniteLoss):
+        return 3, str(exn)
+    if isinstance(exn, (CheckpointError, TooManyBadSamples, RunFolderError)):
+        return 2, first_line(exn)
+    if isinstance(exn, KeyboardInterrupt):
+        return 130, "interrupted"
+    return 1, None
+
+
+def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Optional[Path]]:
+    """Rank 0 takes the run folder's lock (None elsewhere) and decides where to resume; every rank gets the
+    answer or stops. Nothing of an existing run changes before its resume is accepted."""
+    from .distributed import rank0_decides
+    from .state import find_resumable
+    from .trainer import model_spec
+    held: List[RunLock] = []
+    rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
+    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint)
+    return (held[0] if held else None), folder
+
+
 def pretrain(cfg: Config) -> Dict:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
-    rank calls it."""
+    rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
     from .trainer import Trainer
     device = preflight(cfg)
     info = init_distributed(device)
+    watch = FailureWatch(info.rank, info.world_size, 'pretrain.py').start()
+    lock = None
     try:
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                             format=f'%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s')
         run_dir = Path(cfg.experiment.output_dir)
+        lock, resume_from = _start_run(cfg, info, run_dir)
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             _save_config(cfg, run_dir)
             log.info("run %s on %d %s rank(s) (launcher: %s)", run_dir, info.world_size, device, info.launcher)
-        return Trainer(cfg, info, run_dir).fit()
+        summary = Trainer(cfg, info, run_dir).fit(resume_from)
+    except BaseException as exn:
+        if watch.active:
+            watch.fail(exn, describe_failure)  # ends this process: no tear-down that could wait for a peer
+        shutdown(barrier=False)
+        raise
     finally:
-        shutdown()
+        if lock is not None:
+            lock.release()
+    watch.stop()
+    shutdown()
+    return summary
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -89,7 +147,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .trainer import NonFiniteLoss
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -97,12 +154,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(cfg.to_yaml(), end='')
             return 0
         summary = pretrain(cfg)
-    except ConfigError as exn:
-        print(f"pretrain.py: config error: {exn}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as exn:
-        print(f"pretrain.py: {exn}", file=sys.stderr)
-        return 3
+    except Exception as exn:
+        status, line = describe_failure(exn)
+        if line is None:
+            raise
+        print(f"pretrain.py: {line}", file=sys.stderr)
+        return status
     if int(os.environ.get('RANK', '0')) == 0:
         state = 'finished' if summary['finished'] else f"stopped ({summary['stopped_by'] or 'iteration limit'})"
         print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary['iterations'],

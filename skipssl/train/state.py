@@ -6,7 +6,9 @@ reader position, its device clock). Loading is ``weights_only``; the only non-te
 into an optimizer state (loss scaler, ZeRO stage enum, fragment addresses) are allow-listed.
 """
 import logging
+import os
 import random
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as ckpt
-from .distributed import DistInfo
+from .distributed import DistInfo, rank0_decides
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +74,53 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
     return final
 
 
-def find_resumable(root: Path, info: DistInfo) -> Optional[Path]:
-    """The newest checkpoint under ``root`` that verifies (rank 0 checks, everyone gets its answer); a corrupt
-    or incomplete newer one is reported and skipped."""
-    choice = torch.tensor([-1], dtype=torch.int64)
-    if info.is_main:
-        for iteration, folder in reversed(ckpt.list_checkpoints(root)):
-            try:
-                ckpt.verify_checkpoint(folder, world_size=info.world_size)
-            except ckpt.CheckpointError as exn:
-                if 'ranks' in str(exn):
-                    raise
-                log.warning("checkpoint %s is not usable, trying the one before: %s", folder, exn)
-                continue
-            choice[0] = iteration
-            break
-    if info.world_size > 1:
-        dist.broadcast(choice, 0, group=info.control_group)
-    return None if choice.item() < 0 else root / ckpt.checkpoint_name(int(choice.item()))
+def find_resumable(root: Path, info: DistInfo, model: Optional[Dict] = None,
+                   restart_if_none_valid: bool = False) -> Optional[Path]:
+    """The newest checkpoint under ``root`` that verifies, or None for a new run; collective: rank 0 decides,
+    every rank gets its answer or its refusal. A corrupt or incomplete newer checkpoint is reported and skipped;
+    checkpoints that exist but none of which verifies stop the run (CheckpointError naming them) unless
+    ``restart_if_none_valid``; a checkpoint of other ranks or (``model``: a model spec) another model is refused."""
+    return rank0_decides(lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid), info)
+
+
+def check_resumable(root: Path, world_size: int, model: Dict) -> Optional[Path]:
+    """What ``find_resumable`` would decide for ``world_size`` ranks, made without a process group (before a job
+    is submitted, say) and without moving anything; CheckpointError if the run would be refused."""
+    return _choose_checkpoint(root, world_size, model, restart_if_none_valid=False)
+
+
+def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict],
+                       restart_if_none_valid: bool) -> Optional[Path]:
+    unusable = []
+    for _, folder in reversed(ckpt.list_checkpoints(root)):
+        try:
+            record = ckpt.verify_checkpoint(folder)
+        except ckpt.CheckpointError as exn:
+            log.warning("checkpoint %s is not usable, trying the one before: %s", folder, exn)
+            unusable.append(folder.name)
+            continue
+        ckpt.check_world_size(record, folder, world_size)
+        if model is not None:
+            saved = ckpt.load_file(folder / ckpt.MODEL_FILE)['model']
+            if saved != model:
+                raise ckpt.CheckpointError(f"{folder} holds {saved}, the config asks for {model}: use a new "
+                                           "experiment.output_dir")
+        return folder
+    if unusable and not restart_if_none_valid:
+        raise ckpt.CheckpointError(
+            f"{root} holds {len(unusable)} checkpoint(s) and none verifies ({', '.join(unusable)}; reasons above): "
+            "not starting again from iteration 0 over them. Set train.restart_if_no_valid_checkpoint=true to "
+            "start again (they are moved aside), or move them away yourself")
+    if unusable:
+        # moved out of the way: left in place, they would sort after the new run's checkpoints and be pruned last
+        aside = root / f'unusable-{time.strftime("%Y%m%d-%H%M%S")}'
+        aside.mkdir()
+        for name in unusable:
+            os.replace(root / name, aside / name)
+        log.warning("none of the checkpoints in %s verifies (%s): starting again from iteration 0, as "
+                    "train.restart_if_no_valid_checkpoint asks; they were moved to %s", root, ', '.join(unusable),
+                    aside)
+    return None
 
 
 def load(folder: Path, info: DistInfo) -> Tuple[Dict, Dict]:

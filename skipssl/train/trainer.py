@@ -160,7 +160,7 @@ class Trainer:
         self.device = info.device
         self.plan = make_plan(cfg, info.world_size)
         self.sched = make_schedules(cfg, self.plan)
-        self.urls = resolve_shards(cfg.data.train_shards)
+        self.urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
         self.ckpt_root = run_dir / 'checkpoints'
         self.stop = StopRequest()
 
@@ -230,14 +230,11 @@ class Trainer:
             log.info("checkpoint %s", folder)
         return folder
 
-    def resume(self) -> bool:
-        folder = train_state.find_resumable(self.ckpt_root, self.info)
+    def resume(self, folder: Optional[Path]) -> bool:
+        """Load ``folder``, a checkpoint ``train_state.find_resumable`` accepted (None: a new run)."""
         if folder is None:
             return False
         model_blob, rank_blob = train_state.load(folder, self.info)
-        if model_blob['model'] != model_spec(self.cfg):
-            raise ckpt.CheckpointError(f"{folder} holds {model_blob['model']}, the config asks for "
-                                       f"{model_spec(self.cfg)}: use a new experiment.output_dir")
         e = self.engine
         e.module.load_state_dict(model_blob['student'])
         if self.view.partitioned:
@@ -305,8 +302,9 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = int(self._first_nonfinite.item())
         if bad >= 0:
-            raise NonFiniteLoss(
-                f"the DINO loss became non-finite at iteration {bad} (epoch {bad // self.plan.iterations_per_epoch}); "
+            raise NonFiniteLoss(  # iterations counted from 1, as the console log does
+                f"the DINO loss became non-finite at iteration {bad + 1} "
+                f"(epoch {bad // self.plan.iterations_per_epoch}); "
                 "stopping without saving this state (the newest checkpoint is intact). Try a lower lr, bf16 "
                 "instead of fp16, or a smaller optim.clip_grad.")
 
@@ -437,9 +435,10 @@ class Trainer:
             'per_epoch': self.pos.per_epoch, 'finished': finished, 'stopped_by': stopped_by,
         }
 
-    def fit(self) -> Dict:
+    def fit(self, resume_from: Optional[Path]) -> Dict:
+        """Train from ``resume_from`` (``train_state.find_resumable``'s decision; None: from the start)."""
         c = self.cfg
-        resumed = self.resume()
+        resumed = self.resume(resume_from)
         if self.info.is_main and not resumed:
             self.logger.text('config', '```\n' + c.to_yaml() + '\n```')
         images = self.fixed_images() if self.info.is_main else None
