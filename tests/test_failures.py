@@ -53,13 +53,19 @@ def _one_error_line(stderr: str, prefix: str = 'pretrain.py: ') -> str:
     return lines[0]
 
 
+def _garble(shard: Path) -> None:
+    """Random bytes of the shard's own size: it passes the start-up size check against its index (pretraining
+    does not hash shards) and fails when read."""
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+
+
 # -- one rank fails -------------------------------------------------------------------------------------------
 def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(shards, tmp_path):
     """Rank 1's shard is not a tar (rank 0's is fine): rank 1 stops at its first batch while rank 0 waits in
     the first gradient all-reduce. Before, both waited for the 10-minute collective time-out."""
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
-    (data / 'train-000001.tar').write_bytes(os.urandom(20000))
+    _garble(data / 'train-000001.tar')
     start = time.monotonic()
     # in a data-loader worker, which hands the error to the trainer wrapped in the worker's traceback
     proc = run(tmp_path / 'run', data, 'data.samples_per_epoch=256', 'data.num_workers=1', nproc=2, timeout=240,
@@ -133,6 +139,14 @@ def test_resume_of_another_model_is_one_line_exit_2_and_changes_nothing(short_ru
     assert proc.returncode == 2 and 'the config asks for' in line and 'use a new experiment.output_dir' in line
     after = {p.name: p.stat().st_mtime_ns for p in out.rglob('*') if p.name != '.writer.lock'}
     assert after == {k: v for k, v in before.items() if k != '.writer.lock'}
+
+
+def test_resume_with_fewer_loader_workers_is_one_line_exit_2(shards, tmp_path):
+    out = tmp_path / 'run'
+    run(out, shards, 'data.samples_per_epoch=128', 'data.num_workers=2', 'train.stop_after_iterations=2')
+    proc = run(out, shards, 'data.samples_per_epoch=128', 'data.num_workers=1', check=False)
+    line = _one_error_line(proc.stderr)
+    assert proc.returncode == 2 and 'cannot resume the data reader' in line and 'data-loader workers' in line
 
 
 # -- the run folder --------------------------------------------------------------------------------------------
@@ -215,7 +229,7 @@ def test_impossible_values_are_refused_naming_the_key(override, key):
 
 
 @pytest.mark.parametrize('override, expect', [
-    ('model.kwargs.embed_dim=33', 'model: skipat_vit_tiny_patch16_224 cannot be built'),
+    ('model.kwargs.embed_dim=33', 'model: vit_tiny_patch16_skipat_224 cannot be built'),
     ('data.samples_per_epoch=16', 'data.samples_per_epoch: an epoch of 16 samples is less than one global batch'),
 ])
 def test_user_errors_before_the_process_group_are_one_line_exit_2(shards, tmp_path, override, expect):
@@ -300,7 +314,7 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     rank 0's note that it stopped because of it."""
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
-    (data / 'train-000001.tar').write_bytes(os.urandom(20000))
+    _garble(data / 'train-000001.tar')
     cmd = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'local', '--tasks-per-node', '2',
            '--config', TINY, f'data.train_shards={data}', f'experiment.output_dir={tmp_path / "run"}',
            'data.samples_per_epoch=256']
@@ -353,7 +367,7 @@ def test_a_failing_task_of_a_slurm_job_ends_the_job_within_seconds(slurm_cluster
     from .test_launch_helpers import CPU2, in_queue, job_logs, submit_cli, submitted, wait_until
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
-    (data / 'train-000001.tar').write_bytes(os.urandom(20000))
+    _garble(data / 'train-000001.tar')
     out = tmp_path / 'run'
     start = time.monotonic()
     proc = submit_cli('pretrain', '--config', TINY, *CPU2, '--time', '10', f'data.train_shards={data}',

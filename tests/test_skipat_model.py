@@ -190,7 +190,7 @@ def test_registry_passes_timm_kwargs_through():
     assert model.patch_embed.img_size == (96, 96)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
     assert model(torch.randn(1, 3, 224, 160)).shape == (1, 7)
-    assert 'vit_base_patch16_skipat_224' in timm.list_models('skipat_*')
+    assert 'vit_base_patch16_skipat_224' in timm.list_models('*_skipat_*')
 
 
 def test_last_cls_tokens_are_normed_cls_of_last_blocks():

@@ -266,7 +266,10 @@ class Trainer:
             rank=self.info.rank, world_size=self.info.world_size, num_workers=d.num_workers,
             seed=c.experiment.seed, shuffle_buffer=d.shuffle_buffer, channels=d.channels,
             max_skip_fraction=d.max_skip_fraction)
-        dataset.set_state(self.reader_state)
+        try:
+            dataset.set_state(self.reader_state)
+        except ValueError as exn:  # a resume with other loader workers: the user's to fix, in one line
+            raise ckpt.CheckpointError(f"cannot resume the data reader: {exn}") from exn
         gen = torch.Generator().manual_seed(batch_seed(c.experiment.seed, self.reader_state.epoch, self.info.rank, -1))
         return DataLoader(dataset, batch_size=None, num_workers=d.num_workers, pin_memory=self.device.type == 'cuda',
                           prefetch_factor=4 if d.num_workers else None, generator=gen,
