@@ -25,7 +25,7 @@ from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
 from skipssl.train.engine import build_engine
 from skipssl.train.step import DINOStep
-from skipssl.train.trainer import Plan, build_student, make_schedules
+from skipssl.train.plan import Plan, build_student, make_schedules
 
 CONFIGS = {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'

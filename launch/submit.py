@@ -43,7 +43,7 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     from skipssl.runlock import check_free
     from skipssl.train import preflight
     from skipssl.train.state import check_resumable
-    from skipssl.train.trainer import make_plan, model_spec
+    from skipssl.train.plan import make_plan, model_spec
 
     cfg = load_config(config, overrides)
     device, gpus = cfg.engine.device, res.gpus_per_node

@@ -65,7 +65,7 @@ def global_crops(it: int) -> List[torch.Tensor]:
 
 
 def initial_student(cfg: Config) -> torch.nn.Module:
-    from skipssl.train.trainer import build_student
+    from skipssl.train.plan import build_student
     torch.manual_seed(cfg.experiment.seed)  # as the trainer does
     return build_student(cfg)
 
@@ -207,7 +207,7 @@ def _run_layout(world: int, rank: int, accum: int, stage: int, precision: str, r
     from skipssl.dino import DINOLoss, make_teacher
     from skipssl.train.engine import build_engine
     from skipssl.train.step import DINOStep
-    from skipssl.train.trainer import make_plan, make_schedules
+    from skipssl.train.plan import make_plan, make_schedules
 
     cfg = make_config(world, accum, stage, precision)
     student = initial_student(cfg)

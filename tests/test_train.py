@@ -17,7 +17,6 @@ import torch
 
 from skipssl import checkpoint as ckpt
 from skipssl.config import ConfigError, load_config
-from skipssl.dino import cosine_schedule
 from skipssl.train.distributed import DistInfo
 from skipssl.train import state as train_state
 
@@ -224,7 +223,7 @@ def test_last_layer_is_frozen_during_the_first_epoch_only(single_run):
     """DINO's freeze in a real run: the head's last layer keeps its initial weights through epoch 1 (checkpoints
     at iterations 6 and 8) and moves at the first step after it (9), while the rest of the network moves from
     the start."""
-    from skipssl.train.trainer import build_student
+    from skipssl.train.plan import build_student
     out, _ = single_run
     cfg = load_config(out / 'config.yaml')
     torch.manual_seed(cfg.experiment.seed)  # as the trainer builds the student

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import Config
 from ..dino import param_groups, reset_state
+from .plan import global_batch
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> Dict:
@@ -21,7 +22,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> Dict:
     ds = {
         'train_micro_batch_size_per_gpu': cfg.data.batch_size_per_rank,
         'gradient_accumulation_steps': cfg.train.grad_accum_steps,
-        'train_batch_size': cfg.data.batch_size_per_rank * cfg.train.grad_accum_steps * world_size,
+        'train_batch_size': global_batch(cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, world_size),
         'zero_optimization': {'stage': e.zero_stage},
         # clipping is the trainer's (DINO clips each parameter separately), unless asked for globally
         'gradient_clipping': cfg.optim.clip_grad if cfg.optim.clip_mode == 'global' else 0.0,

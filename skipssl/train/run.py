@@ -23,7 +23,7 @@ def preflight(cfg: Config) -> str:
     from ..checkpoint import build_backbone
     from ..data import first_readable_sample, resolve_shards
     from .distributed import resolve_device, world_size_from_env
-    from .trainer import make_plan
+    from .plan import make_plan
     try:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
@@ -98,7 +98,7 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     answer or stops. Nothing of an existing run changes before its resume is accepted."""
     from .distributed import rank0_decides
     from .state import find_resumable
-    from .trainer import model_spec
+    from .plan import model_spec
     held: List[RunLock] = []
     rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
     folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint)
