@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent
+WORLD = 2  # pretraining processes
 FMNIST = Path('/usr/share/datasets/fashion-mnist')
 CONFIGS = {'skipat': ROOT / 'configs' / 'demo_fmnist_skipat.yaml', 'vit': ROOT / 'configs' / 'demo_fmnist_vit.yaml'}
 
@@ -80,24 +82,27 @@ class Demo:
         if summary.is_file() and json.loads(summary.read_text()).get('finished'):
             self.status(f'pretrain {name}', f"reusing finished run {run_dir}")
             return
+        from skipssl.config import load_config
+        from skipssl.train.plan import make_plan
         overrides = [f'experiment.output_dir={run_dir}', f"data.train_shards={self.data / 'train-index.json'}"]
         if self.args.iterations:
-            # the same schedule shape in fewer iterations: 4 epochs of iterations/4
+            # the same schedule shape in fewer iterations: 4 epochs of iterations/4 global batches
             per_epoch = max(self.args.iterations // 4, 1)
-            overrides += [f'data.samples_per_epoch={per_epoch * 64}', 'train.log_every=5',
+            batch = make_plan(load_config(CONFIGS[name], overrides), WORLD).global_batch
+            overrides += [f'data.samples_per_epoch={per_epoch * batch}', 'train.log_every=5',
                           f'train.checkpoint_every={per_epoch}']
-        cmd = [self.python, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-               '--master_port', str(_free_port()), 'pretrain.py', '--config', str(CONFIGS[name]), *overrides]
+        total = make_plan(load_config(CONFIGS[name], overrides), WORLD).total_iterations
+        cmd = [self.python, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
+               '127.0.0.1', '--master_port', str(_free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
+               *overrides]
+        records = JsonlTail(run_dir / 'log.jsonl')
 
-        def progress(line: str):
-            if ' it ' in line and 'img/s' in line:
-                it = line.split(' it ', 1)[1].split()[0]
-                done, total = (int(x) for x in it.split('/'))
-                if done % max(total // 10, 1) == 0 or done == total:
-                    loss = line.split(' loss ', 1)[1].split()[0]
-                    rate = line.split(' lr ', 1)[1].split()[1]
-                    return f"iteration {done}/{total}  loss {loss}  {rate} img/s"
-            return None
+        def progress(_line: str):
+            # the run's own log.jsonl, not its console lines; one status line per tenth of the budget
+            msgs = [f"iteration {r['iteration']}/{total}  loss {r['train/loss']:.4f}  "
+                    f"{r['perf/images_per_s']:.1f} img/s" for r in records.new()
+                    if 'train/loss' in r and (r['iteration'] % max(total // 10, 1) == 0 or r['iteration'] == total)]
+            return msgs[-1] if msgs else None
         self.status(f'pretrain {name}', "torchrun, 2 processes, DeepSpeed (gloo, fp32)")
         self.run(f'pretrain {name}', cmd, f'pretrain-{name}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
         s = json.loads(summary.read_text())
@@ -165,6 +170,23 @@ class Demo:
         self.benchmark()
         self.report()
         self.status('total', f"{(time.perf_counter() - self.start) / 60:.1f} min wall time")
+
+
+class JsonlTail:
+    """The records appended to a JSON-lines file since the last call (complete lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new(self) -> List[Dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind('\n') + 1]
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def _free_port() -> int:
