@@ -1,5 +1,3 @@
-"""Model analysis: per-block MSA outputs and CLS attention, and their CKA across blocks (SkipAt's Fig. 3)."""
-from .capture import BlockCapture, block_kinds
-from .cka import StreamingCKA, choose_skips, cka_from_hsic, unbiased_hsic
-
-__all__ = ['BlockCapture', 'StreamingCKA', 'block_kinds', 'choose_skips', 'cka_from_hsic', 'unbiased_hsic']
+"""Model analysis: per-block MSA outputs and CLS attention (``capture``), and their CKA across blocks with the
+skip choice it suggests (``cka``; SkipAt's Fig. 3). Nothing is imported here so that
+``python -m skipssl.analysis.cka`` runs the module once."""

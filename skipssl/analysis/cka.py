@@ -112,11 +112,13 @@ def macs_with_skips(model: nn.Module, model_name: str, model_kwargs: Dict[str, A
     rebuilt (random weights: MACs do not depend on them)."""
     from skipssl.checkpoint import build_backbone
     from skipssl.models import convert_to_skipat, count_macs
-    kwargs = {key: v for key, v in model_kwargs.items() if key not in ('skip_indices',)}
-    if hasattr(model, 'skip_indices'):
-        kwargs['skip_indices'] = ()
-    plain = build_backbone(model_name, kwargs).eval()
-    skipped = convert_to_skipat(plain, skips) if skips else plain
+    kwargs = {key: v for key, v in model_kwargs.items() if key != 'skip_indices'}
+    if hasattr(model, 'skip_indices'):   # a SkipAt model: the same name with other skip indices
+        plain = build_backbone(model_name, {**kwargs, 'skip_indices': ()}).eval()
+        skipped = build_backbone(model_name, {**kwargs, 'skip_indices': tuple(skips)}).eval()
+    else:                                # a timm ViT: converted
+        plain = build_backbone(model_name, kwargs).eval()
+        skipped = convert_to_skipat(plain, skips) if skips else plain
     return count_macs(plain, input_size), count_macs(skipped, input_size)
 
 
@@ -174,7 +176,7 @@ def plot_matrix(matrix: Sequence[Sequence[float]], labels: Sequence[int], title:
     import numpy as np
     values = np.array(matrix, dtype=float)
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.6 + 0.55 * n))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * n), max(4.5, 1.0 + 0.6 * n)))
     im = ax.imshow(values, vmin=0, vmax=1, cmap='viridis', origin='lower')
     names = [f'{i}*' if i in skipped else str(i) for i in labels]
     ax.set_xticks(range(n), names)
@@ -309,13 +311,13 @@ def write_outputs(result: Dict[str, Any], out: Path, model_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / 'cka.json').write_text(json.dumps(result, indent=1))
     n, skipped = result['images'], result['skipped_blocks']
-    plot_matrix(result['z'], result['z_layers'], f'{model_name}: CKA of MSA outputs Z ({n} images; * skipped)',
+    plot_matrix(result['z'], result['z_layers'], f'{model_name}\nCKA of MSA outputs Z, {n} images (* skipped block)',
                 out / 'cka_z.png', skipped)
     if result['attention_layers']:
         plot_matrix(result['attention_mean'], result['attention_layers'],
-                    f'{model_name}: CKA of CLS attention, head-averaged ({n} images)', out / 'cka_attention.png')
+                    f'{model_name}\nCKA of CLS attention, head-averaged, {n} images', out / 'cka_attention.png')
         for h, matrix in enumerate(result['attention_heads']):
-            plot_matrix(matrix, result['attention_layers'], f'{model_name}: CKA of CLS attention, head {h}',
+            plot_matrix(matrix, result['attention_layers'], f'{model_name}\nCKA of CLS attention, head {h}, {n} images',
                         out / f'cka_attention_head{h}.png')
 
 
