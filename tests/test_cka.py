@@ -209,10 +209,15 @@ def test_command_end_to_end(shards, tmp_path, capsys):
     (['--batch-size', '2'], '--batch-size 2'),
     (['--skips', '6'], '--skips 6'),
     (['--images', '3'], '--images 3'),
+    (['--checkpoint', 'pixels'], 'pixels has no blocks'),
+    (['--checkpoint', 'no_such_model'], 'unknown model'),
+    (['--shards', '/nonexistent/shards'], '/nonexistent/shards does not exist'),
+    (['--channels', '3'], '1-channel images but the evaluation reads 3-channel'),
 ])
 def test_bad_input_is_one_line_exit_2(shards, tmp_path, capsys, extra, message):
-    status = main(['--checkpoint', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(KWARGS), '--shards',
-                   str(shards), '--out', str(tmp_path / 'o'), *COMMON, *extra])
+    argv = ['--checkpoint', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(KWARGS), '--shards', str(shards),
+            '--out', str(tmp_path / 'o'), *COMMON, *extra]   # argparse: the last occurrence of an option wins
+    status = main(argv)
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / 'o').exists()

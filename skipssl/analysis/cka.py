@@ -253,12 +253,16 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     from eval.errors import EvalError
     from eval.source import PIXELS, check_channels, data_settings, load_model
     from skipssl.data import EvalShards, eval_transform
+    from .capture import block_kinds
 
     check_options(args)
     if args.checkpoint == PIXELS:
         raise EvalError("--checkpoint pixels has no blocks to analyse; give a ViT")
     module, info = load_model(args.checkpoint, which=args.which, seed=args.seed, model_kwargs=args.model_kwargs)
-    depth = len(module.blocks)
+    try:
+        depth = len(block_kinds(module))
+    except ValueError as exn:
+        raise EvalError(f"{args.checkpoint}: {exn}") from exn
     skips = default_skips(depth) if args.skips is None else args.skips
     if not 0 <= skips <= depth - 1:
         raise EvalError(f"--skips {skips}: {info.model_name} has {depth} blocks, so 0..{depth - 1} can be skipped "
@@ -306,10 +310,21 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     return result
 
 
+def without_nan(value: Any) -> Any:
+    """``value`` with NaN floats (CKA of a constant representation) as None: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def write_outputs(result: Dict[str, Any], out: Path, model_name: str) -> None:
     """cka.json, cka_z.png, cka_attention.png (head-averaged) and cka_attention_head{h}.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'cka.json').write_text(json.dumps(result, indent=1))
+    (out / 'cka.json').write_text(json.dumps(without_nan(result), indent=1))
     n, skipped = result['images'], result['skipped_blocks']
     plot_matrix(result['z'], result['z_layers'], f'{model_name}\nCKA of MSA outputs Z, {n} images (* skipped block)',
                 out / 'cka_z.png', skipped)
