@@ -221,3 +221,26 @@ def test_bad_input_is_one_line_exit_2(shards, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / 'o').exists()
+
+
+def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
+    """The evaluators' model specs work here too: an exported plain timm ViT with block 4 a planted copy of
+    block 3 (its data settings from the export's metadata), default --skips (half the depth: 3)."""
+    from skipssl.checkpoint import save_backbone
+    torch.manual_seed(3)
+    backbone = build_backbone('vit_tiny_patch16_224', KWARGS).eval()
+    plant_redundancy(backbone, 3)
+    export = save_backbone(backbone, tmp_path / 'run' / 'export' / 'teacher-00000001.safetensors',
+                           'vit_tiny_patch16_224', KWARGS,
+                           {'iteration': 1, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
+                            'eval_crop': 16})
+    out = tmp_path / 'cka'
+    assert main(['--checkpoint', str(export), '--shards', str(shards), '--batch-size', '15', '--num-workers', '0',
+                 '--out', str(out)]) == 0
+    result = json.loads((out / 'cka.json').read_text())
+    assert result['images'] == 45 and result['model']['kind'] == 'export'
+    assert result['skipped_blocks'] == [] and result['attention_layers'] == list(range(6))
+    assert result['z'][4][3] > 1 - 1e-6
+    assert 4 in result['suggestion']['skip_indices'] and len(result['suggestion']['skip_indices']) == 3
+    assert result['suggestion']['macs_with_skips'] != result['suggestion']['macs_without_skips']
+    assert 'model.kwargs.skip_indices=[' in capsys.readouterr().out
