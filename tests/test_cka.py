@@ -213,6 +213,7 @@ def test_command_end_to_end(shards, tmp_path, capsys):
     (['--checkpoint', 'no_such_model'], 'unknown model'),
     (['--shards', '/nonexistent/shards'], '/nonexistent/shards does not exist'),
     (['--channels', '3'], '1-channel images but the evaluation reads 3-channel'),
+    (['--device', 'gpu0'], '--device gpu0: not a device name'),
 ])
 def test_bad_input_is_one_line_exit_2(shards, tmp_path, capsys, extra, message):
     argv = ['--checkpoint', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(KWARGS), '--shards', str(shards),

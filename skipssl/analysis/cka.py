@@ -246,6 +246,21 @@ def check_options(args: argparse.Namespace) -> None:
         raise EvalError(f"--out {out} exists and is not a folder")
 
 
+def pick_device(name: str) -> torch.device:
+    """The GPU when there is one (``auto``), else what was asked for; EvalError for a name torch does not know
+    or a GPU that is not there."""
+    from eval.errors import EvalError
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as exn:
+        raise EvalError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from exn
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise EvalError(f"--device {name} but no GPU is visible")
+    return device
+
+
 def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     """The command: load, check everything cheap, measure, write cka.json and the heat maps, print the skips."""
     from torch.utils.data import DataLoader
@@ -271,9 +286,7 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
                                 'mean': args.mean, 'std': args.std})
     check_channels(module, info, data['channels'])
     split = open_split(args.shards, 'test', args.prefix, require_labels=False)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no GPU is visible")
+    device = pick_device(args.device)
 
     dataset = EvalShards(split.urls, eval_transform(data['eval_resize'], data['eval_crop'], data['mean'],
                                                     data['std']), channels=data['channels'], require_labels=False)
