@@ -299,28 +299,38 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     except ValueError as exn:
         raise EvalError(f"{args.shards}: {exn}") from exn
 
-    chosen, score = choose_skips(result['z'], skips)
     input_size = (1, data['channels'], data['eval_crop'], data['eval_crop'])
-    macs_full, macs_skipped = macs_with_skips(module, info.model_name, info.model_kwargs, chosen, input_size)
     result.update({
         'model': info.as_dict(), 'shards': args.shards, 'batch_size': args.batch_size,
         'estimator': 'minibatch unbiased HSIC_1 (Nguyen, Raghu, Kornblith 2021), linear kernel, per-image '
                      'features flattened (tokens x dim)',
         'z_layers': list(range(depth)), 'attention_layers': result['computed_blocks'],
-        'suggestion': {'skips': skips, 'skip_indices': chosen, 'score': score,
-                       'per_block': {str(j): result['z'][j][max(i for i in range(j) if i not in chosen)]
-                                     for j in chosen},
-                       'macs_without_skips': macs_full, 'macs_with_skips': macs_skipped,
-                       'input_size': list(input_size[1:])},
+        'suggestion': suggest(result['z'], skips, module, info.model_name, info.model_kwargs, input_size),
     })
     write_outputs(result, Path(args.out), info.model_name)
-    saved = macs_full - macs_skipped
-    print(f"CKA of {result['images']} images; blocks to skip, each best predicted by the last computed block "
-          f"before it (summed CKA {score:.3f}):")
-    print(skip_line(chosen))
-    print(f"MACs per image at {input_size[2]} px: {macs_full / 1e9:.4f} G -> {macs_skipped / 1e9:.4f} G "
-          f"({saved / 1e9:.4f} G, {100.0 * saved / macs_full:.1f}% saved)")
+    print_suggestion(result['suggestion'], result['images'])
     return result
+
+
+def suggest(z: Sequence[Sequence[float]], skips: int, module: nn.Module, model_name: str,
+            model_kwargs: Dict[str, Any], input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """The skip choice from the Z CKA matrix, each chosen block's CKA with the block its Phi would read, and the
+    MACs per image without and with those skips."""
+    chosen, score = choose_skips(z, skips)
+    macs_full, macs_skipped = macs_with_skips(module, model_name, model_kwargs, chosen, input_size)
+    return {'skips': skips, 'skip_indices': chosen, 'score': score,
+            'per_block': {str(j): z[j][max(i for i in range(j) if i not in chosen)] for j in chosen},
+            'macs_without_skips': macs_full, 'macs_with_skips': macs_skipped, 'input_size': list(input_size[1:])}
+
+
+def print_suggestion(suggestion: Dict[str, Any], images: int) -> None:
+    """The config line to paste, between what it rests on and what it saves."""
+    full, skipped = suggestion['macs_without_skips'], suggestion['macs_with_skips']
+    print(f"CKA of {images} images; blocks to skip, each best predicted by the last computed block before it "
+          f"(summed CKA {suggestion['score']:.3f}):")
+    print(skip_line(suggestion['skip_indices']))
+    print(f"MACs per image at {suggestion['input_size'][-1]} px: {full / 1e9:.4f} G -> {skipped / 1e9:.4f} G "
+          f"({(full - skipped) / 1e9:.4f} G, {100.0 * (full - skipped) / full:.1f}% saved)")
 
 
 def without_nan(value: Any) -> Any:
