@@ -248,8 +248,10 @@ def test_tensorboard_has_scalars_attention_maps_and_config(single_run):
                 'perf/data_wait_s', 'perf/compute_s', 'data/skipped_samples', 'cost/core_hours'):
         assert tag in tags['scalars'], tag
     assert len(acc.Scalars('train/loss')) == 16
-    assert {'attention/images', 'attention/last_layer_cls'} <= set(tags['images'])
+    assert {'attention/images', 'attention/last_layer_cls', 'attention/last_layer_cls_mask60'} <= set(tags['images'])
     assert len(acc.Images('attention/last_layer_cls')) == 2  # once per epoch
+    # at the iteration of each epoch's end, the step every scalar uses
+    assert [e.step for e in acc.Images('attention/last_layer_cls_mask60')] == [8, 16]
     assert any('config' in t for t in tags['tensors'])
 
 

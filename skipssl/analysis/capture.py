@@ -9,7 +9,7 @@ block that produced it.
   block has none.
 The model code is untouched: hooks only.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn

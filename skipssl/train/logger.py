@@ -76,13 +76,3 @@ def device_unit(device_kind: str) -> str:
 
 def devices_per_rank(device_kind: str) -> int:
     return 1 if device_kind == 'cuda' else torch.get_num_threads()
-
-
-def attention_grid(attn: torch.Tensor, grid: tuple, num_prefix: int = 1) -> torch.Tensor:
-    """CLS->patch attention of the last block, (B, heads, N, N) -> (B * heads, 1, h, w) in [0, 1]."""
-    cls = attn[:, :, 0, num_prefix:]
-    h, w = grid
-    maps = cls.reshape(cls.shape[0] * cls.shape[1], 1, h, w).float()
-    lo = maps.amin(dim=(2, 3), keepdim=True)
-    hi = maps.amax(dim=(2, 3), keepdim=True)
-    return (maps - lo) / (hi - lo).clamp_min(1e-12)

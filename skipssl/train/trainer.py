@@ -22,11 +22,11 @@ from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, Reader
                     canvas_resize, decode_sample, resolve_shards)
 from ..data.reader import batch_seed, iter_raw_samples
 from ..dino import (DINOLoss, collapse_state, make_teacher)
-from ..models import get_last_selfattention
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
 from .engine import build_engine
-from .logger import DeviceClock, RunLogger, attention_grid, device_unit, devices_per_rank
+from ..analysis.attention import cls_attention_maps, mass_masks, render
+from .logger import DeviceClock, RunLogger, device_unit, devices_per_rank
 from .plan import build_student, make_plan, make_schedules, model_spec
 from .step import DINOStep
 
@@ -300,15 +300,12 @@ class Trainer:
         mean = images.new_tensor(self.mc.mean).view(1, -1, 1, 1)
         std = images.new_tensor(self.mc.std).view(1, -1, 1, 1)
         x = ((images - mean) / std).to(self.device)
-        attn = get_last_selfattention(backbone, x)
-        grid = backbone.patch_embed.dynamic_feat_size(x.shape[-2:]) if hasattr(backbone.patch_embed,
-                                                                               'dynamic_feat_size') else None
-        if grid is None:
-            p = backbone.patch_embed.patch_size
-            grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
-        self.logger.images('attention/images', images, self.pos.epoch)
-        self.logger.images('attention/last_layer_cls', attention_grid(attn.cpu(), grid, backbone.num_prefix_tokens),
-                           self.pos.epoch)
+        maps = cls_attention_maps(backbone, x).cpu()
+        overlays, masked = render(images, maps, mass_masks(maps))
+        # at the iteration they were computed at, like every scalar (the end of an epoch)
+        self.logger.images('attention/images', images, self.pos.iteration)
+        self.logger.images('attention/last_layer_cls', overlays, self.pos.iteration)
+        self.logger.images('attention/last_layer_cls_mask60', masked, self.pos.iteration)
 
     # -- epochs -----------------------------------------------------------------------------------------------
     def end_epoch(self, epoch_start_wall: float, epoch_start_iter: int, images: Optional[torch.Tensor]) -> None:
