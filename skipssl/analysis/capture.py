@@ -14,7 +14,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from skipssl.models import SkipAttentionBlock
+from skipssl.models import SkipAttentionBlock, attention_probabilities
 
 COMPUTED, SKIPPED = 'attention', 'skipped'
 
@@ -36,11 +36,7 @@ def block_kinds(model: nn.Module) -> List[str]:
 
 def cls_attention(attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """(B, heads, N) attention probabilities of the class token (row 0) given the attention's input ``y``."""
-    B, N, _ = y.shape
-    qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+    return attention_probabilities(attn, y, rows=1)[:, :, 0]
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from .skipat_vit import (
     DEFAULT_SKIP_INDICES,
     SkipAtVisionTransformer,
     SkipAttentionBlock,
+    attention_probabilities,
     convert_to_skipat,
     get_last_selfattention,
     last_cls_tokens,
@@ -14,6 +15,6 @@ from . import registry  # noqa: F401  (registers vit_*_patch16_skipat_224 with t
 
 __all__ = [
     'DEFAULT_SKIP_INDICES', 'EfficientChannelAttention', 'SkipAtVisionTransformer', 'SkipAttentionBlock',
-    'SkipAttentionPhi', 'convert_to_skipat', 'count_macs', 'count_params', 'get_last_selfattention',
-    'last_cls_tokens', 'validate_skip_indices',
+    'SkipAttentionPhi', 'attention_probabilities', 'convert_to_skipat', 'count_macs', 'count_params',
+    'get_last_selfattention', 'last_cls_tokens', 'validate_skip_indices',
 ]

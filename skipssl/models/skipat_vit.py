@@ -267,11 +267,17 @@ def get_last_selfattention(model: VisionTransformer, x: torch.Tensor) -> torch.T
         h = torch.cat([prefix, patches], dim=1) if prefix is not None else patches
     else:
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-    attn = last.attn
-    y = last.norm1(h)
+    return attention_probabilities(last.attn, last.norm1(h))
+
+
+def attention_probabilities(attn: nn.Module, y: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) of a timm ``Attention`` for its (normed) input ``y`` (B, N, D), computed
+    explicitly: (B, heads, N, N), or only the first ``rows`` query rows (B, heads, rows, N)."""
     B, N, _ = y.shape
     qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
+    if rows is not None:
+        q = q[:, :, :rows]
     q, k = attn.q_norm(q), attn.k_norm(k)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
