@@ -51,11 +51,12 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: 
                                   fused=device_kind == 'cuda')
     # DeepSpeed casts the module to bf16/fp16 and copies its master weights from that: keep the fp32 init,
     # so that the master weights (and the EMA teacher, a copy of the fp32 student) start where DINO's do
-    init = [p.detach().clone() for p in student.parameters() if p.requires_grad]
+    low_precision = cfg.engine.precision != 'fp32'
+    init = [p.detach().clone() for p in student.parameters() if p.requires_grad] if low_precision else []
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size))
     view = EngineView(engine)
-    if cfg.engine.precision != 'fp32':
+    if low_precision:
         view.set_master_params(init)
     # DeepSpeed's FP16/BF16 optimizers create AdamW's state by stepping once with zero gradients, which
     # leaves the step count at 1 and so changes every later bias correction: start from a fresh state

@@ -21,7 +21,7 @@ from ..config import Config
 from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, ReaderState,
                     canvas_resize, decode_sample, resolve_shards)
 from ..data.reader import batch_seed, iter_raw_samples
-from ..dino import (DINOLoss, collapse_state, make_teacher)
+from ..dino import DINOLoss, collapse_state, make_teacher
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
 from .engine import build_engine
