@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine lacks (REFERENCE.md section 5: Python 3.12, torch/timm/numpy/... preinstalled, no
+# Wheels the GPU machine lacks (the GPU machine has Python 3.12, torch/timm/numpy/... preinstalled, no
 # network there) into .whl/ (git-ignored), for `run(carry=[".whl"])` and bench/gpu_suite_run.sh.
 #
 #   bash bench/fetch_gpu_wheels.sh            # on a machine with the package registry; prints the total size

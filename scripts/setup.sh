@@ -43,7 +43,7 @@ fi
 echo "[setup] installing into .venv (first run: a few minutes, ~5 GB for torch)" >&2
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # --isolated: ignore machine-wide pip settings, whose local torch "+cpu" wheel cannot run torchvision
-# (REFERENCE.md section 3); constraints.txt pins a torch/torchvision pair that works on CPU and GPU.
+# (seen on the build machines); constraints.txt pins a torch/torchvision pair that works on CPU and GPU.
 pip_install() { .venv/bin/python -m pip install --isolated --disable-pip-version-check -q "$@"; }
 pip_install -c constraints.txt -e '.[test]'
 rm -f .venv/.installed-*

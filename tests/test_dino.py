@@ -1,4 +1,4 @@
-"""DINO method pieces against plain formulas (REFERENCE.md section 2)."""
+"""DINO method pieces against plain formulas (Caron et al. 2021 and DINO's main_dino.py / utils.py)."""
 import math
 
 import numpy as np

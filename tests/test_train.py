@@ -144,7 +144,7 @@ def test_config_overrides_inheritance_and_reference_presets():
     assert vit.model.name == 'vit_tiny_patch16_224' and 'skip_indices' not in vit.model.kwargs  # a file replaces it
     skip = load_config(ROOT / 'configs' / 'dino_skipat_vit_s16_100ep.yaml')
     plain = load_config(ROOT / 'configs' / 'dino_vit_s16_100ep.yaml')
-    # REFERENCE.md section 2
+    # DINO's ViT-S/16 recipe (Caron et al. 2021, appendix; main_dino.py defaults for vit_small)
     assert (skip.optim.base_lr, skip.optim.min_lr, skip.optim.warmup_epochs) == (5e-4, 1e-6, 10)
     assert (skip.optim.weight_decay, skip.optim.weight_decay_end, skip.optim.clip_grad) == (0.04, 0.4, 3.0)
     assert (skip.head.out_dim, skip.teacher.momentum, skip.model.drop_path_rate) == (65536, 0.996, 0.1)

@@ -25,7 +25,9 @@ class EfficientChannelAttention(nn.Module):
 
 
 class SkipAttentionPhi(nn.Module):
-    """Phi(Z_prev) for the patch tokens of one skipped block; see REFERENCE.md section 1.
+    """Phi(Z_prev) for the patch tokens of one skipped block (Venkataramanan et al., ICLR 2024, section 3, and
+    the authors' evaluation code): FC1 d -> 2d + GELU, depth-wise 5x5 conv + GELU on the token grid, FC2 2d -> d,
+    ECA channel gate; see docs/models.md.
 
     Works on the true (h, w) token grid of each input, so it serves 224 px, 96 px and non-square crops.
     """
