@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 import skipssl  # noqa: F401  (registers the SkipAt models)
 from skipssl.models import count_macs, count_params
+from skipssl.models.throughput import interleaved_rates, median_ratio
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 
@@ -36,11 +36,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def build(name: str, device: torch.device, compile_model: bool, channels_last: bool) -> torch.nn.Module:
@@ -72,15 +67,6 @@ def make_step(model, x, mode: str, amp_dtype: Optional[torch.dtype], device: tor
     return step
 
 
-def time_steps(step, iters: int, device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
 def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
     amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
     names = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'vit_{args.size}_patch16_skipat_224'}
@@ -90,24 +76,13 @@ def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
         torch.manual_seed(0)
         model = build(name, device, compile_model, args.channels_last)
         steps[key] = make_step(model, x, args.mode, amp_dtype, device)
-        for _ in range(args.warmup):
-            steps[key]()
-    synchronize(device)
-
-    rates: Dict[str, List[float]] = {k: [] for k in names}
-    ratios = []
-    for r in range(args.repeats):
-        order = list(names) if r % 2 == 0 else list(reversed(names))
-        for key in order:
-            elapsed = time_steps(steps[key], args.iters, device)
-            rates[key].append(batch_size * args.iters / elapsed)
-        ratios.append(rates['skipat'][-1] / rates['vit'][-1])
+    rates = interleaved_rates(steps, batch_size, args.iters, args.repeats, device, warmup=args.warmup)
     result = {
         'batch_size': batch_size,
         'compile': compile_model,
         'vit_img_per_s': statistics.median(rates['vit']),
         'skipat_img_per_s': statistics.median(rates['skipat']),
-        'ratio_skipat_over_vit': statistics.median(ratios),
+        'ratio_skipat_over_vit': median_ratio(rates, 'skipat', 'vit'),
         'per_repeat_img_per_s': rates,
     }
     print(f"  batch {batch_size:5d} compile={str(compile_model):5s}  ViT {result['vit_img_per_s']:9.1f} img/s  "

@@ -24,7 +24,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from bench.backbone_throughput import RESULTS_DIR, device_name, pick_device, synchronize
+from bench.backbone_throughput import RESULTS_DIR, device_name, pick_device
+from skipssl.models.throughput import synchronize
 from skipssl.data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, canvas_resize,
                           resolve_shards)
 

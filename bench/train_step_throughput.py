@@ -19,7 +19,8 @@ from typing import Dict, List
 
 import torch
 
-from bench.backbone_throughput import RESULTS_DIR, compile_modes, device_name, pick_device, time_steps, write_json
+from bench.backbone_throughput import RESULTS_DIR, compile_modes, device_name, pick_device, write_json
+from skipssl.models.throughput import time_steps
 from skipssl.config import load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs

@@ -244,4 +244,25 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
     assert result['z'][4][3] > 1 - 1e-6
     assert 4 in result['suggestion']['skip_indices'] and len(result['suggestion']['skip_indices']) == 3
     assert result['suggestion']['macs_with_skips'] != result['suggestion']['macs_without_skips']
-    assert 'model.kwargs.skip_indices=[' in capsys.readouterr().out
+    throughput = result['suggestion']['throughput']   # measured at the default CPU batch
+    assert throughput['batch_size'] == 8 and throughput['device'] == 'cpu'
+    assert throughput['img_per_s_without_skips'] > 0 and throughput['img_per_s_with_skips'] > 0
+    assert len(throughput['per_repeat']['with_skips']) == 3
+    printed = capsys.readouterr().out
+    assert 'model.kwargs.skip_indices=[' in printed and 'img/s' in printed
+
+
+def test_interleaved_rates_measure_what_each_step_costs():
+    """Two steps of known duration (sleeps, so CPU load does not change them): rates and their paired ratio."""
+    import time
+    from skipssl.models.throughput import interleaved_rates, median_ratio
+    calls = []
+    steps = {'slow': lambda: (calls.append('slow'), time.sleep(0.04)), 'fast': lambda: (calls.append('fast'),
+                                                                                       time.sleep(0.02))}
+    rates = interleaved_rates(steps, images_per_step=4, iters=2, repeats=3, device=torch.device('cpu'), warmup=1)
+    assert len(rates['slow']) == len(rates['fast']) == 3
+    assert all(80 < r <= 100 for r in rates['slow']) and all(150 < r <= 200 for r in rates['fast'])
+    assert 0.4 < median_ratio(rates, 'slow', 'fast') < 0.55
+    # warm-up once each, then the order alternates between repeats
+    assert calls[:2] == ['slow', 'fast'] and calls[2:6] == ['slow'] * 2 + ['fast'] * 2
+    assert calls[6:10] == ['fast'] * 2 + ['slow'] * 2

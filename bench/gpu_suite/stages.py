@@ -74,7 +74,8 @@ def _nvidia_smi() -> Dict:
 def env(ctx: Context) -> None:
     import torch
 
-    from bench.backbone_throughput import device_name, pick_device, synchronize
+    from bench.backbone_throughput import device_name, pick_device
+    from skipssl.models.throughput import synchronize
     from bench.train_step_throughput import peak_tflops
     device = pick_device(ctx.sizes.device)
     rec = ctx.rec

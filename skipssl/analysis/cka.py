@@ -11,6 +11,7 @@ CKA = sum HSIC(K, L) / sqrt(sum HSIC(K, K) * sum HSIC(L, L)). Only (layers, n, n
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -106,12 +107,12 @@ def choose_skips(cka: Sequence[Sequence[float]], k: int) -> Tuple[List[int], flo
     return list(skipped), score
 
 
-def macs_with_skips(model: nn.Module, model_name: str, model_kwargs: Dict[str, Any], skips: Sequence[int],
-                    input_size: Tuple[int, ...]) -> Tuple[int, int]:
-    """(MACs per image of the model without any skip, with ``skips``) at ``input_size``: the same architecture
-    rebuilt (random weights: MACs do not depend on them)."""
+def skip_variants(model: nn.Module, model_name: str, model_kwargs: Dict[str, Any],
+                  skips: Sequence[int]) -> Tuple[nn.Module, nn.Module]:
+    """(the model's architecture without any skip, with ``skips``), rebuilt with random weights: what they cost
+    does not depend on the weights."""
     from skipssl.checkpoint import build_backbone
-    from skipssl.models import convert_to_skipat, count_macs
+    from skipssl.models import convert_to_skipat
     kwargs = {key: v for key, v in model_kwargs.items() if key != 'skip_indices'}
     if hasattr(model, 'skip_indices'):   # a SkipAt model: the same name with other skip indices
         plain = build_backbone(model_name, {**kwargs, 'skip_indices': ()}).eval()
@@ -119,7 +120,35 @@ def macs_with_skips(model: nn.Module, model_name: str, model_kwargs: Dict[str, A
     else:                                # a timm ViT: converted
         plain = build_backbone(model_name, kwargs).eval()
         skipped = convert_to_skipat(plain, skips) if skips else plain
-    return count_macs(plain, input_size), count_macs(skipped, input_size)
+    return plain, skipped
+
+
+def cost_of_skips(plain: nn.Module, skipped: nn.Module, input_size: Tuple[int, ...], device: torch.device,
+                  batch_size: int, precision: str = 'fp32', repeats: int = 3) -> Dict[str, Any]:
+    """MACs per image (torch's FLOP counter) and inference images/s measured interleaved on ``device`` at
+    ``batch_size`` (0: not timed) of the two variants, and the ratio of their rates."""
+    from skipssl.models import count_macs
+    from skipssl.models.throughput import interleaved_rates, median_ratio
+    cost: Dict[str, Any] = {'macs_without_skips': count_macs(plain, input_size),
+                            'macs_with_skips': count_macs(skipped, input_size), 'input_size': list(input_size[1:])}
+    if batch_size <= 0:
+        return cost
+    x = torch.randn((batch_size,) + tuple(input_size[1:]), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
+
+    def forward(model: nn.Module):
+        def step() -> None:
+            with torch.inference_mode(), autocast:
+                model(x)
+        return step
+    models = {'without_skips': plain.to(device), 'with_skips': skipped.to(device)}
+    rates = interleaved_rates({k: forward(m) for k, m in models.items()}, batch_size, iters=2 if device.type == 'cpu'
+                              else 10, repeats=repeats, device=device)
+    cost['throughput'] = {'device': str(device), 'precision': precision, 'batch_size': batch_size,
+                          'img_per_s_without_skips': statistics.median(rates['without_skips']),
+                          'img_per_s_with_skips': statistics.median(rates['with_skips']),
+                          'speedup': median_ratio(rates, 'with_skips', 'without_skips'), 'per_repeat': rates}
+    return cost
 
 
 # -- measurement ----------------------------------------------------------------------------------------
@@ -216,6 +245,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=64, help='minibatch of the unbiased HSIC (at least 4)')
     p.add_argument('--skips', type=int, default=None, help='blocks to suggest skipping (default: half the depth, '
                                                            '6 of 12)')
+    p.add_argument('--throughput-batch', type=int, default=None,
+                   help='batch at which the suggestion\'s images/s are measured, 0: not measured (default: 64 on '
+                        'a GPU, 8 on CPU)')
     p.add_argument('--out', default='cka', help='output folder (default: ./cka)')
     p.add_argument('--which', default='teacher', choices=('teacher', 'student'))
     p.add_argument('--model-kwargs', type=json.loads, help='JSON kwargs of a random-init timm model')
@@ -239,6 +271,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise EvalError(f"--batch-size {args.batch_size}: the unbiased HSIC needs at least {MIN_BATCH} images a batch")
     if args.images is not None and args.images < MIN_BATCH:
         raise EvalError(f"--images {args.images}: CKA needs at least {MIN_BATCH} images")
+    if args.throughput_batch is not None and args.throughput_batch < 0:
+        raise EvalError(f"--throughput-batch {args.throughput_batch} is negative")
     if args.num_workers < 0:
         raise EvalError(f"--num-workers {args.num_workers} is negative")
     out = Path(args.out)
@@ -287,6 +321,8 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     check_channels(module, info, data['channels'])
     split = open_split(args.shards, 'test', args.prefix, require_labels=False)
     device = pick_device(args.device)
+    if args.throughput_batch is None:
+        args.throughput_batch = 64 if device.type == 'cuda' else 8
 
     dataset = EvalShards(split.urls, eval_transform(data['eval_resize'], data['eval_crop'], data['mean'],
                                                     data['std']), channels=data['channels'], require_labels=False)
@@ -305,7 +341,8 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
         'estimator': 'minibatch unbiased HSIC_1 (Nguyen, Raghu, Kornblith 2021), linear kernel, per-image '
                      'features flattened (tokens x dim)',
         'z_layers': list(range(depth)), 'attention_layers': result['computed_blocks'],
-        'suggestion': suggest(result['z'], skips, module, info.model_name, info.model_kwargs, input_size),
+        'suggestion': suggest(result['z'], skips, module, info.model_name, info.model_kwargs, input_size, device,
+                              args.throughput_batch, args.precision),
     })
     write_outputs(result, Path(args.out), info.model_name)
     print_suggestion(result['suggestion'], result['images'])
@@ -313,14 +350,15 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def suggest(z: Sequence[Sequence[float]], skips: int, module: nn.Module, model_name: str,
-            model_kwargs: Dict[str, Any], input_size: Tuple[int, ...]) -> Dict[str, Any]:
-    """The skip choice from the Z CKA matrix, each chosen block's CKA with the block its Phi would read, and the
-    MACs per image without and with those skips."""
+            model_kwargs: Dict[str, Any], input_size: Tuple[int, ...], device: torch.device,
+            throughput_batch: int = 0, precision: str = 'fp32') -> Dict[str, Any]:
+    """The skip choice from the Z CKA matrix, each chosen block's CKA with the block its Phi would read, and
+    what the choice saves: MACs per image and, when ``throughput_batch`` > 0, measured images/s."""
     chosen, score = choose_skips(z, skips)
-    macs_full, macs_skipped = macs_with_skips(module, model_name, model_kwargs, chosen, input_size)
+    plain, skipped = skip_variants(module, model_name, model_kwargs, chosen)
     return {'skips': skips, 'skip_indices': chosen, 'score': score,
             'per_block': {str(j): z[j][max(i for i in range(j) if i not in chosen)] for j in chosen},
-            'macs_without_skips': macs_full, 'macs_with_skips': macs_skipped, 'input_size': list(input_size[1:])}
+            **cost_of_skips(plain, skipped, input_size, device, throughput_batch, precision)}
 
 
 def print_suggestion(suggestion: Dict[str, Any], images: int) -> None:
@@ -331,6 +369,11 @@ def print_suggestion(suggestion: Dict[str, Any], images: int) -> None:
     print(skip_line(suggestion['skip_indices']))
     print(f"MACs per image at {suggestion['input_size'][-1]} px: {full / 1e9:.4f} G -> {skipped / 1e9:.4f} G "
           f"({(full - skipped) / 1e9:.4f} G, {100.0 * (full - skipped) / full:.1f}% saved)")
+    if 'throughput' in suggestion:
+        tp = suggestion['throughput']
+        print(f"measured on {tp['device']} ({tp['precision']}, batch {tp['batch_size']}): "
+              f"{tp['img_per_s_without_skips']:.1f} -> {tp['img_per_s_with_skips']:.1f} img/s "
+              f"({tp['speedup']:.2f}x)")
 
 
 def without_nan(value: Any) -> Any:
