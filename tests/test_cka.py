@@ -250,6 +250,12 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
     assert len(throughput['per_repeat']['with_skips']) == 3
     printed = capsys.readouterr().out
     assert 'model.kwargs.skip_indices=[' in printed and 'img/s' in printed
+    # the export lies in a run folder: heat maps and neighbour CKAs in the run's TensorBoard at its iteration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / 'run' / 'tb'), size_guidance={'images': 0, 'scalars': 0}).Reload()
+    assert {'analysis/cka_z', 'analysis/cka_attention', 'analysis/cka_attention_head0'} <= set(events.Tags()['images'])
+    block4 = events.Scalars('analysis/cka_z_previous_block/4')
+    assert [e.step for e in block4] == [1] and block4[0].value == pytest.approx(result['z'][4][3], abs=1e-6)
 
 
 def test_interleaved_rates_measure_what_each_step_costs():

@@ -345,6 +345,8 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
                               args.throughput_batch, args.precision),
     })
     write_outputs(result, Path(args.out), info.model_name)
+    if info.run_dir:
+        log_to_run(result, Path(args.out), Path(info.run_dir) / 'tb', info.iteration or 0)
     print_suggestion(result['suggestion'], result['images'])
     return result
 
@@ -400,6 +402,26 @@ def write_outputs(result: Dict[str, Any], out: Path, model_name: str) -> None:
         for h, matrix in enumerate(result['attention_heads']):
             plot_matrix(matrix, result['attention_layers'], f'{model_name}\nCKA of CLS attention, head {h}, {n} images',
                         out / f'cka_attention_head{h}.png')
+
+
+def log_to_run(result: Dict[str, Any], out: Path, tb: Path, step: int) -> None:
+    """Into a run's TensorBoard at the checkpoint's iteration: the heat maps as images and, as scalars, each
+    block's Z CKA with the block before it and the suggestion's score."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(tb), filename_suffix='.cka')
+    try:
+        for png in sorted(out.glob('cka_*.png')):
+            with Image.open(png) as image:
+                writer.add_image(f'analysis/{png.stem}', np.asarray(image.convert('RGB')), step, dataformats='HWC')
+        z = result['z']
+        for j in range(1, len(z)):
+            if z[j][j - 1] is not None and not math.isnan(z[j][j - 1]):
+                writer.add_scalar(f'analysis/cka_z_previous_block/{j}', z[j][j - 1], step)
+        writer.add_scalar('analysis/cka_skip_score', result['suggestion']['score'], step)
+    finally:
+        writer.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
