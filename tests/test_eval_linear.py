@@ -97,9 +97,53 @@ def test_cached_sweep_end_to_end(run):
 
 def test_augmented_mode_end_to_end(run):
     [res] = run_linear(str(run / 'run' / 'export' / 'teacher-00000020.safetensors'), str(run / 'train'),
-                       str(run / 'test'), augment=True, epochs=2, linear_batch_size=16, num_workers=0)
+                       str(run / 'test'), augment=True, epochs=2, lrs=[1.0], linear_batch_size=16,
+                       num_workers=0)
     saved = json.loads(Path(res['_path']).read_text())
     assert Path(res['_path']).parent == run / 'run' / 'eval' and Path(res['_path']).name.startswith('linear_augment-00000020-test-')
     assert saved['mode'] == 'augment' and saved['n_train'] == 80 and saved['n_test'] == 30   # 5 full batches
-    assert 0.0 <= saved['top1'] <= 100.0 and saved['top1'] == res['top1']
-    assert np.isfinite(saved['train_loss']).all()
+    assert saved['top1'] == res['top1'] and np.isfinite(saved['train_loss']).all()
+    # the accuracy DINO's eval_linear loop predicts on the same augmented batches (the same reader and seed)
+    top1, loss = augmented_reference(run, epochs=2, batch=16, base_lr=saved['lrs'][0])
+    assert saved['top1'] == pytest.approx(top1, abs=100.0 / 30 + 1e-9)   # at most one near-tied test image apart
+    assert saved['train_loss'][0] == pytest.approx(loss, rel=1e-4)
+    assert top1 > 50   # learnt: chance is 33% (this lr, 2 epochs: 60% here)
+
+
+def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int = 0):
+    """DINO's eval_linear.py written plainly: a frozen backbone, the concatenated CLS tokens of its last 4 blocks,
+    nn.Linear (weights N(0, 0.01), zero bias) trained with SGD (momentum 0.9, no weight decay, lr = base lr x
+    batch / 256, cosine to 0 stepped per epoch) on augmented crops; top-1 on centre-crop test features.
+    Returns (test top-1 in %, the last epoch's mean training loss)."""
+    from eval.linear import augment_transform
+    from skipssl.checkpoint import load_backbone
+    from skipssl.data import EvalShards, PretrainShards, ReaderState, eval_transform, resolve_shards
+    from skipssl.models import last_cls_tokens
+    backbone, _ = load_backbone(run / 'run' / 'export' / 'teacher-00000020.safetensors')
+    features = lambda x: last_cls_tokens(backbone, x, 4)   # noqa: E731
+    train = PretrainShards(resolve_shards(str(run / 'train')), batch_size=batch, samples_per_epoch=88,
+                           transform=augment_transform(16, [0.5], [0.25]), num_workers=0, seed=seed,
+                           shuffle_buffer=88, channels=1)
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(4 * 32, 3)
+    linear.weight.data.normal_(mean=0.0, std=0.01)
+    linear.bias.data.zero_()
+    lr = base_lr * batch / 256
+    opt = torch.optim.SGD(linear.parameters(), lr, momentum=0.9, weight_decay=0)
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group['lr'] = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+        train.set_state(ReaderState(epoch=epoch))
+        losses = []
+        for b in train:
+            with torch.no_grad():
+                x = features(b['crops'][0])
+            loss = torch.nn.functional.cross_entropy(linear(x), b['labels'])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    test = EvalShards(resolve_shards(str(run / 'test')), eval_transform(16, 16, [0.5], [0.25]), channels=1)
+    with torch.no_grad():
+        hits = [int(linear(features(image[None])).argmax()) == label for image, label, _ in test]
+    return 100.0 * sum(hits) / len(hits), float(np.mean(losses))
