@@ -183,6 +183,25 @@ def test_conversion_rejects_non_vit_and_pretrained_request():
         timm.create_model('vit_small_patch16_skipat_224', pretrained=True)
 
 
+def test_exported_teacher_loads_through_timms_local_weight_conventions(tmp_path):
+    """An export of the trainer (skipssl.checkpoint.save_backbone) is a timm checkpoint: pretrained=True with
+    pretrained_cfg_overlay=dict(file=...), and checkpoint_path=, give the exported weights exactly."""
+    from skipssl.checkpoint import save_backbone
+    kwargs = dict(img_size=32, depth=4, embed_dim=48, num_heads=2, skip_indices=(1, 2))
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, **kwargs).eval()
+    path = save_backbone(teacher, tmp_path / 'teacher.safetensors', 'vit_tiny_patch16_skipat_224',
+                         dict(kwargs, skip_indices=[1, 2]), {'iteration': 1})
+    x = torch.randn(2, 3, 32, 32)
+    for extra in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                  dict(checkpoint_path=str(path))):
+        torch.manual_seed(1)   # other random weights, unless the file's are loaded
+        model = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, **kwargs, **extra).eval()
+        assert model.state_dict().keys() == teacher.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
+        assert torch.equal(model(x), teacher(x))
+
+
 def test_registry_passes_timm_kwargs_through():
     model = timm.create_model(
         'vit_small_patch16_skipat_224', skip_indices=(4, 5), drop_path_rate=0.2, num_classes=7, img_size=96)

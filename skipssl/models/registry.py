@@ -29,11 +29,22 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+_SOURCES = ('file', 'url', 'hf_hub_id', 'state_dict')
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> SkipAtVisionTransformer:
-    if pretrained:
+    # Nothing is published, so pretrained=True needs a source named in the pretrained config, as timm's
+    # convention for local weights has it: pretrained_cfg_overlay=dict(file='teacher.safetensors'). Without one
+    # timm would warn and go on with random weights; here that is an error.
+    sources = {**(kwargs.get('pretrained_cfg') or {}), **(kwargs.get('pretrained_cfg_overlay') or {})}
+    if isinstance(kwargs.get('pretrained_cfg'), str):
+        sources = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if pretrained and not any(sources.get(key) for key in _SOURCES):
         raise ValueError(
-            f"no pretrained weights are published for {variant}; build it from a pretrained ViT with "
-            "skipssl.models.convert_to_skipat(timm.create_model('vit_...', pretrained=True))")
+            f"no pretrained weights are published for {variant}: name a file, e.g. timm.create_model("
+            f"'{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='teacher.safetensors'), num_classes=0), "
+            "or build it from a pretrained ViT with skipssl.models.convert_to_skipat(timm.create_model('vit_...', "
+            "pretrained=True))")
     # DINO feeds 224 and 96 px crops through one network, so inputs of any size are the default.
     kwargs.setdefault('dynamic_img_size', True)
     return build_model_with_cfg(
