@@ -73,7 +73,7 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     run_dir = Path(cfg.experiment.output_dir)
     check_free(run_dir)
     if not cfg.train.restart_if_no_valid_checkpoint:  # else the job decides (and moves unusable ones aside)
-        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg))
+        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg), cfg.data.batch_size_per_rank)
     return cfg
 
 

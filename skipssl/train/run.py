@@ -101,7 +101,8 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     from .plan import model_spec
     held: List[RunLock] = []
     rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
-    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint)
+    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint,
+                            cfg.data.batch_size_per_rank)
     return (held[0] if held else None), folder
 
 
@@ -109,6 +110,7 @@ def pretrain(cfg: Config) -> Dict:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
     rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
+    from .state import saved_layout
     from .trainer import Trainer
     device = preflight(cfg)
     info = init_distributed(device)
@@ -122,7 +124,7 @@ def pretrain(cfg: Config) -> Dict:
         if info.is_main:
             _save_config(cfg, run_dir)
             log.info("run %s on %d %s rank(s) (launcher: %s)", run_dir, info.world_size, device, info.launcher)
-        summary = Trainer(cfg, info, run_dir).fit(resume_from)
+        summary = Trainer(cfg, info, run_dir, saved_layout(resume_from)).fit(resume_from)
     except BaseException as exn:
         if watch.active:
             watch.fail(exn, describe_failure)  # ends this process: no tear-down that could wait for a peer
