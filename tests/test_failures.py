@@ -85,8 +85,8 @@ def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(sha
 
 
 def test_resume_refused_by_rank_0_ends_the_job_at_once_and_leaves_the_config(short_run, shards, tmp_path):
-    """A 1-rank run resumed with 2 ranks: rank 0 refuses, rank 1 follows (it used to wait 613 s); config.yaml
-    stays the one the run was started with."""
+    """A 1-rank run (one virtual data slot) resumed with 2 ranks, which cannot share its stream: rank 0 refuses,
+    rank 1 follows (it used to wait 613 s); config.yaml stays the one the run was started with."""
     out = tmp_path / 'run'
     shutil.copytree(short_run, out)
     before = (out / 'config.yaml').read_text()
@@ -95,7 +95,7 @@ def test_resume_refused_by_rank_0_ends_the_job_at_once_and_leaves_the_config(sho
     elapsed = time.monotonic() - start
     assert proc.returncode != 0 and elapsed < 90, (elapsed, proc.stderr[-3000:])
     err = _ranks_output(proc.stderr)
-    assert err.count('was written by 1 ranks, this run has 2') == 1, proc.stderr[-3000:]
+    assert err.count('which 2 ranks cannot share equally: it resumes on [1] ranks') == 1, proc.stderr[-3000:]
     assert 'rank 0: pretrain.py: ' in err and 'rank 1: stopping because rank 0 failed' in err and 'Traceback' not in err
     assert (out / 'config.yaml').read_text() == before and not list(out.glob('config-*.yaml'))
 
@@ -271,7 +271,7 @@ def test_launch_submit_refuses_a_resume_the_job_would_refuse(short_run, shards, 
     base = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'debug', '--config', TINY,
             f'data.train_shards={shards}', f'experiment.output_dir={out}', 'data.samples_per_epoch=64']
     for extra, expect in ((['model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]'], 'the config asks for'),
-                          (['--cluster', 'local', '--tasks-per-node', '2'], 'written by 1 ranks, this run has 2')):
+                          (['--cluster', 'local', '--tasks-per-node', '2'], 'which 2 ranks cannot share equally')):
         proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
         assert proc.returncode == 2 and expect in line and 'nothing submitted' in line

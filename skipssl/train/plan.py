@@ -89,9 +89,10 @@ def accumulation_for(kept_batch: int, micro_batch: int, world_size: int, slots: 
     micros = [b for b in range(per_rank, 0, -1) if per_rank % b == 0] if rest == 0 else []
     where = (f"on {world_size} ranks set data.batch_size_per_rank to one of {micros}" if micros else
              f"{world_size} ranks cannot share {kept_batch} images equally")
+    fits = f"with this micro-batch it resumes on {sizes} ranks" if sizes else "no number of ranks fits this micro-batch"
     raise ValueError(f"the run's global batch of {kept_batch} images cannot be kept on {world_size} ranks with "
                      f"data.batch_size_per_rank={micro_batch} ({kept_batch} is not a multiple of {micro_batch} x "
-                     f"{world_size}): with this micro-batch it resumes on {sizes} ranks; {where}")
+                     f"{world_size}): {fits}; {where}")
 
 
 def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Plan:
