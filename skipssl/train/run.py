@@ -24,6 +24,7 @@ def preflight(cfg: Config) -> str:
     from ..data import first_readable_sample, resolve_shards
     from .distributed import resolve_device, world_size_from_env
     from .plan import make_plan
+    from .state import newest_layout
     try:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
@@ -38,8 +39,9 @@ def preflight(cfg: Config) -> str:
         first_readable_sample(urls)
     except (FileNotFoundError, ValueError) as exn:
         raise ConfigError(f"data.train_shards: {exn}") from exn
-    try:
-        make_plan(cfg, world_size_from_env())
+    try:  # a resume keeps its checkpoint's layout, which rank 0 checks for all ranks (state.find_resumable)
+        if newest_layout(Path(cfg.experiment.output_dir) / 'checkpoints') is None:
+            make_plan(cfg, world_size_from_env())
     except ValueError as exn:
         raise ConfigError(f"data.samples_per_epoch: {exn}") from exn
     kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)

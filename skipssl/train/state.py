@@ -113,6 +113,17 @@ def saved_layout(folder: Optional[Path]) -> Optional[Dict]:
     return json.loads((folder / ckpt.COMPLETE).read_text()).get('layout')
 
 
+def newest_layout(root: Path) -> Optional[Dict]:
+    """The layout of the newest checkpoint under ``root`` that has its COMPLETE marker, unverified: a cheap look
+    for start-up checks, which plan a resumed run on its layout (the resume itself verifies)."""
+    for _, folder in reversed(ckpt.list_checkpoints(root)):
+        try:
+            return saved_layout(folder)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def check_layout(record: Dict, folder: Path, world_size: int, micro_batch: Optional[int]) -> None:
     """A resume on ``world_size`` ranks must keep the checkpoint's global batch (CheckpointError naming the world
     sizes and micro-batches that would). A checkpoint without a layout needs the ranks that wrote it."""
