@@ -98,7 +98,10 @@ ELASTIC = ['data.samples_per_epoch=192', 'train.epochs=2', 'train.log_every=1', 
            'data.batch_size_per_rank=24', 'loss.warmup_teacher_temp_epochs=0', 'train.attention_images=0']
 
 
-def assert_same_run(ref, out, rtol=1e-5, atol=1e-6):
+def assert_same_run(ref, out, rtol=1e-5, atol=2e-5):
+    """Reduction order differs between layouts. The attention key bias has a zero gradient up to rounding (softmax
+    ignores it), and AdamW turns that noise into steps of its own: a few 1e-6 after 6 steps, so ``atol``; a lost
+    optimizer state or a different sample moves weights by about the lr (1e-3)."""
     a, b = log_lines(ref), log_lines(out)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for i in a:
@@ -107,7 +110,7 @@ def assert_same_run(ref, out, rtol=1e-5, atol=1e-6):
     for part in ('student', 'teacher'):
         for k in wa[part]:
             torch.testing.assert_close(wb[part][k], wa[part][k], rtol=rtol, atol=atol, msg=f'{part} {k}')
-    torch.testing.assert_close(wb['loss_center'], wa['loss_center'], rtol=rtol, atol=atol)
+    torch.testing.assert_close(wb['loss_center'], wa['loss_center'], rtol=rtol, atol=1e-6)
     oa, ob = (ckpt.load_file(ckpt.resolve_checkpoint(r) / train_state.OPTIMIZER_FILE) for r in (ref, out))
     assert oa['step'] == ob['step']
     for key in ('exp_avg', 'exp_avg_sq'):
