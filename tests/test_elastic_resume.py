@@ -86,6 +86,7 @@ def test_reader_resumed_on_other_ranks_and_workers_continues_every_slot(shards):
     urls = resolve_shards(str(shards))
     ref, _ = global_batches(urls, 1, 0)
     first, positions = global_batches(urls, 2, 1, limit=2)
+    assert global_batches(urls, 3, 2, limit=2)[1] == global_batches(urls, 1, 0, limit=2)[1] == positions
     positions.step = 2
     rest, _ = global_batches(urls, 3, 2, state=ReaderState.from_dict(json.loads(json.dumps(positions.state_dict()))))
     assert_same(ref, first + rest)

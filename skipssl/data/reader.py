@@ -157,8 +157,8 @@ def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
 # -- pretraining ----------------------------------------------------------------------------------------
 @dataclass
 class ReaderState:
-    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker the raw
-    samples consumed, bad samples skipped and unreadable shard parts met (plus samples missing from shards
+    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker (or per
+    virtual slot, ``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard parts met (plus samples missing from shards
     that ended before their index count), up to the last batch the trainer used. (Unreadable parts and
     missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
     ``skipped`` are restored.)"""
