@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from skipssl import checkpoint as ckpt
 from skipssl.config import load_config
 from skipssl.data import MultiCropTransform, ReaderState, resolve_shards
-from skipssl.data.slots import SlotShards, iterations
+from skipssl.data.slots import SlotShards, iterations, join
 from skipssl.train import state as train_state
 
 from .image_shards import write_pattern_shards
@@ -42,10 +42,10 @@ def global_batches(urls, world_size, workers, state=None, limit=None):
         if state is not None:
             ds.set_state(state)
         loader = DataLoader(ds, batch_size=None, num_workers=workers)
-        accum = GLOBAL // world_size // 2 if world_size < 3 else 1  # micro-batches of 2, 3 or 4 images
+        accum = {1: 4, 2: 2}.get(world_size, 1)  # micro-batches of 3 images cut slots' contributions of 2
         shares = []
         for share in iterations(iter(loader), ds, accum):
-            shares.append(share['micro'])
+            shares.append([join(pieces) for pieces in share['micro']])
             for chunk in share['chunks']:
                 positions.record(chunk['slot'], chunk)
             if limit and len(shares) == limit:

@@ -19,7 +19,7 @@ slot exactly after the last sample the trainer used.
 import itertools
 import logging
 import math
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -128,8 +128,9 @@ class _SlotReader:
 
 
 def iterations(items: Iterator[Dict], ds: SlotShards, accum: int) -> Iterator[Dict]:
-    """Whole iterations from the loader's items: {'micro': ``accum`` micro-batches (dicts as ``PretrainShards``
-    yields, with 'keys'), 'chunks': each slot's position fields}, the rank's slots in slot order."""
+    """Whole iterations from the loader's items: {'micro': ``accum`` micro-batches, each a list of pieces (views of
+    the slots' contributions, for :func:`join`), 'chunks': each slot's position fields}, the rank's slots in slot
+    order. Joining waits for :func:`join` so that pinned pieces travel to the device before they are copied."""
     per_iteration = ds.turns * ds.num_workers
     while True:
         got = list(itertools.islice(items, per_iteration))
@@ -138,20 +139,31 @@ def iterations(items: Iterator[Dict], ds: SlotShards, accum: int) -> Iterator[Di
         chunks = sorted((c for c in got if not c.get('filler')), key=lambda c: c['slot'])
         if len(chunks) != len(ds.slots):
             raise RuntimeError(f"an iteration brought {len(chunks)} slot contributions, expected {len(ds.slots)}")
-        fields = [k for k in ('crops', 'images', 'sizes', 'labels') if k in chunks[0]]
-        whole = {}
-        for k in fields:
-            if k == 'crops':
-                whole[k] = [torch.cat(views) for views in zip(*(c['crops'] for c in chunks))]
-            else:
-                whole[k] = torch.cat([c[k] for c in chunks])
-        keys = [key for c in chunks for key in c['keys']]
-        micro = len(keys) // accum
-        batches = []
-        for m in range(accum):
-            part = slice(m * micro, (m + 1) * micro)
-            b = {k: [t[part] for t in v] if k == 'crops' else v[part] for k, v in whole.items()}
-            b['keys'] = keys[part]
-            batches.append(b)
+        micro = len(chunks) * ds.per_slot // accum
+        batches: List[List[Dict]] = [[] for _ in range(accum)]
+        for i, c in enumerate(chunks):
+            start = i * ds.per_slot  # the chunk's place in the rank's share, cut where micro-batches end
+            while start < (i + 1) * ds.per_slot:
+                m = start // micro
+                end = min((m + 1) * micro, (i + 1) * ds.per_slot)
+                lo, hi = start - i * ds.per_slot, end - i * ds.per_slot
+                piece = {k: [t[lo:hi] for t in v] if k == 'crops' else v[lo:hi]
+                         for k, v in c.items() if k in ('crops', 'images', 'sizes', 'labels', 'keys')}
+                batches[m].append(piece)
+                start = end
         yield {'micro': batches, 'step': chunks[0]['step'],
                'chunks': [{k: c[k] for k in ('slot', 'step', 'offset', 'skipped', 'unreadable')} for c in chunks]}
+
+
+def join(pieces: List[Dict], device: Optional[torch.device] = None) -> Dict:
+    """One micro-batch from its pieces (moved to ``device`` first, asynchronously from pinned memory): a dict as
+    ``PretrainShards`` yields ('crops' or 'images' + 'sizes', 'labels'), plus 'keys'."""
+    def cat(tensors):
+        return torch.cat([t.to(device, non_blocking=True) if device is not None else t for t in tensors])
+    out: Dict = {'keys': [k for p in pieces for k in p['keys']]}
+    for k in pieces[0]:
+        if k == 'crops':
+            out[k] = [cat(views) for views in zip(*(p['crops'] for p in pieces))]
+        elif k != 'keys':
+            out[k] = cat([p[k] for p in pieces])
+    return out

@@ -20,7 +20,7 @@ from .. import checkpoint as ckpt
 from ..config import Config
 from ..data import BatchedMultiCrop, MultiCropTransform, ReaderState, canvas_resize, decode_sample, resolve_shards
 from ..data.reader import batch_seed, iter_raw_samples
-from ..data.slots import SlotShards, iterations
+from ..data.slots import SlotShards, iterations, join
 from ..dino import DINOLoss, collapse_state, make_teacher
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
@@ -227,6 +227,8 @@ class Trainer:
         else:  # the ranks' clocks summed into rank 0's, so the run's device-hours carry on
             seconds = p['device_hours'] * 3600 / devices_per_rank(self.device.type)
             self.clock = DeviceClock(seconds if self.info.is_main else 0.0)
+            # new ranks, new drop-path streams, which must not repeat those of iteration 0
+            torch.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, -2))
         if self.info.is_main:
             log.info("resumed from %s (epoch %d, iteration %d)", folder, self.pos.epoch, self.pos.iteration)
             if changed:
@@ -258,12 +260,12 @@ class Trainer:
                           prefetch_factor=4 if d.num_workers else None, generator=gen,
                           worker_init_fn=_ignore_stop_signals if d.num_workers else None)
 
-    def crops(self, batch: Dict, micro: int) -> List[torch.Tensor]:
+    def crops(self, pieces: List[Dict], micro: int) -> List[torch.Tensor]:
+        batch = join(pieces, self.device)
         if self.device_aug is None:
-            return [c.to(self.device, non_blocking=True) for c in batch['crops']]
+            return batch['crops']
         self.aug_gen.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, micro))
-        images = batch['images'].to(self.device, non_blocking=True)
-        return self.device_aug(images, batch['sizes'].to(self.device, non_blocking=True), generator=self.aug_gen)
+        return self.device_aug(batch['images'], batch['sizes'], generator=self.aug_gen)
 
     # -- one iteration --------------------------------------------------------------------------------------
     def iteration(self, batches) -> float:
@@ -274,9 +276,9 @@ class Trainer:
         for chunk in share['chunks']:
             self.reader_state.record(chunk['slot'], chunk)
         data_wait += time.perf_counter() - t0
-        for micro, batch in enumerate(share['micro']):
+        for micro, pieces in enumerate(share['micro']):
             t0 = time.perf_counter()
-            crops = self.crops(batch, micro)
+            crops = self.crops(pieces, micro)
             data_wait += time.perf_counter() - t0
             loss = self.step.micro(crops, it)
             self._loss_sum += loss
