@@ -158,8 +158,9 @@ def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
 @dataclass
 class ReaderState:
     """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker (or per
-    virtual slot, ``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard parts met (plus samples missing from shards
-    that ended before their index count), up to the last batch the trainer used. (Unreadable parts and
+    virtual slot, ``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard
+    parts met (plus samples missing from shards that ended before their index count), up to the last batch the
+    trainer used. (Unreadable parts and
     missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
     ``skipped`` are restored.)"""
     epoch: int = 0
