@@ -4,11 +4,11 @@ Rank 0 writes ``model.pt`` (student fp32 master weights, teacher, DINO centre, p
 data reader's position) and ``optimizer.pt`` (AdamW's moments per parameter name and step counts per group,
 whatever the partitioning); every rank writes its ``rank-XXXXX.pt`` (its optimizer partition and
 loss-scaler state, RNG states, its device clock). The COMPLETE record names the layout the checkpoint was
-written with (ranks, ZeRO stage, precision, micro-batch, accumulation, global batch). A resume with the
-same layout loads the rank files and is bit-exact; one on another layout (another number of ranks, another
-ZeRO stage) keeps the global batch and loads the world-size-independent files. Loading is ``weights_only``;
-the only non-tensor classes DeepSpeed puts into an optimizer state (loss scaler, ZeRO stage enum, fragment
-addresses) are allow-listed.
+written with (ranks, ZeRO stage, precision, micro-batch, accumulation, global batch, virtual data slots). A
+resume with the same layout loads the rank files and is bit-exact; one on another layout (another number of
+ranks, another ZeRO stage) keeps the global batch and loads the world-size-independent files. Loading is
+``weights_only``; the only non-tensor classes DeepSpeed puts into an optimizer state (loss scaler, ZeRO stage
+enum, fragment addresses) are allow-listed.
 """
 import json
 import logging
