@@ -42,7 +42,7 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     from skipssl.config import ConfigError, load_config
     from skipssl.runlock import check_free
     from skipssl.train import preflight
-    from skipssl.train.state import check_resumable
+    from skipssl.train.state import check_resumable, newest_layout
     from skipssl.train.plan import make_plan, model_spec
 
     cfg = load_config(config, overrides)
@@ -66,14 +66,14 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
     # this machine's devices are not the job's: check the rest on CPU (fp16 is checked for CPU jobs only)
     preflight(cfg if device == 'cpu' else dataclasses.replace(
         cfg, engine=dataclasses.replace(engine, device='cpu', precision='fp32')))
+    run_dir = Path(cfg.experiment.output_dir)
     try:
-        make_plan(cfg, res.world_size)
+        make_plan(cfg, res.world_size, newest_layout(run_dir / 'checkpoints'))
     except ValueError as exn:
         raise ConfigError(f"data.batch_size_per_rank: {exn}") from exn
-    run_dir = Path(cfg.experiment.output_dir)
     check_free(run_dir)
     if not cfg.train.restart_if_no_valid_checkpoint:  # else the job decides (and moves unusable ones aside)
-        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg))
+        check_resumable(run_dir / 'checkpoints', res.world_size, model_spec(cfg), cfg.data.batch_size_per_rank)
     return cfg
 
 

@@ -85,7 +85,9 @@ class DataSection:
     samples_per_epoch: int = 0        # 0: the shards' sample count from their index
     batch_size_per_rank: int = 64     # micro-batch per rank
     num_workers: int = 8
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000       # per virtual slot
+    virtual_slots: int = 0            # the epoch's stream cut into this many slots, fixed at the run's start and
+    #                                   kept on resume (0: ranks x workers at the start); ranks resume on divisors
     channels: int = 3
     augment_on: str = 'cpu'           # 'cpu': loader workers; 'device': BatchedMultiCrop on the training device
     canvas_size: int = 256            # device augmentation: images reach the device at this size
@@ -359,6 +361,7 @@ def validate(cfg: Config) -> None:
     _check(d.samples_per_epoch >= 0, 'data.samples_per_epoch',
            f"must be >= 0 (0: count from the shard index), got {d.samples_per_epoch}")
     _check(d.shuffle_buffer >= 0, 'data.shuffle_buffer', f"must be >= 0, got {d.shuffle_buffer}")
+    _check(d.virtual_slots >= 0, 'data.virtual_slots', f"must be >= 0 (0: ranks x workers), got {d.virtual_slots}")
     _check(0 <= d.max_skip_fraction <= 1, 'data.max_skip_fraction', f"must be in [0, 1], got {d.max_skip_fraction}")
     for key in ('canvas_size', 'eval_resize', 'eval_crop'):
         _check(getattr(d, key) >= 1, f'data.{key}', f"must be >= 1, got {getattr(d, key)}")

@@ -157,9 +157,10 @@ def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
 # -- pretraining ----------------------------------------------------------------------------------------
 @dataclass
 class ReaderState:
-    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker the raw
-    samples consumed, bad samples skipped and unreadable shard parts met (plus samples missing from shards
-    that ended before their index count), up to the last batch the trainer used. (Unreadable parts and
+    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker (or per
+    virtual slot, ``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard
+    parts met (plus samples missing from shards that ended before their index count), up to the last batch the
+    trainer used. (Unreadable parts and
     missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
     ``skipped`` are restored.)"""
     epoch: int = 0
@@ -169,7 +170,10 @@ class ReaderState:
     unreadable: List[int] = field(default_factory=list)
 
     def update(self, batch: Dict) -> None:
-        w = batch['worker']
+        self.record(batch['worker'], batch)
+
+    def record(self, w: int, batch: Dict) -> None:
+        """Position ``w`` (a worker's, or a virtual slot's) after ``batch``, which carries its position fields."""
         for values in (self.offsets, self.skipped, self.unreadable):
             values.extend([0] * (w + 1 - len(values)))
         self.offsets[w] = batch['offset']
@@ -198,6 +202,37 @@ def batch_seed(seed: int, epoch: int, rank: int, step: int) -> int:
     """A 63-bit seed for one batch of one rank, stable across runs and Python processes."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
+
+
+def sample_seed(seed: int, epoch: int, slot: int, index: int) -> int:
+    """A 63-bit seed for the augmentation of one sample: the ``index``-th of a slot's stream in an epoch."""
+    digest = hashlib.blake2b(f"sample/{seed}/{epoch}/{slot}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
+
+
+def slot_stream(urls: List[str], expected: Dict[str, int], seed: int, epoch: int, slot: int, n_slots: int,
+                shuffle_buffer: int, counter: ReadCounter) -> Iterator[Dict]:
+    """A slot's endless, deterministic stream of raw samples for an epoch: its share of the shards
+    (``slot_share``), repeated as needed, shard order and shuffle buffer seeded by (seed, epoch, slot); what
+    could not be read, or is missing from short shards (``expected``: index counts), is counted in ``counter``."""
+    rng = random.Random(f"{seed}/{epoch}/{slot}")
+    share, stride = slot_share(urls, slot, n_slots)
+
+    def cycles():
+        for _ in itertools.count():
+            order = list(share)
+            if stride is None:
+                rng.shuffle(order)
+            empty = True
+            for s in read_share(order, slot, stride, counter, expected):
+                empty = False
+                yield s
+            if empty:
+                raise TooManyBadSamples(
+                    f"no readable samples in shards {share[:3]}{'...' if len(share) > 3 else ''}")
+
+    # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
+    return filters.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(cycles())
 
 
 def canvas_resize(size: int) -> Callable[[torch.Tensor], Dict]:
@@ -248,26 +283,8 @@ class PretrainShards(IterableDataset):
         return self.steps_per_epoch - self.state.step
 
     def raw_stream(self, epoch: int, slot: int, n_slots: int, counter: ReadCounter) -> Iterator[Dict]:
-        """The slot's endless, deterministic stream of raw samples for an epoch; what could not be read, or
-        is missing from short shards, is counted in ``counter``."""
-        rng = random.Random(f"{self.seed}/{epoch}/{slot}")
-        urls, stride = slot_share(self.urls, slot, n_slots)
-
-        def cycles():
-            for _ in itertools.count():
-                order = list(urls)
-                if stride is None:
-                    rng.shuffle(order)
-                empty = True
-                for s in read_share(order, slot, stride, counter, self.expected):
-                    empty = False
-                    yield s
-                if empty:
-                    raise TooManyBadSamples(
-                        f"no readable samples in shards {urls[:3]}{'...' if len(urls) > 3 else ''}")
-
-        # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
-        return filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(cycles())
+        """The slot's endless, deterministic stream of raw samples for an epoch (``slot_stream``)."""
+        return slot_stream(self.urls, self.expected, self.seed, epoch, slot, n_slots, self.shuffle_buffer, counter)
 
     def __iter__(self) -> Iterator[Dict]:
         wid, nw, slot, n_slots = worker_slot(self.rank, self.world_size)

@@ -6,7 +6,7 @@ clipping and the full-precision (master) weights for the teacher's EMA, for ever
 - ZeRO 1/2 (any precision): each rank owns a fragment of every parameter's fp32 master weight and reduced
   gradient (``p._hp_mapping``); norms and weights are assembled with one collective each.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,12 +17,14 @@ from ..dino import param_groups, reset_state
 from .plan import global_batch
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> Dict:
+def deepspeed_config(cfg: Config, world_size: int, accum: Optional[int] = None) -> Dict:
+    """``accum``: the plan's accumulation steps (a resize changes them), the config's when None."""
     e = cfg.engine
+    accum = accum or cfg.train.grad_accum_steps
     ds = {
         'train_micro_batch_size_per_gpu': cfg.data.batch_size_per_rank,
-        'gradient_accumulation_steps': cfg.train.grad_accum_steps,
-        'train_batch_size': global_batch(cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, world_size),
+        'gradient_accumulation_steps': accum,
+        'train_batch_size': global_batch(cfg.data.batch_size_per_rank, accum, world_size),
         'zero_optimization': {'stage': e.zero_stage},
         # clipping is the trainer's (DINO clips each parameter separately), unless asked for globally
         'gradient_clipping': cfg.optim.clip_grad if cfg.optim.clip_mode == 'global' else 0.0,
@@ -45,7 +47,7 @@ def _merge(base: Dict, over: Dict) -> Dict:
     return out
 
 
-def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: str):
+def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: str, accum: Optional[int] = None):
     import deepspeed
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas,
                                   fused=device_kind == 'cuda')
@@ -54,7 +56,7 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: 
     low_precision = cfg.engine.precision != 'fp32'
     init = [p.detach().clone() for p in student.parameters() if p.requires_grad] if low_precision else []
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world_size))
+                                           config=deepspeed_config(cfg, world_size, accum))
     view = EngineView(engine)
     if low_precision:
         view.set_master_params(init)
@@ -176,6 +178,85 @@ class EngineView:
             else:
                 self._fp32_of.get(id(p), p).copy_(v)
             p.copy_(v)
+
+    # -- optimizer state, independent of the layout ------------------------------------------------------
+    def _fragments(self) -> List[Optional[Tuple[torch.Tensor, int, int]]]:
+        """Per parameter: (the fp32 master tensor this rank updates, its start and length in the flattened
+        parameter), or None where another rank owns all of it."""
+        if not self.partitioned:
+            return [(self._fp32_of.get(id(p), p), 0, p.numel()) for p in self.params]
+        out = []
+        for p in self.params:
+            mapping = getattr(p, '_hp_mapping', None)
+            addr = mapping.lp_fragment_address if mapping is not None else None
+            out.append((mapping.hp_fragment, addr.start, addr.numel) if mapping is not None else None)
+        return out
+
+    def _locate(self, master: torch.Tensor) -> Tuple[int, torch.Tensor, int]:
+        """(group index, the base optimizer's parameter that holds ``master``, offset of ``master`` in it): the
+        optimizer's state lives with that parameter, flat partitions included."""
+        start = master.data_ptr()
+        for gi, group in enumerate(self.base_optimizer.param_groups):
+            for b in group['params']:
+                offset, rest = divmod(start - b.data_ptr(), b.element_size())
+                if b.dtype == master.dtype and rest == 0 and 0 <= offset and offset + master.numel() <= b.numel():
+                    return gi, b, offset
+        raise RuntimeError(f"cannot find the optimizer parameter that holds a master weight of "
+                           f"{type(self.engine.optimizer).__name__}")
+
+    @torch.no_grad()
+    def full_optimizer_state(self, keys: Sequence[str] = ('exp_avg', 'exp_avg_sq')) -> Dict:
+        """AdamW's state as full fp32 tensors per parameter name, and its step count per group name, the same
+        on every rank whatever the partitioning (one all-reduce per key when partitioned): what
+        ``set_full_optimizer_state`` loads into an engine of any layout."""
+        opt = self.base_optimizer
+        frags = self._fragments()
+        out: Dict = {'state': {}, 'step': {}}
+        for key in keys:
+            flat = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=self.params[0].device)
+            offset = 0
+            for p, frag in zip(self.params, frags):
+                if frag is not None:
+                    master, start, numel = frag
+                    _, b, at = self._locate(master)
+                    value = opt.state.get(b, {}).get(key)
+                    if value is not None:
+                        flat.narrow(0, offset + start, numel).copy_(value.reshape(-1).narrow(0, at, numel))
+                offset += p.numel()
+            if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flat)  # fragments are disjoint, so the sum assembles them
+            out['state'][key] = {n: t.view_as(p).cpu().clone()
+                                 for n, t, p in zip(self.names, flat.split([p.numel() for p in self.params]),
+                                                    self.params)}
+        for group in opt.param_groups:
+            steps = [opt.state[b]['step'] for b in group['params'] if 'step' in opt.state.get(b, {})]
+            out['step'][group['name']] = float(steps[0]) if steps else 0.0
+        return out
+
+    @torch.no_grad()
+    def set_full_optimizer_state(self, saved: Dict) -> None:
+        """Load what ``full_optimizer_state`` returned (on any layout) into this engine's optimizer: each rank
+        writes its fragments, in place where the state exists (DeepSpeed keeps views of it)."""
+        opt = self.base_optimizer
+        frags = self._fragments()
+        for key, values in saved['state'].items():
+            for name, p, frag in zip(self.names, self.params, frags):
+                if frag is None:
+                    continue
+                master, start, numel = frag
+                _, b, at = self._locate(master)
+                state = opt.state[b]
+                if key not in state:
+                    state[key] = torch.zeros_like(b, memory_format=torch.preserve_format)
+                value = values[name].reshape(-1).narrow(0, start, numel)
+                state[key].view(-1).narrow(0, at, numel).copy_(value.to(state[key]))
+        for group in opt.param_groups:
+            on_device = group.get('fused') or group.get('capturable')
+            for b in group['params']:
+                state = opt.state[b]
+                if 'step' not in state:  # as torch's AdamW creates it
+                    state['step'] = torch.zeros((), dtype=torch.float32, device=b.device if on_device else 'cpu')
+                state['step'].fill_(saved['step'][group['name']])
 
     def master_state_dict(self) -> Dict[str, torch.Tensor]:
         """engine.module's state dict with every parameter replaced by its fp32 master weight."""

@@ -2,14 +2,16 @@
 every schedule is indexed by), DINO's per-iteration schedules, the student network and its spec. The trainer,
 the launcher's pre-submission checks and the benchmarks build from here; the global-batch formula lives here
 only (``global_batch``)."""
+import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data.shards import count_samples
+from ..data.slots import check_slots
 from ..dino import (DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule,
                     scaled_lr)
 
@@ -27,6 +29,7 @@ class Plan:
     accum: int
     iterations_per_epoch: int
     epochs: int
+    slots: int = 0                    # virtual slots of the data stream (skipssl.data.slots)
 
     @property
     def global_batch(self) -> int:
@@ -72,14 +75,53 @@ def samples_per_epoch(cfg: Config) -> int:
     return n
 
 
-def make_plan(cfg: Config, world_size: int) -> Plan:
+def accumulation_for(kept_batch: int, micro_batch: int, world_size: int, slots: Optional[int] = None) -> int:
+    """The accumulation steps that keep a run's global batch of ``kept_batch`` images with ``micro_batch`` images
+    per rank on ``world_size`` ranks, whose data stream is cut into ``slots`` virtual slots; ValueError naming the
+    world sizes and micro-batches that would work."""
+    if slots is not None:
+        check_slots(slots, kept_batch, world_size)
+    per_rank, rest = divmod(kept_batch, world_size)
+    if rest == 0 and per_rank % micro_batch == 0:
+        return per_rank // micro_batch
+    sizes = [w for w in range(1, kept_batch // micro_batch + 1)
+             if kept_batch % (micro_batch * w) == 0 and (slots is None or slots % w == 0)]
+    micros = [b for b in range(per_rank, 0, -1) if per_rank % b == 0] if rest == 0 else []
+    where = (f"on {world_size} ranks set data.batch_size_per_rank to one of {micros}" if micros else
+             f"{world_size} ranks cannot share {kept_batch} images equally")
+    fits = f"with this micro-batch it resumes on {sizes} ranks" if sizes else "no number of ranks fits this micro-batch"
+    raise ValueError(f"the run's global batch of {kept_batch} images cannot be kept on {world_size} ranks with "
+                     f"data.batch_size_per_rank={micro_batch} ({kept_batch} is not a multiple of {micro_batch} x "
+                     f"{world_size}): {fits}; {where}")
+
+
+def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Plan:
+    """The plan of a new run (the config's accumulation steps and virtual slots), or, with ``saved`` (the layout
+    a resumed run's checkpoint records), the accumulation steps that keep its global batch on ``world_size`` ranks
+    and its slots, so every schedule and every global batch stay as they were."""
     n = samples_per_epoch(cfg)
-    per_iter = global_batch(cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, world_size)
-    ipe = n // per_iter
+    micro = cfg.data.batch_size_per_rank
+    if saved is None:
+        accum = cfg.train.grad_accum_steps
+        batch = global_batch(micro, accum, world_size)
+        # one slot per rank and worker, as many as divide the batch
+        slots = cfg.data.virtual_slots or world_size * math.gcd(max(cfg.data.num_workers, 1), batch // world_size)
+        check_slots(slots, batch, world_size)
+    else:
+        batch, slots = saved['global_batch'], saved.get('slots') or world_size
+        accum = accumulation_for(batch, micro, world_size, slots)
+    ipe = n // batch
     if ipe < 1:
         raise ValueError(f"an epoch of {n} samples is less than one global batch ({world_size} ranks x "
-                         f"{cfg.data.batch_size_per_rank} x {cfg.train.grad_accum_steps} accumulation steps)")
-    return Plan(world_size, cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, ipe, cfg.train.epochs)
+                         f"{micro} x {accum} accumulation steps)")
+    return Plan(world_size, micro, accum, ipe, cfg.train.epochs, slots)
+
+
+def layout(cfg: Config, plan: Plan) -> Dict:
+    """How a checkpoint's ranks were laid out, recorded with it: what a resume may change and must report."""
+    return {'world_size': plan.world_size, 'zero_stage': cfg.engine.zero_stage, 'precision': cfg.engine.precision,
+            'micro_batch': plan.micro_batch, 'accum': plan.accum, 'global_batch': plan.global_batch,
+            'slots': plan.slots}
 
 
 def model_spec(cfg: Config) -> Dict:

@@ -24,6 +24,7 @@ def preflight(cfg: Config) -> str:
     from ..data import first_readable_sample, resolve_shards
     from .distributed import resolve_device, world_size_from_env
     from .plan import make_plan
+    from .state import newest_layout
     try:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
@@ -38,8 +39,9 @@ def preflight(cfg: Config) -> str:
         first_readable_sample(urls)
     except (FileNotFoundError, ValueError) as exn:
         raise ConfigError(f"data.train_shards: {exn}") from exn
-    try:
-        make_plan(cfg, world_size_from_env())
+    try:  # a resume keeps its checkpoint's layout, which rank 0 checks for all ranks (state.find_resumable)
+        if newest_layout(Path(cfg.experiment.output_dir) / 'checkpoints') is None:
+            make_plan(cfg, world_size_from_env())
     except ValueError as exn:
         raise ConfigError(f"data.samples_per_epoch: {exn}") from exn
     kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)
@@ -101,7 +103,8 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     from .plan import model_spec
     held: List[RunLock] = []
     rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
-    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint)
+    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint,
+                            cfg.data.batch_size_per_rank)
     return (held[0] if held else None), folder
 
 
@@ -109,6 +112,7 @@ def pretrain(cfg: Config) -> Dict:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
     rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
+    from .state import saved_layout
     from .trainer import Trainer
     device = preflight(cfg)
     info = init_distributed(device)
@@ -122,7 +126,7 @@ def pretrain(cfg: Config) -> Dict:
         if info.is_main:
             _save_config(cfg, run_dir)
             log.info("run %s on %d %s rank(s) (launcher: %s)", run_dir, info.world_size, device, info.launcher)
-        summary = Trainer(cfg, info, run_dir).fit(resume_from)
+        summary = Trainer(cfg, info, run_dir, saved_layout(resume_from)).fit(resume_from)
     except BaseException as exn:
         if watch.active:
             watch.fail(exn, describe_failure)  # ends this process: no tear-down that could wait for a peer

@@ -1,10 +1,16 @@
 """Saving and restoring the whole training state through the checkpoint format of ``skipssl.checkpoint``.
 
-Rank 0 writes ``model.pt`` (student fp32 master weights, teacher, DINO centre, position, model spec);
-every rank writes its ``rank-XXXXX.pt`` (its optimizer partition and loss-scaler state, RNG states, data
-reader position, its device clock). Loading is ``weights_only``; the only non-tensor classes DeepSpeed puts
-into an optimizer state (loss scaler, ZeRO stage enum, fragment addresses) are allow-listed.
+Rank 0 writes ``model.pt`` (student fp32 master weights, teacher, DINO centre, position, model spec, the
+data reader's position) and ``optimizer.pt`` (AdamW's moments per parameter name and step counts per group,
+whatever the partitioning); every rank writes its ``rank-XXXXX.pt`` (its optimizer partition and
+loss-scaler state, RNG states, its device clock). The COMPLETE record names the layout the checkpoint was
+written with (ranks, ZeRO stage, precision, micro-batch, accumulation, global batch, virtual data slots). A
+resume with the same layout loads the rank files and is bit-exact; one on another layout (another number of
+ranks, another ZeRO stage) keeps the global batch and loads the world-size-independent files. Loading is
+``weights_only``; the only non-tensor classes DeepSpeed puts into an optimizer state (loss scaler, ZeRO stage
+enum, fragment addresses) are allow-listed.
 """
+import json
 import logging
 import os
 import random
@@ -18,8 +24,13 @@ import torch.distributed as dist
 
 from .. import checkpoint as ckpt
 from .distributed import DistInfo, rank0_decides
+from .plan import accumulation_for
 
 log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = 'optimizer.pt'
+# what, when it differs from the checkpoint's, makes a resume load the world-size-independent files
+PARTITIONING = ('world_size', 'zero_stage', 'precision')
 
 
 def _safe_globals():
@@ -51,8 +62,9 @@ def set_rng_state(state: Dict, device: torch.device) -> None:
 
 
 def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict], rank_blob: Dict,
-         keep: int) -> Path:
-    """Write checkpoint ``iteration`` under ``root`` from every rank (collective); returns its folder."""
+         keep: int, layout: Dict, optimizer_blob: Optional[Dict] = None) -> Path:
+    """Write checkpoint ``iteration`` under ``root`` from every rank (collective); returns its folder.
+    ``model_blob`` and ``optimizer_blob``: rank 0's; ``layout``: ``plan.layout``."""
     final = root / ckpt.checkpoint_name(iteration)
     tmp = root / f'.{ckpt.checkpoint_name(iteration)}.tmp'
     if info.is_main:
@@ -65,9 +77,11 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
     ckpt.atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
     if info.is_main:
         ckpt.atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
+        ckpt.atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
     _barrier(info)
     if info.is_main:
-        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size})
+        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size,
+                                              'layout': layout})
         for old in ckpt.prune_checkpoints(root, keep):
             log.info("removed old checkpoint %s", old)
     _barrier(info)
@@ -75,22 +89,58 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
 
 
 def find_resumable(root: Path, info: DistInfo, model: Optional[Dict] = None,
-                   restart_if_none_valid: bool = False) -> Optional[Path]:
+                   restart_if_none_valid: bool = False, micro_batch: Optional[int] = None) -> Optional[Path]:
     """The newest checkpoint under ``root`` that verifies, or None for a new run; collective: rank 0 decides,
     every rank gets its answer or its refusal. A corrupt or incomplete newer checkpoint is reported and skipped;
     checkpoints that exist but none of which verifies stop the run (CheckpointError naming them) unless
-    ``restart_if_none_valid``; a checkpoint of other ranks or (``model``: a model spec) another model is refused."""
-    return rank0_decides(lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid), info)
+    ``restart_if_none_valid``; a checkpoint of (``model``: a model spec) another model, or one whose global batch
+    ``world_size`` ranks of ``micro_batch`` images cannot keep, is refused."""
+    return rank0_decides(lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid,
+                                                    micro_batch), info)
 
 
-def check_resumable(root: Path, world_size: int, model: Dict) -> Optional[Path]:
+def check_resumable(root: Path, world_size: int, model: Dict, micro_batch: Optional[int] = None) -> Optional[Path]:
     """What ``find_resumable`` would decide for ``world_size`` ranks, made without a process group (before a job
     is submitted, say) and without moving anything; CheckpointError if the run would be refused."""
-    return _choose_checkpoint(root, world_size, model, restart_if_none_valid=False)
+    return _choose_checkpoint(root, world_size, model, restart_if_none_valid=False, micro_batch=micro_batch)
 
 
-def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict],
-                       restart_if_none_valid: bool) -> Optional[Path]:
+def saved_layout(folder: Optional[Path]) -> Optional[Dict]:
+    """The layout a verified checkpoint was written with (None: no checkpoint, or one from before layouts were
+    recorded, which resumes on its own number of ranks only)."""
+    if folder is None:
+        return None
+    return json.loads((folder / ckpt.COMPLETE).read_text()).get('layout')
+
+
+def newest_layout(root: Path) -> Optional[Dict]:
+    """The layout of the newest checkpoint under ``root`` that has its COMPLETE marker, unverified: a cheap look
+    for start-up checks, which plan a resumed run on its layout (the resume itself verifies)."""
+    for _, folder in reversed(ckpt.list_checkpoints(root)):
+        try:
+            return saved_layout(folder)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_layout(record: Dict, folder: Path, world_size: int, micro_batch: Optional[int]) -> None:
+    """A resume on ``world_size`` ranks must keep the checkpoint's global batch (CheckpointError naming the world
+    sizes and micro-batches that would). A checkpoint without a layout needs the ranks that wrote it."""
+    saved = record.get('layout')
+    if saved is None:
+        ckpt.check_world_size(record, folder, world_size)
+        return
+    if micro_batch is None:
+        micro_batch = 1  # the job's micro-batch is not known here: only the number of ranks is checked
+    try:
+        accumulation_for(saved['global_batch'], micro_batch, world_size, saved.get('slots'))
+    except ValueError as exn:
+        raise ckpt.CheckpointError(f"{folder} (written by {saved['world_size']} ranks): {exn}") from None
+
+
+def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict], restart_if_none_valid: bool,
+                       micro_batch: Optional[int] = None) -> Optional[Path]:
     unusable = []
     for _, folder in reversed(ckpt.list_checkpoints(root)):
         try:
@@ -99,7 +149,7 @@ def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict],
             log.warning("checkpoint %s is not usable, trying the one before: %s", folder, exn)
             unusable.append(folder.name)
             continue
-        ckpt.check_world_size(record, folder, world_size)
+        check_layout(record, folder, world_size, micro_batch)
         if model is not None:
             saved = ckpt.load_file(folder / ckpt.MODEL_FILE)['model']
             if saved != model:
@@ -123,12 +173,26 @@ def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict],
     return None
 
 
-def load(folder: Path, info: DistInfo) -> Tuple[Dict, Dict]:
-    """(model blob, this rank's blob) of a verified checkpoint folder."""
+def relayout(saved: Optional[Dict], current: Dict) -> Dict[str, Tuple]:
+    """What differs between a checkpoint's layout and this run's: key -> (saved, now)."""
+    if saved is None:
+        return {}
+    return {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+
+
+def load(folder: Path, info: DistInfo, same_world: bool,
+         same_partitioning: bool) -> Tuple[Dict, Optional[Dict], Optional[Dict]]:
+    """(model blob, this rank's blob, optimizer blob) of a verified checkpoint folder: the rank's blob (RNG states,
+    device clock, optimizer partition) when the number of ranks is the checkpoint's, the world-size-independent
+    optimizer blob when the partitioning is not."""
     model_blob = ckpt.load_file(folder / ckpt.MODEL_FILE)
-    with torch.serialization.safe_globals(_safe_globals()):
-        rank_blob = ckpt.load_file(folder / ckpt.rank_file(info.rank))
-    return model_blob, rank_blob
+    rank_blob = optimizer_blob = None
+    if same_world:
+        with torch.serialization.safe_globals(_safe_globals()):
+            rank_blob = ckpt.load_file(folder / ckpt.rank_file(info.rank))
+    if not same_partitioning:
+        optimizer_blob = ckpt.load_file(folder / OPTIMIZER_FILE)
+    return model_blob, rank_blob, optimizer_blob
 
 
 def _barrier(info: DistInfo) -> None:

@@ -18,16 +18,16 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
 from ..config import Config
-from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, ReaderState,
-                    canvas_resize, decode_sample, resolve_shards)
+from ..data import BatchedMultiCrop, MultiCropTransform, ReaderState, canvas_resize, decode_sample, resolve_shards
 from ..data.reader import batch_seed, iter_raw_samples
+from ..data.slots import SlotShards, iterations, join
 from ..dino import DINOLoss, collapse_state, make_teacher
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
 from .engine import build_engine
 from ..analysis.attention import cls_attention_maps, mass_masks, render
 from .logger import DeviceClock, RunLogger, device_unit, devices_per_rank
-from .plan import build_student, make_plan, make_schedules, model_spec
+from .plan import build_student, layout, make_plan, make_schedules, model_spec
 from .step import DINOStep
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,14 @@ class Position:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, saved_layout: Optional[Dict] = None) -> None:
+        """``saved_layout``: that of the checkpoint the run will resume from (``train_state.saved_layout``), whose
+        global batch the plan keeps."""
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.device = info.device
-        self.plan = make_plan(cfg, info.world_size)
+        self.saved_layout = saved_layout
+        self.plan = make_plan(cfg, info.world_size, saved_layout)
+        self.layout = layout(cfg, self.plan)
         self.sched = make_schedules(cfg, self.plan)
         self.urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
         self.ckpt_root = run_dir / 'checkpoints'
@@ -87,7 +91,7 @@ class Trainer:
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         student = build_student(cfg)
         self.teacher = make_teacher(student).to(self.device)
-        self.engine = build_engine(student, cfg, info.world_size, self.device.type)
+        self.engine = build_engine(student, cfg, info.world_size, self.device.type, self.plan.accum)
         if cfg.model.compile:
             self.engine.module.backbone.compile()
             self.teacher.backbone.compile()
@@ -108,7 +112,7 @@ class Trainer:
         self._epoch_loss_sum = torch.zeros((), device=self.device)
 
     # -- state --------------------------------------------------------------------------------------------
-    def model_blob(self, student_state: Dict, device_hours: float) -> Dict:
+    def model_blob(self, student_state: Dict, device_hours: float, reader_state: Dict) -> Dict:
         return {
             'student': student_state,
             'teacher': {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
@@ -118,20 +122,47 @@ class Trainer:
                          'images_seen': self.pos.images_seen, 'device_hours': device_hours,
                          'device_hours_unit': device_unit(self.device.type)},
             'per_epoch': json.dumps(self.pos.per_epoch),
+            'engine': self.engine_counters(),
+            'reader': reader_state,
             'data': self.data_meta(),
             'config': self.cfg.to_yaml(),
         }
+
+    def engine_counters(self) -> Dict:
+        e = self.engine
+        return {'global_steps': e.global_steps, 'global_samples': e.global_samples, 'micro_steps': e.micro_steps,
+                'skipped_steps': e.skipped_steps}
+
+    def optimizer_blob(self) -> Dict:
+        """AdamW's state per parameter name and fp16's loss-scaler state: what another layout resumes from."""
+        blob = self.view.full_optimizer_state()  # collective when ZeRO partitions the state
+        scaler = getattr(self.engine.optimizer, 'loss_scaler', None)
+        blob['loss_scaler'] = {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} \
+            if scaler is not None else {}
+        return blob
 
     def rank_blob(self) -> Dict:
         e = self.engine
         return {
             'optimizer': e.optimizer.state_dict(),
-            'engine': {'global_steps': e.global_steps, 'global_samples': e.global_samples,
-                       'micro_steps': e.micro_steps, 'skipped_steps': e.skipped_steps},
+            'engine': self.engine_counters(),
             'rng': train_state.rng_state(self.device),
-            'reader': self.reader_state.state_dict(),
             'device_seconds': self.clock.seconds,
         }
+
+    def all_slots(self) -> ReaderState:
+        """Every slot's position (each rank knows its own slots'): one small all-reduce."""
+        st, n = self.reader_state, self.plan.slots
+        t = torch.zeros(3, n, dtype=torch.int64)
+        for row, values in enumerate((st.offsets, st.skipped, st.unreadable)):
+            for slot in self.own_slots():
+                t[row, slot] = values[slot] if slot < len(values) else 0
+        t = all_reduce_cpu(t, self.info)
+        return ReaderState(st.epoch, st.step, *(row.tolist() for row in t))
+
+    def own_slots(self) -> range:
+        per_rank = self.plan.slots // self.info.world_size
+        return range(self.info.rank * per_rank, (self.info.rank + 1) * per_rank)
 
     def data_meta(self) -> Dict:
         d, a = self.cfg.data, self.cfg.augment
@@ -142,75 +173,112 @@ class Trainer:
         self._check_finite()
         self.clock.lap()
         student_state = self.view.master_state_dict()  # collective when ZeRO partitions the master weights
+        optimizer_blob = self.optimizer_blob()
+        reader_state = self.all_slots().state_dict()
         hours = self.device_hours()
         folder = train_state.save(self.ckpt_root, self.pos.iteration, self.info,
-                                  self.model_blob(student_state, hours) if self.info.is_main else None,
-                                  self.rank_blob(), self.cfg.train.keep_checkpoints)
+                                  self.model_blob(student_state, hours, reader_state) if self.info.is_main else None,
+                                  self.rank_blob(), self.cfg.train.keep_checkpoints, self.layout,
+                                  optimizer_blob if self.info.is_main else None)
         if self.info.is_main:
             log.info("checkpoint %s", folder)
         return folder
 
     def resume(self, folder: Optional[Path]) -> bool:
-        """Load ``folder``, a checkpoint ``train_state.find_resumable`` accepted (None: a new run)."""
+        """Load ``folder``, a checkpoint ``train_state.find_resumable`` accepted (None: a new run). On the
+        checkpoint's layout the ranks load their own partitions (bit-exact); on another (ranks, ZeRO stage,
+        precision) every rank loads its share of the world-size-independent master weights and AdamW state."""
         if folder is None:
             return False
-        model_blob, rank_blob = train_state.load(folder, self.info)
+        changed = train_state.relayout(self.saved_layout, self.layout)
+        same_world = 'world_size' not in changed
+        same_partitioning = not any(k in changed for k in train_state.PARTITIONING)
+        model_blob, rank_blob, optimizer_blob = train_state.load(folder, self.info, same_world, same_partitioning)
         e = self.engine
         e.module.load_state_dict(model_blob['student'])
-        if self.view.partitioned:
+        if not same_partitioning:
+            self.view.set_master_params([model_blob['student'][n] for n in self.view.names])
+            self.view.set_full_optimizer_state(optimizer_blob)
+            scaler = getattr(e.optimizer, 'loss_scaler', None)
+            for k, v in optimizer_blob['loss_scaler'].items() if scaler is not None else ():
+                setattr(scaler, k, v)
+        elif self.view.partitioned:
             states = [None] * self.info.world_size
             states[self.info.rank] = rank_blob['optimizer']
             e.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
             e.optimizer.load_state_dict(rank_blob['optimizer'])
-        for k, v in rank_blob['engine'].items():
+        for k, v in (rank_blob or model_blob)['engine'].items():
             setattr(e, k, v)
+        e.micro_steps = e.global_steps * self.plan.accum  # the accumulation boundary, whatever it was
         self.teacher.load_state_dict(model_blob['teacher'])
         self.loss_fn.center.copy_(model_blob['loss_center'])
         p = model_blob['position']
         self.pos = Position(p['epoch'], p['iteration'], p['images_seen'], json.loads(model_blob['per_epoch']))
-        self.reader_state = ReaderState.from_dict(rank_blob['reader'])
-        self.clock = DeviceClock(rank_blob['device_seconds'])
-        train_state.set_rng_state(rank_blob['rng'], self.device)
+        if 'reader' in model_blob:
+            self.reader_state = ReaderState.from_dict(model_blob['reader'])
+        else:
+            log.warning("%s holds no slot positions (written before virtual slots): the interrupted epoch's stream "
+                        "starts again", folder)
+            self.reader_state = ReaderState(epoch=p['epoch'], step=p['iteration'] % self.plan.iterations_per_epoch)
+        if rank_blob is not None:
+            self.clock = DeviceClock(rank_blob['device_seconds'])
+            train_state.set_rng_state(rank_blob['rng'], self.device)
+        else:  # the ranks' clocks summed into rank 0's, so the run's device-hours carry on
+            seconds = p['device_hours'] * 3600 / devices_per_rank(self.device.type)
+            self.clock = DeviceClock(seconds if self.info.is_main else 0.0)
+            # new ranks, new drop-path streams, which must not repeat those of iteration 0
+            torch.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, -2))
         if self.info.is_main:
             log.info("resumed from %s (epoch %d, iteration %d)", folder, self.pos.epoch, self.pos.iteration)
+            if changed:
+                log.warning("resumed on another layout: %s; global batch %d kept%s",
+                            ', '.join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), self.plan.global_batch,
+                            '' if same_partitioning else ' (optimizer state loaded from the world-size-independent '
+                            f'{train_state.OPTIMIZER_FILE})')
         return True
 
     # -- data -------------------------------------------------------------------------------------------
-    def loader(self) -> DataLoader:
+    def dataset(self) -> SlotShards:
         c, d = self.cfg, self.cfg.data
         transform = canvas_resize(d.canvas_size) if self.device_aug else MultiCropTransform(self.mc)
-        dataset = PretrainShards(
-            self.urls, batch_size=d.batch_size_per_rank,
-            samples_per_epoch=self.plan.iterations_per_epoch * self.plan.global_batch, transform=transform,
-            rank=self.info.rank, world_size=self.info.world_size, num_workers=d.num_workers,
-            seed=c.experiment.seed, shuffle_buffer=d.shuffle_buffer, channels=d.channels,
-            max_skip_fraction=d.max_skip_fraction)
+        dataset = SlotShards(
+            self.urls, global_batch=self.plan.global_batch, n_slots=self.plan.slots,
+            iterations_per_epoch=self.plan.iterations_per_epoch, transform=transform, rank=self.info.rank,
+            world_size=self.info.world_size, num_workers=d.num_workers, seed=c.experiment.seed,
+            shuffle_buffer=d.shuffle_buffer, channels=d.channels, max_skip_fraction=d.max_skip_fraction)
         try:
             dataset.set_state(self.reader_state)
-        except ValueError as exn:  # a resume with other loader workers: the user's to fix, in one line
+        except ValueError as exn:
             raise ckpt.CheckpointError(f"cannot resume the data reader: {exn}") from exn
+        return dataset
+
+    def loader(self, dataset: SlotShards) -> DataLoader:
+        c, d = self.cfg, self.cfg.data
         gen = torch.Generator().manual_seed(batch_seed(c.experiment.seed, self.reader_state.epoch, self.info.rank, -1))
         return DataLoader(dataset, batch_size=None, num_workers=d.num_workers, pin_memory=self.device.type == 'cuda',
                           prefetch_factor=4 if d.num_workers else None, generator=gen,
                           worker_init_fn=_ignore_stop_signals if d.num_workers else None)
 
-    def crops(self, batch: Dict, micro: int) -> List[torch.Tensor]:
+    def crops(self, pieces: List[Dict], micro: int) -> List[torch.Tensor]:
+        batch = join(pieces, self.device)
         if self.device_aug is None:
-            return [c.to(self.device, non_blocking=True) for c in batch['crops']]
+            return batch['crops']
         self.aug_gen.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, micro))
-        images = batch['images'].to(self.device, non_blocking=True)
-        return self.device_aug(images, batch['sizes'].to(self.device, non_blocking=True), generator=self.aug_gen)
+        return self.device_aug(batch['images'], batch['sizes'], generator=self.aug_gen)
 
     # -- one iteration --------------------------------------------------------------------------------------
     def iteration(self, batches) -> float:
         it = self.pos.iteration
         data_wait = 0.0
-        for micro in range(self.plan.accum):
+        t0 = time.perf_counter()
+        share = next(batches)  # this rank's share of the global batch, slot by slot
+        for chunk in share['chunks']:
+            self.reader_state.record(chunk['slot'], chunk)
+        data_wait += time.perf_counter() - t0
+        for micro, pieces in enumerate(share['micro']):
             t0 = time.perf_counter()
-            batch = next(batches)
-            self.reader_state.update(batch)
-            crops = self.crops(batch, micro)
+            crops = self.crops(pieces, micro)
             data_wait += time.perf_counter() - t0
             loss = self.step.micro(crops, it)
             self._loss_sum += loss
@@ -236,12 +304,18 @@ class Trainer:
         t = torch.tensor([self.clock.seconds * devices_per_rank(self.device.type)], dtype=torch.float64)
         return float(all_reduce_cpu(t, self.info)[0]) / 3600.0
 
+    def mean_loss(self, total: torch.Tensor, n_iters: int) -> float:
+        """The loss over the global batches of ``n_iters`` iterations (all ranks' micro-batches: the same whatever
+        the number of ranks); resets ``total``."""
+        t = all_reduce_cpu(torch.tensor([float(total)], dtype=torch.float64), self.info)
+        total.zero_()
+        return float(t[0]) / max(n_iters * self.plan.accum * self.info.world_size, 1)
+
     def log_scalars(self, n_iters: int, wall: float, data_wait: float) -> None:
         it = self.pos.iteration - 1
         self._check_finite()
         m = {k: float(v) for k, v in self.loss_fn.metrics.items()}
-        loss = float(self._loss_sum) / max(n_iters * self.plan.accum, 1)
-        self._loss_sum.zero_()
+        loss = self.mean_loss(self._loss_sum, n_iters)
         values = {
             'train/loss': loss, 'train/lr': float(self.sched.lr[it]), 'train/weight_decay': float(self.sched.wd[it]),
             'train/teacher_momentum': float(self.sched.momentum[it]),
@@ -251,7 +325,7 @@ class Trainer:
             'perf/images_per_s': n_iters * self.plan.global_batch / max(wall, 1e-9),
             'perf/step_time_s': wall / max(n_iters, 1), 'perf/data_wait_s': data_wait / max(n_iters, 1),
             'perf/compute_s': (wall - data_wait) / max(n_iters, 1),
-            'data/skipped_samples': float(self.reader_state.total_skipped),
+            'data/skipped_samples': float(self.all_slots().total_skipped),
             f'cost/{device_unit(self.device.type).replace("-", "_")}': self.device_hours(),
         }
         # what the optimizer applied at the last step, group by group (the schedules above are what it should)
@@ -317,9 +391,8 @@ class Trainer:
         self.pos.per_epoch.append({
             'epoch': self.pos.epoch, 'iteration': self.pos.iteration, 'images_seen': self.pos.images_seen,
             'device_hours': hours, 'images_per_s': n * self.plan.global_batch / max(wall, 1e-9),
-            'loss': float(self._epoch_loss_sum) / max(n * self.plan.accum, 1),
+            'loss': self.mean_loss(self._epoch_loss_sum, n),
         })
-        self._epoch_loss_sum.zero_()
         self.log_attention(images)
         self.pos.epoch += 1
         self.reader_state.next_epoch()
@@ -381,7 +454,8 @@ class Trainer:
 
     def run_epoch(self, stop_at: int, images) -> Optional[str]:
         c = self.cfg
-        batches = iter(self.loader())
+        dataset = self.dataset()
+        batches = iterations(iter(self.loader(dataset)), dataset, self.plan.accum)
         epoch_start_iter, epoch_start_wall = self.pos.iteration, time.perf_counter()
         end_of_epoch = (self.pos.epoch + 1) * self.plan.iterations_per_epoch
         interval_start, interval_iters, interval_wait = time.perf_counter(), 0, 0.0
