@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from skipssl_common.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent
 WORLD = 2  # pretraining processes
 FMNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -93,7 +95,7 @@ class Demo:
                           f'train.checkpoint_every={per_epoch}']
         total = make_plan(load_config(CONFIGS[name], overrides), WORLD).total_iterations
         cmd = [self.python, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
-               '127.0.0.1', '--master_port', str(_free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
+               '127.0.0.1', '--master_port', str(free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
                *overrides]
         records = JsonlTail(run_dir / 'log.jsonl')
 
@@ -187,13 +189,6 @@ class JsonlTail:
         complete = chunk[:chunk.rfind('\n') + 1]
         self.offset += len(complete.encode())
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,11 @@ log = logging.getLogger('skipssl')
 def preflight(cfg: Config) -> str:
     """Checks that need files or devices but no training: device and precision, shards, epoch size for the
     launcher's world size, model, output folder. Returns the device kind. Raises ConfigError naming the key."""
+    from skipssl_common.distributed import world_size_from_env
+
     from ..checkpoint import build_backbone
     from ..data import first_readable_sample, resolve_shards
-    from .distributed import resolve_device, world_size_from_env
+    from .distributed import resolve_device
     from .plan import make_plan
     try:
         device = resolve_device(cfg.engine.device)
