@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from skipssl.checkpoint import atomic_write_text
+from skipssl_common.io import atomic_path, atomic_write_json, atomic_write_text
 
 from .errors import EvalError
 from .results import read_results, writable_dir
@@ -237,10 +237,9 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}.png')
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -257,7 +256,7 @@ def write_report(run_dirs: List[os.PathLike], out_dir: Optional[os.PathLike] = N
     writable_dir(out, 'report folder')
     paths = {'md': out / 'report.md', 'json': out / 'report.json'}
     atomic_write_text(markdown(report), paths['md'])
-    atomic_write_text(json.dumps(report, indent=1) + '\n', paths['json'])
+    atomic_write_json(report, paths['json'], indent=1)
     png = plot(report, out / 'report.png')
     if png is not None:
         paths['png'] = png

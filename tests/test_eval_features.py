@@ -132,3 +132,16 @@ def test_a_folder_holding_train_and_test_indices_is_read_by_role(tmp_path):
     for split in (train, test):
         verify_split(split, tmp_path / 'memo')
     assert train.name == test.name == tmp_path.name and train.digest != test.digest
+
+
+@pytest.mark.parametrize('scheme', ['s3://', 'gs://', 'https://'])
+def test_remote_shard_specs_are_never_taken_for_local_paths(scheme, tmp_path, monkeypatch):
+    """A remote spec is neither resolved against the working folder (its 'bucket' is not a dataset name) nor
+    hashed from disk: a local folder of the bucket's name must not be touched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'bucket' / 'fmnist').mkdir(parents=True)
+    split = open_split(f'{scheme}bucket/fmnist/test-{{000000..000001}}.tar', 'test')
+    assert split.urls == [f'{scheme}bucket/fmnist/test-000000.tar', f'{scheme}bucket/fmnist/test-000001.tar']
+    assert split.name == 'dataset' and split.num_samples is None
+    verify_split(split, tmp_path / 'memo')
+    assert split.digest and not (tmp_path / 'memo').exists()

@@ -16,12 +16,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from eval.synthetic import class_image
-from skipssl.checkpoint import atomic_torch_save, atomic_write_text, build_backbone, save_backbone
+from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl.data import EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, resolve_shards
 from skipssl.data.integrity import scan_shard, scan_shards, verify_content
 from skipssl.data.make_shards import main as make_shards_main
 from skipssl.data.make_shards import write_shards
 from skipssl.data.sources import ImageFolderSource
+from skipssl_common.io import atomic_torch_save, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

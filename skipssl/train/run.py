@@ -63,7 +63,7 @@ def check_output_dir(run_dir: Path) -> None:
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
-    from ..checkpoint import atomic_write_text
+    from skipssl_common.io import atomic_write_text
     path = run_dir / 'config.yaml'
     text = cfg.to_yaml()
     if path.is_file() and path.read_text() != text:

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from skipssl_common.io import atomic_write_text
+
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data import (BatchedMultiCrop, MultiCropTransform, PretrainShards, ReaderState,
@@ -375,7 +377,7 @@ class Trainer:
             self.export('teacher.safetensors')
         summary = self.summary(finished, stopped_by)
         if self.info.is_main:
-            ckpt.atomic_write_text(json.dumps(summary, indent=1), self.run_dir / 'summary.json')
+            atomic_write_text(json.dumps(summary, indent=1), self.run_dir / 'summary.json')
         self.logger.close()
         return summary
 
