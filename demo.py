@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from skipssl_common.artefacts import SUMMARY_FILE, RunSummary
 from skipssl_common.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent
@@ -80,8 +81,7 @@ class Demo:
 
     def pretrain(self, name: str) -> None:
         run_dir = self.out / name
-        summary = run_dir / 'summary.json'
-        if summary.is_file() and json.loads(summary.read_text()).get('finished'):
+        if (run_dir / SUMMARY_FILE).is_file() and RunSummary.read(run_dir).finished:
             self.status(f'pretrain {name}', f"reusing finished run {run_dir}")
             return
         from skipssl.config import load_config
@@ -107,9 +107,9 @@ class Demo:
             return msgs[-1] if msgs else None
         self.status(f'pretrain {name}', "torchrun, 2 processes, DeepSpeed (gloo, fp32)")
         self.run(f'pretrain {name}', cmd, f'pretrain-{name}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
-        s = json.loads(summary.read_text())
-        self.status(f'pretrain {name}', f"done: {s['iterations']} iterations, {s['images_seen']} images, "
-                                        f"{s['images_per_s']:.0f} img/s, {s['device_hours']:.3f} {s['device_hours_unit']}")
+        s = RunSummary.read(run_dir)
+        self.status(f'pretrain {name}', f"done: {s.iterations} iterations, {s.images_seen} images, "
+                                        f"{s.images_per_s:.0f} img/s, {s.device_hours:.3f} {s.device_hours_unit}")
 
     def evaluate(self, name: str) -> None:
         run_dir = self.out / name
@@ -118,7 +118,7 @@ class Demo:
         common = ['--train-shards', str(self.data / 'train-000000.tar'), '--test-shards',
                   str(self.data / 'test-index.json'), '--dataset', 'fashion-mnist-10k', '--run-dir', str(run_dir),
                   '--num-workers', '0']
-        spec = json.loads((run_dir / 'summary.json').read_text())['model']
+        spec = RunSummary.read(run_dir).model
         jobs = [('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
                 ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])])]
         if name == 'vit':

@@ -7,7 +7,6 @@ Each repeat times both models back to back (order alternating), so drift of the 
 the reported ratio is the median of per-repeat ratios. Results go to bench/results/ as JSON.
 """
 import argparse
-import os
 import platform
 import statistics
 import time

@@ -7,25 +7,26 @@ file sizes and SHA-256 digests), written last. The folder is assembled under a t
 into place, so a folder with the final name is either complete or was damaged afterwards, which the
 digests catch. Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never runs code.
 
-An exported backbone is one safetensors file (the teacher backbone's weights) whose metadata names the
-timm model and its keyword arguments, so ``load_backbone`` rebuilds it without the training config.
+An exported backbone is one safetensors file (the teacher backbone's weights) whose metadata
+(``skipssl_common.artefacts.ExportMeta``) names the timm model and its keyword arguments, so ``load_backbone``
+rebuilds it without the training config.
 """
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from skipssl_common.artefacts import ArtefactError, ExportMeta
 from skipssl_common.io import PathLike, atomic_path, atomic_write_text, fsync_dir, sha256
 
 CKPT_PREFIX = 'ckpt-'
 COMPLETE = 'COMPLETE'
 MODEL_FILE = 'model.pt'
-BACKBONE_FORMAT = 'skipssl-backbone/1'
 _CKPT_RE = re.compile(r'^ckpt-(\d{8})$')
 
 
@@ -150,17 +151,14 @@ def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
         raise ValueError(f"model {name!r} does not take these arguments {sorted(kwargs)}: {exn}") from exn
 
 
-def save_backbone(backbone: nn.Module, path: PathLike, name: str, kwargs: Dict,
-                  meta: Optional[Dict[str, Any]] = None) -> Path:
+def save_backbone(backbone: nn.Module, path: PathLike, meta: ExportMeta) -> Path:
     """Export a backbone's weights as safetensors with what is needed to rebuild it; written atomically."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    metadata = {'format': BACKBONE_FORMAT, 'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True)}
-    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()})
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        save_file(state, str(tmp), metadata=meta.to_metadata())
     return path
 
 
@@ -179,10 +177,11 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
         except (SafetensorError, OSError) as exn:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(exn).__name__}: {exn})") \
                 from exn
-        if meta.get('format') != BACKBONE_FORMAT:
-            raise CheckpointError(f"{path} is not a skipssl backbone export (metadata format "
-                                  f"{meta.get('format')!r}, expected {BACKBONE_FORMAT!r})")
-        name, kwargs = meta['model_name'], json.loads(meta['model_kwargs'])
+        try:
+            export = ExportMeta.from_metadata(meta, str(path))
+        except ArtefactError as exn:
+            raise CheckpointError(str(exn)) from exn
+        name, kwargs = export.model_name, export.model_kwargs
         meta['sha256'] = sha256(path)
     else:
         folder = resolve_checkpoint(path)

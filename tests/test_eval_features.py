@@ -14,6 +14,7 @@ from eval.features import FeatureFile, FeatureSpec, get_features
 from eval.source import data_settings, load_model
 from eval.synthetic import write_shards
 from skipssl.checkpoint import MODEL_FILE, build_backbone, finalize_checkpoint, save_backbone
+from skipssl_common.artefacts import ExportMeta
 
 MODEL = 'vit_tiny_patch16_224'
 KWARGS = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
@@ -27,9 +28,9 @@ def setup(tmp_path_factory):
     write_shards(root / 'shards', 'test', [37, 20, 23], num_classes=4, size=16)
     torch.manual_seed(0)
     backbone = build_backbone(MODEL, KWARGS)
-    export = save_backbone(backbone, root / 'run' / 'export' / 'teacher-00000010.safetensors', MODEL, KWARGS,
-                           {'iteration': 10, 'epoch': 1, 'images_seen': 640, 'device_hours': 0.5,
-                            'device_hours_unit': 'core-hours', **DATA})
+    export = save_backbone(backbone, root / 'run' / 'export' / 'teacher-00000010.safetensors',
+                           ExportMeta(MODEL, KWARGS, iteration=10, epoch=1, images_seen=640, device_hours=0.5,
+                                      device_hours_unit='core-hours', data=DATA))
     return root, export, backbone
 
 

@@ -12,6 +12,7 @@ from eval.linear import LinearHeads, probe_cached, scaled_lrs
 from eval.pipeline import run_linear
 from eval.synthetic import clustered_features, write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
+from skipssl_common.artefacts import ExportMeta
 
 
 def tensors(n, dim, classes, spread, seed, centers=None):
@@ -76,10 +77,9 @@ def run(tmp_path_factory):
     kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
     torch.manual_seed(0)
     save_backbone(build_backbone('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=(1, 2))),
-                  root / 'run' / 'export' / 'teacher-00000020.safetensors', 'vit_tiny_patch16_skipat_224',
-                  dict(kwargs, skip_indices=[1, 2]),
-                  {'iteration': 20, 'epoch': 2, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
-                   'eval_crop': 16})
+                  root / 'run' / 'export' / 'teacher-00000020.safetensors',
+                  ExportMeta('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=[1, 2]), iteration=20, epoch=2,
+                             data={'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16, 'eval_crop': 16}))
     return root
 
 

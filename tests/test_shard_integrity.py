@@ -22,6 +22,7 @@ from skipssl.data.integrity import scan_shard, scan_shards, verify_content
 from skipssl.data.make_shards import main as make_shards_main
 from skipssl.data.make_shards import write_shards
 from skipssl.data.sources import ImageFolderSource
+from skipssl_common.artefacts import ExportMeta
 from skipssl_common.io import atomic_torch_save, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,8 @@ def test_outputs_have_the_umask_mode(tmp_path, umask):
     try:
         model = build_backbone('vit_tiny_patch16_224', {'img_size': 16, 'patch_size': 8, 'depth': 1,
                                                         'embed_dim': 16, 'num_heads': 1})
-        export = save_backbone(model, tmp_path / 'export' / 'teacher.safetensors', 'vit_tiny_patch16_224', {})
+        export = save_backbone(model, tmp_path / 'export' / 'teacher.safetensors',
+                               ExportMeta('vit_tiny_patch16_224', {}))
         atomic_write_text('{}', tmp_path / 'a.json')
         atomic_torch_save({'x': torch.zeros(1)}, tmp_path / 'b.pt')
         write_shards(ImageFolderSource(image_tree(tmp_path / 'images', n=4)), tmp_path / 'shards', 'x',

@@ -56,11 +56,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 from skipssl_common.io import atomic_open, atomic_write_json, sha256
 
 from .sources import FASHION_MNIST_ROOT, SOURCES, PathLike, Source, open_source
 
-INDEX_FORMAT = 'skipssl-shards/1'
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1 << 30
 _PREFIX = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
@@ -320,7 +320,7 @@ def _check_options(prefix: str, max_samples: int, max_bytes: Optional[int], work
 def _plan_params(source: Source, prefix: str, seed: int, max_samples: int, max_bytes: Optional[int],
                  encoding: Encoding) -> Dict[str, Any]:
     """Everything the shard contents depend on: equal params, equal shards."""
-    return {'format': INDEX_FORMAT, 'source': source.kind, 'split': source.split, 'prefix': prefix,
+    return {'format': SHARD_INDEX_FORMAT, 'source': source.kind, 'split': source.split, 'prefix': prefix,
             'num_samples': len(source.samples), 'listing_sha256': source.fingerprint(), 'seed': seed,
             'max_samples': max_samples, 'max_bytes': max_bytes, 'image_format': encoding.image_format,
             'quality': encoding.quality if encoding.image_format == 'jpeg' else None,
@@ -353,7 +353,7 @@ def _make_plan(runner: _Runner, seed: int, max_samples: int, max_bytes: Optional
 
 
 def _index(source: Source, prefix: str, seed: int, encoding: Encoding, records: List[dict]) -> Dict[str, Any]:
-    return {'format': INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
+    return {'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
             'num_samples': sum(r['num_samples'] for r in records), 'num_classes': len(source.classes),
             'classes': list(source.classes),
             'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes', 'sha256')} for r in records],

@@ -6,9 +6,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import yaml
+
+from skipssl_common.artefacts import RunSummary
 
 from ..config import Config, ConfigError, load_config
 from ..failure import FailureWatch, first_line
@@ -107,7 +109,7 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     return (held[0] if held else None), folder
 
 
-def pretrain(cfg: Config) -> Dict:
+def pretrain(cfg: Config) -> RunSummary:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
     rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
@@ -163,8 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pretrain.py: {line}", file=sys.stderr)
         return status
     if int(os.environ.get('RANK', '0')) == 0:
-        state = 'finished' if summary['finished'] else f"stopped ({summary['stopped_by'] or 'iteration limit'})"
-        print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary['iterations'],
-                              'device_hours': round(summary['device_hours'], 4),
-                              'unit': summary['device_hours_unit']}, sort_keys=False), end='')
+        state = 'finished' if summary.finished else f"stopped ({summary.stopped_by or 'iteration limit'})"
+        print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary.iterations,
+                              'device_hours': round(summary.device_hours, 4),
+                              'unit': summary.device_hours_unit}, sort_keys=False), end='')
     return 0
