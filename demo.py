@@ -121,18 +121,14 @@ class Demo:
         spec = RunSummary.read(run_dir).model
         jobs = [('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
                 ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])])]
-        if name == 'vit':
-            # raw pixels carry no preprocessing metadata: the run's own (28 px, 1 channel, its mean/std)
-            from skipssl.config import load_config
-            cfg = load_config(run_dir / 'config.yaml')
-            jobs.append(('raw pixels', ['--checkpoint', 'pixels', '--channels', str(cfg.data.channels),
-                                        '--resize', str(cfg.data.eval_resize), '--crop', str(cfg.data.eval_crop),
-                                        '--mean', *map(str, cfg.augment.mean), '--std', *map(str, cfg.augment.std)]))
+        if name == 'vit':   # preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
+            jobs.append(('raw pixels', ['--checkpoint', 'pixels']))
         for what, model_args in jobs:
             self.status(f'k-NN {name}', what)
             self.run(f'k-NN {name}', [self.python, 'knn_eval.py', *model_args, *common],
                      f'knn-{name}-{what.replace(" ", "-")}.log')
             if what != 'raw pixels':
+                # the linear probe takes --all-exports too; the demo probes the final teacher only, for time
                 linear_args = [a for a in model_args if a != '--all-exports']
                 self.status(f'linear probe {name}', what)
                 self.run(f'linear probe {name}', [self.python, 'linear_probe.py', *linear_args, *common],

@@ -113,11 +113,14 @@ def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, se
 
     ``arch``: the model name the caller expects; a checkpoint of another architecture is refused.
     ``model_kwargs`` / ``seed``: for a random-init timm model (kwargs default to the run's, when
-    ``run_dir`` names a run of that model).
+    ``run_dir`` names a run of that model). A random-init model and ``pixels`` take the preprocessing of the run
+    ``run_dir`` names (from its final export), if any.
     """
     spec = str(spec)
-    if spec == PIXELS:
-        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir)
+    if spec == PIXELS:   # no weights to carry preprocessing: the run's, as for a random-init baseline
+        data = run_defaults(Path(run_dir))[1] if run_dir is not None else {}
+        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir,
+                         data=data)
         return None, info
     try:
         if looks_like_path(spec):

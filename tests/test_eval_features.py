@@ -146,3 +146,13 @@ def test_remote_shard_specs_are_never_taken_for_local_paths(scheme, tmp_path, mo
     assert split.name == 'dataset' and split.num_samples is None
     verify_split(split, tmp_path / 'memo')
     assert split.digest and not (tmp_path / 'memo').exists()
+
+
+def test_raw_pixels_take_the_preprocessing_of_the_run_they_belong_to(setup):
+    root, _, _ = setup
+    _, alone = load_model('pixels')
+    assert data_settings(alone, {})['mean'] == [0.0] * 3 and data_settings(alone, {})['eval_crop'] == 224
+    _, of_run = load_model('pixels', run_dir=str(root / 'run'))
+    assert of_run.data == DATA
+    assert data_settings(of_run, {}) == {**DATA, 'mean': [0.5], 'std': [0.25]}
+    assert data_settings(of_run, {'eval_crop': 12})['eval_crop'] == 12   # the command line still wins

@@ -103,3 +103,22 @@ def test_augmented_mode_end_to_end(run):
     assert saved['mode'] == 'augment' and saved['n_train'] == 80 and saved['n_test'] == 30   # 5 full batches
     assert 0.0 <= saved['top1'] <= 100.0 and saved['top1'] == res['top1']
     assert np.isfinite(saved['train_loss']).all()
+
+
+def test_all_exports_of_a_run_are_probed_as_the_knn_evaluates_them(run, tmp_path):
+    """--all-exports: one linear result per per-epoch export, as knn_eval gives one k-NN result per export."""
+    kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 2, 'embed_dim': 16, 'num_heads': 2, 'in_chans': 1}
+    data = {'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16, 'eval_crop': 16}
+    for it in (10, 20):
+        torch.manual_seed(it)
+        save_backbone(build_backbone('vit_tiny_patch16_224', kwargs),
+                      tmp_path / 'run' / 'export' / f'teacher-{it:08d}.safetensors',
+                      ExportMeta('vit_tiny_patch16_224', kwargs, iteration=it, data=data))
+    out = run_linear(str(tmp_path / 'run'), str(run / 'train'), str(run / 'test'), all_exports=True, epochs=1,
+                     linear_batch_size=32, num_workers=0, n_last_blocks=2)
+    assert [r['iteration'] for r in out] == [10, 20]
+    assert sorted(p.name.split('-')[1] for p in (tmp_path / 'run' / 'eval').glob('linear-*.json')) == [
+        '00000010', '00000020']
+    with pytest.raises(EvalError, match='--all-exports needs a run folder'):
+        run_linear(str(tmp_path / 'run' / 'export' / 'teacher-00000010.safetensors'), str(run / 'train'),
+                   str(run / 'test'), all_exports=True)
