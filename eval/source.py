@@ -12,7 +12,7 @@ Everything here is cheap (one weight load); feature extraction comes later.
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from skipssl.checkpoint import MODEL_FILE, build_backbone, load_backbone, resolve_checkpoint
-from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, ExportMeta, RunSummary
+from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, ExportMeta, Provenance, RunSummary
 
 from .errors import EvalError
 
@@ -34,8 +34,9 @@ IMAGENET_DATA = {'channels': 3, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENE
 
 
 @dataclass
-class ModelInfo:
-    """Provenance of the evaluated weights; stored in every result file and cache key."""
+class ModelInfo(Provenance):
+    """Provenance of the evaluated weights; stored in every result file and cache key. ``data``: the
+    normalisation the model was trained with, if known."""
     spec: str                      # what was asked for
     kind: str                      # 'checkpoint' | 'export' | 'random-init' | 'pixels'
     model_name: str
@@ -44,13 +45,6 @@ class ModelInfo:
     tag: str                       # result-file tag: 8-digit iteration, 'random-init', 'pixels' or a digest prefix
     which: Optional[str] = None    # 'teacher' / 'student' for training checkpoints
     path: Optional[str] = None
-    iteration: Optional[int] = None
-    epoch: Optional[int] = None
-    images_seen: Optional[int] = None
-    device_hours: Optional[float] = None
-    device_hours_unit: Optional[str] = None
-    run_dir: Optional[str] = None
-    data: Dict[str, Any] = field(default_factory=dict)   # normalisation the model was trained with, if known
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)

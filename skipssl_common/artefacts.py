@@ -87,11 +87,10 @@ class RunSummary:
 _RAW = ('format', 'model_name', 'run_dir', 'device_hours_unit')
 
 
-@dataclass
-class ExportMeta:
-    """What rebuilds an exported backbone and places it in its run: stored as the safetensors file's metadata."""
-    model_name: str
-    model_kwargs: Dict[str, Any]
+@dataclass(kw_only=True)
+class Provenance:
+    """Where in a run a set of weights comes from, and the preprocessing it was trained with (keyword-only, so
+    records that add their own positional fields can share it)."""
     iteration: Optional[int] = None
     epoch: Optional[int] = None
     images_seen: Optional[int] = None
@@ -99,6 +98,13 @@ class ExportMeta:
     device_hours_unit: Optional[str] = None
     run_dir: Optional[str] = None
     data: Dict[str, Any] = field(default_factory=dict)   # channels, mean, std, eval_resize, eval_crop
+
+
+@dataclass
+class ExportMeta(Provenance):
+    """What rebuilds an exported backbone and places it in its run: stored as the safetensors file's metadata."""
+    model_name: str
+    model_kwargs: Dict[str, Any]
     format: str = BACKBONE_FORMAT
 
     def to_metadata(self) -> Dict[str, str]:
