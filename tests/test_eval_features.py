@@ -9,12 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eval.data import open_split, verify_split
-from eval.distributed import Ranks, from_env
+from eval.distributed import Ranks, from_env, gather_objects
 from eval.features import FeatureFile, FeatureSpec, get_features
 from eval.source import data_settings, load_model
 from eval.synthetic import write_shards
 from skipssl.checkpoint import MODEL_FILE, build_backbone, finalize_checkpoint, save_backbone
 from skipssl_common.artefacts import ExportMeta
+from skipssl_common.distributed import free_port
 
 MODEL = 'vit_tiny_patch16_224'
 KWARGS = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
@@ -156,3 +157,22 @@ def test_raw_pixels_take_the_preprocessing_of_the_run_they_belong_to(setup):
     assert of_run.data == DATA
     assert data_settings(of_run, {}) == {**DATA, 'mean': [0.5], 'std': [0.25]}
     assert data_settings(of_run, {'eval_crop': 12})['eval_crop'] == 12   # the command line still wins
+
+
+def _srun_task(rank, port, out):
+    """One task as srun starts it without torchrun: SLURM's variables only, no RANK / WORLD_SIZE."""
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(WORLD), SLURM_LOCALID=str(rank), SLURM_JOB_ID='7',
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))   # the port a real job derives is shared
+    ranks = from_env('cpu')
+    try:
+        torch.save((ranks.rank, ranks.world_size, gather_objects(rank * 10, ranks)), os.path.join(out, f'{rank}.pt'))
+    finally:
+        ranks.close()
+
+
+def test_evaluation_ranks_under_srun_without_torchrun(tmp_path):
+    """Each srun task joins one process group (it used to run as a lone rank 0, every task evaluating alone)."""
+    mp.spawn(_srun_task, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert [torch.load(tmp_path / f'{r}.pt') for r in range(WORLD)] == [(0, 2, [0, 10]), (1, 2, None)]
