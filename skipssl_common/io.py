@@ -9,7 +9,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterator, Tuple, Union
+from typing import Any, Collection, Dict, Iterator, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -70,7 +70,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_open(path: PathLike, mode: str = 'wb', encoding: str = None) -> Iterator[Any]:
+def atomic_open(path: PathLike, mode: str = 'wb', encoding: Optional[str] = None) -> Iterator[Any]:
     """``open(path, mode)`` for writing, made atomic (see ``atomic_path``)."""
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=encoding) as f:
