@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from skipssl_common.artefacts import SUMMARY_FILE, RunSummary
+from skipssl_common.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent
 WORLD = 2  # pretraining processes
 FMNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -78,8 +81,7 @@ class Demo:
 
     def pretrain(self, name: str) -> None:
         run_dir = self.out / name
-        summary = run_dir / 'summary.json'
-        if summary.is_file() and json.loads(summary.read_text()).get('finished'):
+        if (run_dir / SUMMARY_FILE).is_file() and RunSummary.read(run_dir).finished:
             self.status(f'pretrain {name}', f"reusing finished run {run_dir}")
             return
         from skipssl.config import load_config
@@ -93,7 +95,7 @@ class Demo:
                           f'train.checkpoint_every={per_epoch}']
         total = make_plan(load_config(CONFIGS[name], overrides), WORLD).total_iterations
         cmd = [self.python, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
-               '127.0.0.1', '--master_port', str(_free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
+               '127.0.0.1', '--master_port', str(free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
                *overrides]
         records = JsonlTail(run_dir / 'log.jsonl')
 
@@ -105,9 +107,9 @@ class Demo:
             return msgs[-1] if msgs else None
         self.status(f'pretrain {name}', "torchrun, 2 processes, DeepSpeed (gloo, fp32)")
         self.run(f'pretrain {name}', cmd, f'pretrain-{name}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
-        s = json.loads(summary.read_text())
-        self.status(f'pretrain {name}', f"done: {s['iterations']} iterations, {s['images_seen']} images, "
-                                        f"{s['images_per_s']:.0f} img/s, {s['device_hours']:.3f} {s['device_hours_unit']}")
+        s = RunSummary.read(run_dir)
+        self.status(f'pretrain {name}', f"done: {s.iterations} iterations, {s.images_seen} images, "
+                                        f"{s.images_per_s:.0f} img/s, {s.device_hours:.3f} {s.device_hours_unit}")
 
     def evaluate(self, name: str) -> None:
         run_dir = self.out / name
@@ -116,21 +118,17 @@ class Demo:
         common = ['--train-shards', str(self.data / 'train-000000.tar'), '--test-shards',
                   str(self.data / 'test-index.json'), '--dataset', 'fashion-mnist-10k', '--run-dir', str(run_dir),
                   '--num-workers', '0']
-        spec = json.loads((run_dir / 'summary.json').read_text())['model']
+        spec = RunSummary.read(run_dir).model
         jobs = [('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
                 ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])])]
-        if name == 'vit':
-            # raw pixels carry no preprocessing metadata: the run's own (28 px, 1 channel, its mean/std)
-            from skipssl.config import load_config
-            cfg = load_config(run_dir / 'config.yaml')
-            jobs.append(('raw pixels', ['--checkpoint', 'pixels', '--channels', str(cfg.data.channels),
-                                        '--resize', str(cfg.data.eval_resize), '--crop', str(cfg.data.eval_crop),
-                                        '--mean', *map(str, cfg.augment.mean), '--std', *map(str, cfg.augment.std)]))
+        if name == 'vit':   # preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
+            jobs.append(('raw pixels', ['--checkpoint', 'pixels']))
         for what, model_args in jobs:
             self.status(f'k-NN {name}', what)
             self.run(f'k-NN {name}', [self.python, 'knn_eval.py', *model_args, *common],
                      f'knn-{name}-{what.replace(" ", "-")}.log')
             if what != 'raw pixels':
+                # the linear probe takes --all-exports too; the demo probes the final teacher only, for time
                 linear_args = [a for a in model_args if a != '--all-exports']
                 self.status(f'linear probe {name}', what)
                 self.run(f'linear probe {name}', [self.python, 'linear_probe.py', *linear_args, *common],
@@ -187,13 +185,6 @@ class JsonlTail:
         complete = chunk[:chunk.rfind('\n') + 1]
         self.offset += len(complete.encode())
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

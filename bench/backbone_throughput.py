@@ -7,8 +7,6 @@ Each repeat times both models back to back (order alternating), so drift of the 
 the reported ratio is the median of per-repeat ratios. Results go to bench/results/ as JSON.
 """
 import argparse
-import json
-import os
 import platform
 import statistics
 from contextlib import nullcontext
@@ -22,6 +20,7 @@ import torch
 import skipssl  # noqa: F401  (registers the SkipAt models)
 from skipssl.models import count_macs, count_params
 from skipssl.models.throughput import interleaved_rates, median_ratio
+from skipssl_common.io import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 
@@ -166,9 +165,7 @@ def header(args, device: torch.device) -> Dict:
 
 def write_json(report: Dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(report, indent=2) + '\n')
-    os.replace(tmp, out)
+    atomic_write_json(report, out, indent=2)
     print(f"wrote {out}")
 
 

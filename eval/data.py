@@ -10,7 +10,7 @@ from typing import List, Optional
 from skipssl.data import read_index, resolve_shards
 from skipssl.data.integrity import content_digest, verify_content
 from skipssl.data.reader import iter_raw_samples
-from skipssl.data.shards import INDEX_SUFFIX, is_remote
+from skipssl.data.shards import INDEX_SUFFIX, find_indices, index_path, is_remote
 
 from .errors import EvalError
 
@@ -32,18 +32,7 @@ class Split:
     @property
     def name(self) -> str:
         """Dataset name by default: the folder holding the shards (``data/fmnist/test-*.tar`` -> fmnist)."""
-        return Path(self.urls[0]).resolve().parent.name if not self.urls[0].startswith(('pipe:', 'http')) \
-            else 'dataset'
-
-
-def _index_of(spec: str, prefix: Optional[str]) -> Optional[dict]:
-    path = Path(spec)
-    if path.is_dir():
-        found = sorted(path.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
-        return read_index(found[0]) if len(found) == 1 else None
-    if spec.endswith(INDEX_SUFFIX) and path.is_file():
-        return read_index(path)
-    return None
+        return 'dataset' if is_remote(self.urls[0]) else Path(self.urls[0]).resolve().parent.name
 
 
 def first_sample_label(url: str) -> tuple:
@@ -67,7 +56,7 @@ def open_split(spec: str, role: str, prefix: Optional[str] = None, require_label
     if local and '{' not in spec and not os.path.exists(spec) and not spec.endswith('.tar'):
         raise EvalError(f"{role} shards: {spec} does not exist (expected a folder of shards, a "
                         f"*{INDEX_SUFFIX} file, a .txt list or a brace pattern)")
-    if prefix is None and local and Path(spec).is_dir() and len(list(Path(spec).glob(f'*{INDEX_SUFFIX}'))) > 1:
+    if prefix is None and local and Path(spec).is_dir() and len(find_indices(spec)) > 1:
         # make_shards puts train and test indices in one folder: take the one named like the role
         prefix = next((p for p in _ROLE_PREFIXES.get(role, (role,)) if (Path(spec) / f'{p}{INDEX_SUFFIX}').is_file()),
                       None)
@@ -75,7 +64,8 @@ def open_split(spec: str, role: str, prefix: Optional[str] = None, require_label
         urls = resolve_shards(spec, prefix, allow_pipe)
     except (FileNotFoundError, ValueError) as exn:
         raise EvalError(f"{role} shards {spec}: {exn}") from exn
-    index = _index_of(spec, prefix) if local else None
+    found = index_path(spec, prefix)
+    index = read_index(found) if found else None
     if require_labels and local:
         key, label = first_sample_label(urls[0])
         if label is None or label < 0:

@@ -1,4 +1,4 @@
-"""Ranks for evaluation: set up from torchrun's environment, features gathered on rank 0.
+"""Ranks for evaluation: set up from the launcher's environment, features gathered on rank 0.
 
 Extraction runs on every rank over a disjoint part of the shards; rank 0 gathers the parts, sorts them and
 runs the (single-process) k-NN search or linear probe. Gathering goes in fixed-size row chunks, so no rank
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from skipssl.failure import FailureWatch
+from skipssl_common.distributed import export_env, placement
 
 
 @dataclass
@@ -50,18 +51,18 @@ class Ranks:
 
 
 def from_env(device: str = 'auto') -> Ranks:
-    """Ranks from RANK / WORLD_SIZE / LOCAL_RANK (torchrun, srun via submitit); one process otherwise.
-    An already initialised process group is used as it is."""
+    """Ranks from the launcher's environment (torchrun, srun with or without submitit: see
+    ``skipssl_common.distributed``); one process otherwise. An already initialised process group is used as it is."""
+    where = placement()
     use_cuda = torch.cuda.is_available() if device == 'auto' else device.startswith('cuda')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    dev = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+    dev = torch.device('cuda', where.local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(dev)
     if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size(), dev, False)
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world <= 1:
+    if where.world_size <= 1:
         return Ranks(0, 1, dev, False)
+    export_env()
     dist.init_process_group('nccl' if use_cuda else 'gloo')
     rank = dist.get_rank()
     prog = os.path.basename(sys.argv[0]) or 'evaluation'

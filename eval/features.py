@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from skipssl.checkpoint import replace_into_place
 from skipssl.data import EvalShards, eval_transform
 from skipssl.models import last_cls_tokens
+from skipssl_common.io import atomic_path
 
 from .data import Split
 from .distributed import Ranks, gather_objects, gather_rows
@@ -165,11 +165,10 @@ def extract(module: Optional[nn.Module], split: Split, spec: FeatureSpec, ranks:
 def save_features(path: Path, features: torch.Tensor, labels: torch.Tensor, keys: list, meta: dict) -> None:
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     blob = torch.frombuffer(bytearray('\n'.join(keys).encode()), dtype=torch.uint8)
-    save_file({'features': features.contiguous(), 'labels': labels.contiguous(), 'keys': blob}, str(tmp),
-              metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    replace_into_place(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({'features': features.contiguous(), 'labels': labels.contiguous(), 'keys': blob}, str(tmp),
+                  metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
 
 
 def get_features(module: Optional[nn.Module], info: ModelInfo, split: Split, spec: FeatureSpec,

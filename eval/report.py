@@ -11,14 +11,14 @@ Random-init baselines get rows of their own. The plot has one point per run and 
 (accuracy against device-hours), as in the SkipAt paper's DINO figure.
 """
 import argparse
-import json
 import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from skipssl.checkpoint import atomic_write_text
+from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, RunSummary
+from skipssl_common.io import atomic_path, atomic_write_json, atomic_write_text
 
 from .errors import EvalError
 from .results import read_results, writable_dir
@@ -27,32 +27,32 @@ BASELINE_TAGS = ('random-init', 'pixels')
 LINEAR_EVALUATORS = ('linear_augment', 'linear')   # preferred first
 
 
-def load_summary(run_dir: Path) -> Dict[str, Any]:
-    path = Path(run_dir) / 'summary.json'
+def load_summary(run_dir: Path) -> RunSummary:
     if not Path(run_dir).is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
-    if not path.is_file():
-        raise EvalError(f"{run_dir} has no summary.json (not a training run folder, or training never started)")
+    if not (Path(run_dir) / SUMMARY_FILE).is_file():
+        raise EvalError(f"{run_dir} has no {SUMMARY_FILE} (not a training run folder, or training never started)")
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as exn:
-        raise EvalError(f"{path} is unreadable: {exn}") from exn
-    missing = [k for k in ('run_name', 'model', 'skipat', 'config_name') if k not in summary]
-    if missing:
-        raise EvalError(f"{path} lacks {missing}")
-    return summary
+        return RunSummary.read(run_dir)
+    except OSError as exn:
+        raise EvalError(f"{Path(run_dir) / SUMMARY_FILE} is unreadable: {exn}") from exn
+    except ArtefactError as exn:
+        raise EvalError(str(exn)) from exn
 
 
-def at_iteration(summary: Dict, result: Dict) -> Dict[str, Any]:
+def _final(summary: RunSummary) -> Dict[str, Any]:
+    return {'epoch': summary.epochs_done, 'images_seen': summary.images_seen, 'device_hours': summary.device_hours}
+
+
+def at_iteration(summary: RunSummary, result: Dict) -> Dict[str, Any]:
     """Training position of an evaluated checkpoint: the trainer's per-epoch record, else its final numbers,
     else what the checkpoint itself says."""
     it = result['checkpoint'].get('iteration')
-    for e in summary.get('per_epoch', []):
+    for e in summary.per_epoch:
         if e.get('iteration') == it:
             return {'epoch': e['epoch'] + 1, 'images_seen': e.get('images_seen'), 'device_hours': e.get('device_hours')}
-    if it is not None and it == summary.get('iterations'):
-        return {'epoch': summary.get('epochs_done'), 'images_seen': summary.get('images_seen'),
-                'device_hours': summary.get('device_hours')}
+    if it is not None and it == summary.iterations:
+        return _final(summary)
     ck = result['checkpoint']
     return {'epoch': ck.get('epoch'), 'images_seen': ck.get('images_seen'), 'device_hours': ck.get('device_hours')}
 
@@ -103,21 +103,19 @@ def _label_datasets(results: List[Dict]) -> None:
         r['_dataset'] = f"{r['dataset']}@{(r.get('data_digest') or 'unknown')[:8]}" if several else r['dataset']
 
 
-def _rows(run_dir: Path, summary: Dict, results: List[Dict], k: int) -> List[Dict]:
+def _rows(run_dir: Path, summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
     trained = [r for r in results if r['checkpoint']['tag'] not in BASELINE_TAGS]
-    base = {'run': summary['run_name'], 'run_dir': str(run_dir), 'model': summary['model']['name'],
-            'skipat': bool(summary['skipat']), 'config_name': summary['config_name'],
-            'epochs_planned': summary.get('epochs_planned'), 'images_per_s': summary.get('images_per_s'),
-            'device_hours_unit': summary.get('device_hours_unit'), 'finished': summary.get('finished')}
+    base = {'run': summary.run_name, 'run_dir': str(run_dir), 'model': summary.model['name'],
+            'skipat': bool(summary.skipat), 'config_name': summary.config_name,
+            'epochs_planned': summary.epochs_planned, 'images_per_s': summary.images_per_s,
+            'device_hours_unit': summary.device_hours_unit, 'finished': summary.finished}
     rows = []
     if trained or not results:
         it = max((_iteration(r) for r in trained), default=None)
         at = [r for r in trained if _iteration(r) == it]
         knn = next((r for r in at if r['evaluator'] == 'knn'), None)
         linear = next((r for e in LINEAR_EVALUATORS for r in at if r['evaluator'] == e), None)
-        pos = at_iteration(summary, at[0]) if at else {'epoch': summary.get('epochs_done'),
-                                                       'images_seen': summary.get('images_seen'),
-                                                       'device_hours': summary.get('device_hours')}
+        pos = at_iteration(summary, at[0]) if at else _final(summary)
         rows.append({**base, 'checkpoint': f'iteration {it}' if at else None, 'iteration': it if at else None,
                      'epochs': pos['epoch'], 'images_seen': pos['images_seen'], 'device_hours': pos['device_hours'],
                      'knn_top1': _accuracy(knn, k) if knn else None,
@@ -128,7 +126,7 @@ def _rows(run_dir: Path, summary: Dict, results: List[Dict], k: int) -> List[Dic
         if at:
             knn = next((r for r in at if r['evaluator'] == 'knn'), None)
             linear = next((r for e in LINEAR_EVALUATORS for r in at if r['evaluator'] == e), None)
-            rows.append({**base, 'run': f"{summary['run_name']} ({tag})", 'checkpoint': tag, 'iteration': 0,
+            rows.append({**base, 'run': f"{summary.run_name} ({tag})", 'checkpoint': tag, 'iteration': 0,
                          'epochs': 0, 'images_seen': 0, 'device_hours': 0.0, 'images_per_s': None,
                          'knn_top1': _accuracy(knn, k) if knn else None,
                          'linear_top1': linear['top1'] if linear else None,
@@ -136,7 +134,7 @@ def _rows(run_dir: Path, summary: Dict, results: List[Dict], k: int) -> List[Dic
     return rows
 
 
-def _points(summary: Dict, results: List[Dict], k: int) -> List[Dict]:
+def _points(summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
     """One point per evaluated checkpoint and evaluator: (device-hours, top-1)."""
     out = []
     for r in results:
@@ -147,10 +145,10 @@ def _points(summary: Dict, results: List[Dict], k: int) -> List[Dict]:
         acc = _accuracy(r, k)
         if acc is None or pos['device_hours'] is None:
             continue
-        out.append({'run': summary['run_name'], 'skipat': bool(summary['skipat']), 'evaluator': r['evaluator'],
+        out.append({'run': summary.run_name, 'skipat': bool(summary.skipat), 'evaluator': r['evaluator'],
                     'iteration': 0 if baseline else r['checkpoint'].get('iteration'), 'epoch': pos['epoch'],
                     'device_hours': pos['device_hours'], 'top1': acc,
-                    'device_hours_unit': summary.get('device_hours_unit')})
+                    'device_hours_unit': summary.device_hours_unit})
     return sorted(out, key=lambda p: (p['run'], p['evaluator'], p['device_hours']))
 
 
@@ -237,10 +235,9 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}.png')
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -257,7 +254,7 @@ def write_report(run_dirs: List[os.PathLike], out_dir: Optional[os.PathLike] = N
     writable_dir(out, 'report folder')
     paths = {'md': out / 'report.md', 'json': out / 'report.json'}
     atomic_write_text(markdown(report), paths['md'])
-    atomic_write_text(json.dumps(report, indent=1) + '\n', paths['json'])
+    atomic_write_json(report, paths['json'], indent=1)
     png = plot(report, out / 'report.png')
     if png is not None:
         paths['png'] = png

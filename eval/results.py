@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from skipssl.checkpoint import atomic_write_text
+from skipssl_common.io import atomic_write_json
 
 from .errors import EvalError
 from .source import ModelInfo
@@ -59,7 +59,7 @@ def write_result(results: Path, evaluator: str, info: ModelInfo, dataset: str, d
               'data_digest': data_digest}
     path = result_path(results, evaluator, info.tag, dataset, data_digest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(record, indent=1, sort_keys=False) + '\n', path)
+    atomic_write_json(record, path, indent=1)
     return path
 
 

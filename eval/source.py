@@ -12,7 +12,7 @@ Everything here is cheap (one weight load); feature extraction comes later.
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from skipssl.checkpoint import MODEL_FILE, build_backbone, load_backbone, resolve_checkpoint
+from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, ExportMeta, Provenance, RunSummary
 
 from .errors import EvalError
 
@@ -33,8 +34,9 @@ IMAGENET_DATA = {'channels': 3, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENE
 
 
 @dataclass
-class ModelInfo:
-    """Provenance of the evaluated weights; stored in every result file and cache key."""
+class ModelInfo(Provenance):
+    """Provenance of the evaluated weights; stored in every result file and cache key. ``data``: the
+    normalisation the model was trained with, if known."""
     spec: str                      # what was asked for
     kind: str                      # 'checkpoint' | 'export' | 'random-init' | 'pixels'
     model_name: str
@@ -43,29 +45,9 @@ class ModelInfo:
     tag: str                       # result-file tag: 8-digit iteration, 'random-init', 'pixels' or a digest prefix
     which: Optional[str] = None    # 'teacher' / 'student' for training checkpoints
     path: Optional[str] = None
-    iteration: Optional[int] = None
-    epoch: Optional[int] = None
-    images_seen: Optional[int] = None
-    device_hours: Optional[float] = None
-    device_hours_unit: Optional[str] = None
-    run_dir: Optional[str] = None
-    data: Dict[str, Any] = field(default_factory=dict)   # normalisation the model was trained with, if known
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-_RAW_KEYS = ('format', 'model_name', 'sha256', 'run_dir', 'device_hours_unit', 'checkpoint', 'which')
-
-
-def _parse(value: Any, key: str = '') -> Any:
-    """Export metadata values are strings: JSON-encoded, except those that were strings already."""
-    if not isinstance(value, str) or key in _RAW_KEYS:
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def looks_like_path(spec: str) -> bool:
@@ -76,7 +58,7 @@ def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
     """The run folder of a checkpoint or export: from the folder layout (``{run}/export/``,
     ``{run}/checkpoints/``, or a run folder itself), else the one its metadata names if it exists."""
     path = Path(path).resolve()
-    if path.is_dir() and any((path / n).exists() for n in ('summary.json', 'config.yaml', 'checkpoints')):
+    if path.is_dir() and any((path / n).exists() for n in (SUMMARY_FILE, 'config.yaml', 'checkpoints')):
         return path
     if path.parent.name in ('export', 'checkpoints'):
         return path.parent.parent
@@ -85,14 +67,16 @@ def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
     return None
 
 
-def export_metadata(path: Path) -> Dict[str, Any]:
+def export_metadata(path: Path) -> ExportMeta:
     """Metadata of an exported backbone without reading its weights."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework='pt') as f:
-            return {k: _parse(v, k) for k, v in (f.metadata() or {}).items()}
+            return ExportMeta.from_metadata(f.metadata() or {}, str(path))
     except (SafetensorError, OSError) as exn:
         raise EvalError(f"{path} is not a readable safetensors file ({exn})") from exn
+    except ArtefactError as exn:
+        raise EvalError(str(exn)) from exn
 
 
 def _checkpoint_extras(folder: Path) -> Dict[str, Any]:
@@ -123,11 +107,14 @@ def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, se
 
     ``arch``: the model name the caller expects; a checkpoint of another architecture is refused.
     ``model_kwargs`` / ``seed``: for a random-init timm model (kwargs default to the run's, when
-    ``run_dir`` names a run of that model).
+    ``run_dir`` names a run of that model). A random-init model and ``pixels`` take the preprocessing of the run
+    ``run_dir`` names (from its final export), if any.
     """
     spec = str(spec)
-    if spec == PIXELS:
-        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir)
+    if spec == PIXELS:   # no weights to carry preprocessing: the run's, as for a random-init baseline
+        data = run_defaults(Path(run_dir))[1] if run_dir is not None else {}
+        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir,
+                         data=data)
         return None, info
     try:
         if looks_like_path(spec):
@@ -150,15 +137,15 @@ def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, se
 def _load_saved(path: Path, which: str) -> Tuple[nn.Module, ModelInfo]:
     if path.suffix == '.safetensors':
         module, meta = load_backbone(path)
-        meta = {k: _parse(v, k) for k, v in meta.items()}
-        iteration = meta.get('iteration')
+        export, digest = ExportMeta.from_metadata(meta, str(path)), meta['sha256']
+        iteration = export.iteration
         info = ModelInfo(
-            str(path), 'export', meta['model_name'], meta['model_kwargs'], meta['sha256'],
-            f'{int(iteration):08d}' if iteration is not None else meta['sha256'][:12], path=str(path.resolve()),
-            iteration=iteration, epoch=meta.get('epoch'), images_seen=meta.get('images_seen'),
-            device_hours=meta.get('device_hours'), device_hours_unit=meta.get('device_hours_unit'),
-            data={k: meta[k] for k in DATA_KEYS if k in meta})
-        run = find_run_dir(path, meta.get('run_dir'))
+            str(path), 'export', export.model_name, export.model_kwargs, digest,
+            f'{int(iteration):08d}' if iteration is not None else digest[:12], path=str(path.resolve()),
+            iteration=iteration, epoch=export.epoch, images_seen=export.images_seen,
+            device_hours=export.device_hours, device_hours_unit=export.device_hours_unit,
+            data={k: export.data[k] for k in DATA_KEYS if k in export.data})
+        run = find_run_dir(path, export.run_dir)
     else:
         folder = resolve_checkpoint(path)   # raises CheckpointError naming what it expected
         module, meta = load_backbone(folder, which=which)
@@ -190,13 +177,15 @@ def _random_init(name: str, seed: int, model_kwargs: Optional[Dict[str, Any]],
 def run_defaults(run_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(model {'name', 'kwargs'} from summary.json, data normalisation from the final export) of a run."""
     model, data = {}, {}
-    summary = run_dir / 'summary.json'
-    if summary.is_file():
-        model = json.loads(summary.read_text()).get('model', {})
+    if (run_dir / SUMMARY_FILE).is_file():
+        try:
+            model = RunSummary.read(run_dir).model
+        except (OSError, ArtefactError) as exn:
+            raise EvalError(str(exn)) from exn
     exports = list_exports(run_dir)
     if exports:
         meta = export_metadata(exports[-1])
-        data = {k: meta[k] for k in DATA_KEYS if k in meta}
+        data = {k: meta.data[k] for k in DATA_KEYS if k in meta.data}
     return model, data
 
 

@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from skipssl_common.artefacts import SHARD_INDEX_FORMAT
+
 
 def class_image(rng: np.random.Generator, label: int, size: int, channels: int) -> np.ndarray:
     """A uint8 image whose brightness and stripe period depend on the class (learnable), plus noise."""
@@ -49,7 +51,7 @@ def write_shards(out_dir: Path, prefix: str, counts: Sequence[int], num_classes:
         entries.append({'name': path.name, 'num_samples': count, 'num_bytes': path.stat().st_size})
     if index:
         (out_dir / f'{prefix}-index.json').write_text(json.dumps({
-            'format': 'skipssl-shards/1', 'prefix': prefix, 'split': prefix, 'source': 'synthetic',
+            'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'split': prefix, 'source': 'synthetic',
             'num_samples': int(sum(counts)), 'num_classes': num_classes if labels else 0,
             'classes': [f'class{c}' for c in range(num_classes)] if labels else [], 'shards': entries}))
     return urls

@@ -6,12 +6,12 @@ local executor's SUBMITIT_LOCAL_* variables), so the trainer and the evaluators 
 exactly as under ``torchrun``.
 """
 import os
-import re
-import socket
 from dataclasses import dataclass
 from typing import Dict
 
 import submitit
+
+from skipssl_common.distributed import free_port, rendezvous_port
 
 TORCH_KEYS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -31,19 +31,6 @@ class TaskInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def rendezvous_port(job_id: str) -> int:
-    """One port per job (as the trainer's own SLURM set-up computes it), so jobs sharing a node do not collide
-    and every task of a job computes the same one without talking to the others."""
-    digits = re.sub(r'\D', '', job_id.split('_')[0])
-    return 20000 + int(digits or 0) % 20000
-
-
 def task_info() -> TaskInfo:
     """This task's place in the job; a plain process outside any submitit job is a one-task 'debug' job."""
     try:
@@ -61,7 +48,7 @@ def export_torch_env(info: TaskInfo) -> Dict[str, str]:
     """Set (and return) the env:// rendezvous variables of this task. Values already in the environment from
     another launcher are replaced: the job's own view wins, so a requeued or nested job cannot inherit stale
     ones from the submitting shell."""
-    port = rendezvous_port(info.job_id) if info.world_size > 1 else _free_port()
+    port = rendezvous_port(info.job_id) if info.world_size > 1 else free_port()
     values = {'RANK': str(info.rank), 'WORLD_SIZE': str(info.world_size), 'LOCAL_RANK': str(info.local_rank),
               'LOCAL_WORLD_SIZE': str(info.local_world_size), 'MASTER_ADDR': info.master_addr,
               'MASTER_PORT': str(port)}

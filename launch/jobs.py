@@ -89,11 +89,11 @@ class PretrainJob(submitit.helpers.Checkpointable):
         summary = pretrain(cfg)
         if outside is not None:
             outside.quiet()
-        if summary['finished'] or not summary.get('stopped_by'):
-            return summary
-        requeue.after_stop(summary['stopped_by'], summary['iterations'])  # exits unless debug or SIGINT
+        if summary.finished or not summary.stopped_by:
+            return summary.to_dict()   # the job's result: plain data, readable without skipssl
+        requeue.after_stop(summary.stopped_by, summary.iterations)  # exits unless debug or SIGINT
         raise RequeueError(requeue.limit_message(
-            f"stopped by {summary['stopped_by']} at iteration {summary['iterations']} (checkpoint written)"))
+            f"stopped by {summary.stopped_by} at iteration {summary.iterations} (checkpoint written)"))
 
     def checkpoint(self, *args, **kwargs) -> Optional[submitit.helpers.DelayedSubmission]:
         info = task_info()

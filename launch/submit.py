@@ -17,7 +17,9 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
+
+from skipssl_common.artefacts import RunSummary
 
 from . import executor as ex
 from .jobs import ENTRY_POINTS, EntryPointJob, PretrainJob, available_entry_points
@@ -166,13 +168,13 @@ def submit_pretrain(cfg, res: ex.Resources, args):
     return job
 
 
-def finish_pretrain(job, cfg, res: ex.Resources) -> Optional[Dict]:
+def finish_pretrain(job, cfg, res: ex.Resources) -> Optional[RunSummary]:
     if res.cluster == 'slurm':
         return None
-    summary = _wait(job, 'pretrain')[0]
-    state = 'finished' if summary['finished'] else f"stopped ({summary.get('stopped_by') or 'iteration limit'})"
-    say(f"pretrain: {state} at iteration {summary['iterations']} ({summary['device_hours']:.4f} "
-        f"{summary['device_hours_unit']}); run folder {cfg.experiment.output_dir}")
+    summary = RunSummary.from_dict(_wait(job, 'pretrain')[0], f'the result of pretrain job {job.job_id}')
+    state = 'finished' if summary.finished else f"stopped ({summary.stopped_by or 'iteration limit'})"
+    say(f"pretrain: {state} at iteration {summary.iterations} ({summary.device_hours:.4f} "
+        f"{summary.device_hours_unit}); run folder {cfg.experiment.output_dir}")
     return summary
 
 
@@ -240,7 +242,7 @@ def cmd_pipeline(args, passthrough: List[str]) -> int:
     pre = submit_pretrain(cfg, res, args)
     if not slurm:
         summary = finish_pretrain(pre, cfg, res)
-        if not summary['finished']:
+        if not summary.finished:
             raise JobError("pipeline: pretraining did not finish; evaluation not started")
     eval_jobs = []
     for kind in evals:

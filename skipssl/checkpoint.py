@@ -7,27 +7,27 @@ file sizes and SHA-256 digests), written last. The folder is assembled under a t
 into place, so a folder with the final name is either complete or was damaged afterwards, which the
 digests catch. Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never runs code.
 
-An exported backbone is one safetensors file (the teacher backbone's weights) whose metadata names the
-timm model and its keyword arguments, so ``load_backbone`` rebuilds it without the training config.
+An exported backbone is one safetensors file (the teacher backbone's weights) whose metadata
+(``skipssl_common.artefacts.ExportMeta``) names the timm model and its keyword arguments, so ``load_backbone``
+rebuilds it without the training config.
 """
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from skipssl_common.artefacts import ArtefactError, ExportMeta
+from skipssl_common.io import PathLike, atomic_path, atomic_write_text, fsync_dir, sha256
+
 CKPT_PREFIX = 'ckpt-'
 COMPLETE = 'COMPLETE'
 MODEL_FILE = 'model.pt'
-BACKBONE_FORMAT = 'skipssl-backbone/1'
 _CKPT_RE = re.compile(r'^ckpt-(\d{8})$')
-
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(RuntimeError):
@@ -40,61 +40,6 @@ def rank_file(rank: int) -> str:
 
 def checkpoint_name(iteration: int) -> str:
     return f'{CKPT_PREFIX}{iteration:08d}'
-
-
-def sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file under this process's umask (0o644 under umask 022)."""
-    try:   # Linux >= 4.7 reports it; os.umask() can only be read by setting it, which races other threads
-        with open('/proc/self/status') as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def replace_into_place(tmp: PathLike, path: PathLike) -> None:
-    """Rename a finished temporary file over ``path`` with the mode a plainly written file would have:
-    writers that go through mkstemp (safetensors among them) create 0600 files, unreadable to collaborators."""
-    os.chmod(tmp, new_file_mode())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_into_place(tmp, path)
-
-
-def atomic_write_text(text: str, path: PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_into_place(tmp, path)
 
 
 # -- training checkpoints -------------------------------------------------------------------------------
@@ -206,18 +151,14 @@ def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
         raise ValueError(f"model {name!r} does not take these arguments {sorted(kwargs)}: {exn}") from exn
 
 
-def save_backbone(backbone: nn.Module, path: PathLike, name: str, kwargs: Dict,
-                  meta: Optional[Dict[str, Any]] = None) -> Path:
+def save_backbone(backbone: nn.Module, path: PathLike, meta: ExportMeta) -> Path:
     """Export a backbone's weights as safetensors with what is needed to rebuild it; written atomically."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    metadata = {'format': BACKBONE_FORMAT, 'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True)}
-    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()})
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    save_file(state, str(tmp), metadata=metadata)
-    replace_into_place(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta.to_metadata())
     return path
 
 
@@ -236,10 +177,11 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
         except (SafetensorError, OSError) as exn:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(exn).__name__}: {exn})") \
                 from exn
-        if meta.get('format') != BACKBONE_FORMAT:
-            raise CheckpointError(f"{path} is not a skipssl backbone export (metadata format "
-                                  f"{meta.get('format')!r}, expected {BACKBONE_FORMAT!r})")
-        name, kwargs = meta['model_name'], json.loads(meta['model_kwargs'])
+        try:
+            export = ExportMeta.from_metadata(meta, str(path))
+        except ArtefactError as exn:
+            raise CheckpointError(str(exn)) from exn
+        name, kwargs = export.model_name, export.model_kwargs
         meta['sha256'] = sha256(path)
     else:
         folder = resolve_checkpoint(path)

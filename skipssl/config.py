@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from skipssl_common.io import deep_merge
+
 from .data.multicrop import MultiCropConfig
 
 
@@ -242,17 +244,6 @@ def _build(cls, values: Dict[str, Any], prefix: str = ''):
 _WHOLE = {('model', 'kwargs'), ('engine', 'deepspeed')}
 
 
-def _deep_merge(base: Dict, over: Dict, whole: bool = False, path: Tuple[str, ...] = ()) -> Dict:
-    out = dict(base)
-    for k, v in over.items():
-        sub = path + (k,)
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not (whole and sub in _WHOLE):
-            out[k] = _deep_merge(out[k], v, whole, sub)
-        else:
-            out[k] = v
-    return out
-
-
 def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict:
     path = path.resolve()
     if not path.is_file():
@@ -267,7 +258,7 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict:
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop('base', None)
     if base is not None:
-        data = _deep_merge(_read_yaml(path.parent / base, seen + (path,)), data, whole=True)
+        data = deep_merge(_read_yaml(path.parent / base, seen + (path,)), data, whole=_WHOLE)
     return data
 
 
@@ -295,7 +286,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict:
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
     """Config from a YAML file (or defaults) plus dotted overrides, validated."""
     data = _read_yaml(Path(path)) if path else {}
-    data = _deep_merge(data, parse_overrides(overrides))
+    data = deep_merge(data, parse_overrides(overrides))
     cfg = _build(Config, data)
     validate(cfg)
     return cfg

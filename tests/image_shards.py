@@ -9,6 +9,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from skipssl_common.artefacts import SHARD_INDEX_FORMAT
+
 
 def pattern(label: int, rng: np.random.Generator, size: int = 28) -> np.ndarray:
     angle = math.pi * label / 10
@@ -37,6 +39,6 @@ def write_pattern_shards(folder, n: int, n_shards: int = 4, size: int = 28, seed
                 w.write({'__key__': f'{i:08d}', 'png': buf.getvalue(), 'cls': str(label).encode()})
                 count += 1
         shards.append({'name': name, 'num_samples': count})
-    index = {'num_samples': n, 'num_classes': 10, 'shards': shards}
+    index = {'format': SHARD_INDEX_FORMAT, 'num_samples': n, 'num_classes': 10, 'shards': shards}
     (folder / f'{prefix}-index.json').write_text(json.dumps(index))
     return folder

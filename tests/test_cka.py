@@ -228,13 +228,14 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
     """The evaluators' model specs work here too: an exported plain timm ViT with block 4 a planted copy of
     block 3 (its data settings from the export's metadata), default --skips (half the depth: 3)."""
     from skipssl.checkpoint import save_backbone
+    from skipssl_common.artefacts import ExportMeta
     torch.manual_seed(3)
     backbone = build_backbone('vit_tiny_patch16_224', KWARGS).eval()
     plant_redundancy(backbone, 3)
     export = save_backbone(backbone, tmp_path / 'run' / 'export' / 'teacher-00000001.safetensors',
-                           'vit_tiny_patch16_224', KWARGS,
-                           {'iteration': 1, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
-                            'eval_crop': 16})
+                           ExportMeta('vit_tiny_patch16_224', KWARGS, iteration=1,
+                                      data={'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
+                                            'eval_crop': 16}))
     out = tmp_path / 'cka'
     assert main(['--checkpoint', str(export), '--shards', str(shards), '--batch-size', '15', '--num-workers', '0',
                  '--out', str(out)]) == 0

@@ -18,7 +18,6 @@ state) must fail the same comparison by far, so the tolerances are tight enough 
 """
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -30,6 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from skipssl.config import Config, load_config
+from skipssl_common.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 IPE, EPOCHS, GLOBAL_BATCH = 3, 4, 8           # 12 iterations of 8 images
@@ -261,14 +261,8 @@ def _worker(rank: int, world: int, port: int, layouts: Dict, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _project_runs(world: int, layouts: Dict, tmp_path) -> Dict:
-    mp.spawn(_worker, args=(world, _port(), layouts, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), layouts, str(tmp_path)), nprocs=world, join=True)
     return torch.load(tmp_path / 'results.pt', weights_only=True)
 
 

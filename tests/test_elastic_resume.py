@@ -219,8 +219,8 @@ def test_optimizer_state_round_trips_exactly_through_every_partitioning(tmp_path
     (ZeRO 0, 1, 2; fp32, bf16) reads back bit for bit on every rank."""
     import torch.multiprocessing as mp
 
-    from .test_engine_zero import _port
-    mp.spawn(_optimizer_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    from skipssl_common.distributed import free_port
+    mp.spawn(_optimizer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for stage, precision in LAYOUTS:
         name, whole = f'{stage}-{precision}', ranks[0][f'0-{precision}']['stepped']

@@ -7,6 +7,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from skipssl_common.distributed import free_port
+
 WORLD = 2
 MAX_NORM = 4.0
 
@@ -64,17 +66,10 @@ def _worker(rank, port, stage, precision, out_dir):
         dist.destroy_process_group()
 
 
-def _port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'),
                                              (2, 'fp16')])
 def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, precision):
-    mp.spawn(_worker, args=(_port(), stage, precision, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]
     assert results[0]['partitioned'] == (stage > 0)
     # fp16's gradients are scaled (2^8 here) when the trainer clips: norms and clipping are of the unscaled ones

@@ -10,6 +10,7 @@ from eval.errors import EvalError
 from eval.pipeline import run_knn, run_linear
 from eval.synthetic import write_shards
 from skipssl.checkpoint import CheckpointError, build_backbone, save_backbone
+from skipssl_common.artefacts import ExportMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_tiny_patch16_224'
@@ -26,7 +27,7 @@ def inputs(tmp_path_factory):
     write_shards(root / 'noindex', 'train', [12], size=16, index=False)
     torch.manual_seed(0)
     export = save_backbone(build_backbone(MODEL, KWARGS), root / 'run' / 'export' / 'teacher-00000005.safetensors',
-                           MODEL, KWARGS, {'iteration': 5, **DATA})
+                           ExportMeta(MODEL, KWARGS, iteration=5, data=DATA))
     return root, export
 
 
@@ -48,7 +49,7 @@ def test_checkpoint_of_another_architecture(inputs):
     # weights of a plain ViT labelled as a SkipAt-ViT: the state dict does not fit
     skipat_kwargs = dict(KWARGS, skip_indices=(1, 2))
     wrong = root / 'wrong.safetensors'
-    save_backbone(build_backbone(MODEL, KWARGS), wrong, 'vit_tiny_patch16_skipat_224', skipat_kwargs)
+    save_backbone(build_backbone(MODEL, KWARGS), wrong, ExportMeta('vit_tiny_patch16_skipat_224', skipat_kwargs))
     with pytest.raises(CheckpointError, match='weights do not fit vit_tiny_patch16_skipat_224'):
         knn(root, wrong)
     # a backbone without a class token cannot give DINO's CLS features

@@ -9,11 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eval.data import open_split, verify_split
-from eval.distributed import Ranks, from_env
+from eval.distributed import Ranks, from_env, gather_objects
 from eval.features import FeatureFile, FeatureSpec, get_features
 from eval.source import data_settings, load_model
 from eval.synthetic import write_shards
 from skipssl.checkpoint import MODEL_FILE, build_backbone, finalize_checkpoint, save_backbone
+from skipssl_common.artefacts import ExportMeta
+from skipssl_common.distributed import free_port
 
 MODEL = 'vit_tiny_patch16_224'
 KWARGS = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
@@ -27,9 +29,9 @@ def setup(tmp_path_factory):
     write_shards(root / 'shards', 'test', [37, 20, 23], num_classes=4, size=16)
     torch.manual_seed(0)
     backbone = build_backbone(MODEL, KWARGS)
-    export = save_backbone(backbone, root / 'run' / 'export' / 'teacher-00000010.safetensors', MODEL, KWARGS,
-                           {'iteration': 10, 'epoch': 1, 'images_seen': 640, 'device_hours': 0.5,
-                            'device_hours_unit': 'core-hours', **DATA})
+    export = save_backbone(backbone, root / 'run' / 'export' / 'teacher-00000010.safetensors',
+                           ExportMeta(MODEL, KWARGS, iteration=10, epoch=1, images_seen=640, device_hours=0.5,
+                                      device_hours_unit='core-hours', data=DATA))
     return root, export, backbone
 
 
@@ -132,3 +134,45 @@ def test_a_folder_holding_train_and_test_indices_is_read_by_role(tmp_path):
     for split in (train, test):
         verify_split(split, tmp_path / 'memo')
     assert train.name == test.name == tmp_path.name and train.digest != test.digest
+
+
+@pytest.mark.parametrize('scheme', ['s3://', 'gs://', 'https://'])
+def test_remote_shard_specs_are_never_taken_for_local_paths(scheme, tmp_path, monkeypatch):
+    """A remote spec is neither resolved against the working folder (its 'bucket' is not a dataset name) nor
+    hashed from disk: a local folder of the bucket's name must not be touched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'bucket' / 'fmnist').mkdir(parents=True)
+    split = open_split(f'{scheme}bucket/fmnist/test-{{000000..000001}}.tar', 'test')
+    assert split.urls == [f'{scheme}bucket/fmnist/test-000000.tar', f'{scheme}bucket/fmnist/test-000001.tar']
+    assert split.name == 'dataset' and split.num_samples is None
+    verify_split(split, tmp_path / 'memo')
+    assert split.digest and not (tmp_path / 'memo').exists()
+
+
+def test_raw_pixels_take_the_preprocessing_of_the_run_they_belong_to(setup):
+    root, _, _ = setup
+    _, alone = load_model('pixels')
+    assert data_settings(alone, {})['mean'] == [0.0] * 3 and data_settings(alone, {})['eval_crop'] == 224
+    _, of_run = load_model('pixels', run_dir=str(root / 'run'))
+    assert of_run.data == DATA
+    assert data_settings(of_run, {}) == {**DATA, 'mean': [0.5], 'std': [0.25]}
+    assert data_settings(of_run, {'eval_crop': 12})['eval_crop'] == 12   # the command line still wins
+
+
+def _srun_task(rank, port, out):
+    """One task as srun starts it without torchrun: SLURM's variables only, no RANK / WORLD_SIZE."""
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(WORLD), SLURM_LOCALID=str(rank), SLURM_JOB_ID='7',
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))   # the port a real job derives is shared
+    ranks = from_env('cpu')
+    try:
+        torch.save((ranks.rank, ranks.world_size, gather_objects(rank * 10, ranks)), os.path.join(out, f'{rank}.pt'))
+    finally:
+        ranks.close()
+
+
+def test_evaluation_ranks_under_srun_without_torchrun(tmp_path):
+    """Each srun task joins one process group (it used to run as a lone rank 0, every task evaluating alone)."""
+    mp.spawn(_srun_task, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert [torch.load(tmp_path / f'{r}.pt') for r in range(WORLD)] == [(0, 2, [0, 10]), (1, 2, None)]

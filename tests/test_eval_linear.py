@@ -12,6 +12,7 @@ from eval.linear import LinearHeads, probe_cached, scaled_lrs
 from eval.pipeline import run_linear
 from eval.synthetic import clustered_features, write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
+from skipssl_common.artefacts import ExportMeta
 
 
 def tensors(n, dim, classes, spread, seed, centers=None):
@@ -76,10 +77,9 @@ def run(tmp_path_factory):
     kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
     torch.manual_seed(0)
     save_backbone(build_backbone('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=(1, 2))),
-                  root / 'run' / 'export' / 'teacher-00000020.safetensors', 'vit_tiny_patch16_skipat_224',
-                  dict(kwargs, skip_indices=[1, 2]),
-                  {'iteration': 20, 'epoch': 2, 'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
-                   'eval_crop': 16})
+                  root / 'run' / 'export' / 'teacher-00000020.safetensors',
+                  ExportMeta('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=[1, 2]), iteration=20, epoch=2,
+                             data={'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16, 'eval_crop': 16}))
     return root
 
 
@@ -147,3 +147,22 @@ def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int 
     with torch.no_grad():
         hits = [int(linear(features(image[None])).argmax()) == label for image, label, _ in test]
     return 100.0 * sum(hits) / len(hits), float(np.mean(losses))
+
+
+def test_all_exports_of_a_run_are_probed_as_the_knn_evaluates_them(run, tmp_path):
+    """--all-exports: one linear result per per-epoch export, as knn_eval gives one k-NN result per export."""
+    kwargs = {'img_size': 16, 'patch_size': 4, 'depth': 2, 'embed_dim': 16, 'num_heads': 2, 'in_chans': 1}
+    data = {'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16, 'eval_crop': 16}
+    for it in (10, 20):
+        torch.manual_seed(it)
+        save_backbone(build_backbone('vit_tiny_patch16_224', kwargs),
+                      tmp_path / 'run' / 'export' / f'teacher-{it:08d}.safetensors',
+                      ExportMeta('vit_tiny_patch16_224', kwargs, iteration=it, data=data))
+    out = run_linear(str(tmp_path / 'run'), str(run / 'train'), str(run / 'test'), all_exports=True, epochs=1,
+                     linear_batch_size=32, num_workers=0, n_last_blocks=2)
+    assert [r['iteration'] for r in out] == [10, 20]
+    assert sorted(p.name.split('-')[1] for p in (tmp_path / 'run' / 'eval').glob('linear-*.json')) == [
+        '00000010', '00000020']
+    with pytest.raises(EvalError, match='--all-exports needs a run folder'):
+        run_linear(str(tmp_path / 'run' / 'export' / 'teacher-00000010.safetensors'), str(run / 'train'),
+                   str(run / 'test'), all_exports=True)

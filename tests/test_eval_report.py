@@ -14,6 +14,7 @@ from eval.results import write_result
 from eval.source import ModelInfo
 from eval.synthetic import write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
+from skipssl_common.artefacts import ExportMeta, RunSummary
 
 DATA = 'd4' * 32   # the data digest of the fake runs' results
 
@@ -25,12 +26,12 @@ def fake_run(root: Path, name: str, skipat: bool, hours: list, knn: list, linear
     per_epoch = [{'epoch': e, 'iteration': 100 * (e + 1), 'images_seen': 6400 * (e + 1), 'device_hours': h,
                   'images_per_s': 500.0, 'loss': 5.0} for e, h in enumerate(hours)]
     run.mkdir(parents=True)
-    (run / 'summary.json').write_text(json.dumps({
-        'run_name': name, 'model': {'name': model, 'kwargs': {}}, 'skipat': skipat, 'config_name': config,
-        'epochs_planned': len(hours), 'epochs_done': len(hours), 'iterations': 100 * len(hours),
-        'images_seen': 6400 * len(hours), 'images_per_s': 6400 * len(hours) / (hours[-1] * 3600),
-        'device': {'kind': 'cuda', 'name': 'H100', 'world_size': 1}, 'device_hours': hours[-1],
-        'device_hours_unit': 'GPU-hours', 'per_epoch': per_epoch, 'finished': True}))
+    RunSummary(
+        run_name=name, model={'name': model, 'kwargs': {}}, skipat=skipat, config_name=config,
+        epochs_planned=len(hours), epochs_done=len(hours), iterations=100 * len(hours),
+        images_seen=6400 * len(hours), images_per_s=6400 * len(hours) / (hours[-1] * 3600),
+        device={'kind': 'cuda', 'name': 'H100', 'world_size': 1}, device_hours=hours[-1],
+        device_hours_unit='GPU-hours', per_epoch=per_epoch, finished=True).write(run)
     for e, (k, lin) in enumerate(zip(knn, linear)):
         it = 100 * (e + 1)
         info = ModelInfo('x', 'export', model, {}, 'ab' * 32, f'{it:08d}', iteration=it, epoch=e + 1,
@@ -94,9 +95,9 @@ def test_report_of_really_evaluated_exports(tmp_path):
     for epoch in (1, 2):
         torch.manual_seed(epoch)
         save_backbone(build_backbone('vit_tiny_patch16_224', kwargs),
-                      run / 'export' / f'teacher-{100 * epoch:08d}.safetensors', 'vit_tiny_patch16_224', kwargs,
-                      {'iteration': 100 * epoch, 'epoch': epoch, 'device_hours': 0.1 * epoch,
-                       'device_hours_unit': 'GPU-hours', 'run_dir': str(run), **data})
+                      run / 'export' / f'teacher-{100 * epoch:08d}.safetensors',
+                      ExportMeta('vit_tiny_patch16_224', kwargs, iteration=100 * epoch, epoch=epoch,
+                                 device_hours=0.1 * epoch, device_hours_unit='GPU-hours', run_dir=str(run), data=data))
     common = dict(train_shards=str(tmp_path / 'train'), test_shards=str(tmp_path / 'test'), ks=[5, 20],
                   num_workers=0, dataset='toy')
     results = run_knn(str(run), all_exports=True, **common)

@@ -19,10 +19,10 @@ from skipssl.data import resolve_shards
 from skipssl.runlock import RunFolderError, RunLock, check_free
 from skipssl.train import state as train_state
 from skipssl.train.distributed import DistInfo
+from skipssl_common.distributed import free_port
 
 from .image_shards import write_pattern_shards
 from .test_train import ROOT, TINY, _env, command, final_weights, log_lines, run
-from .test_train import _port as _free_port
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 ONE_RANK = DistInfo(0, 1, 0, torch.device('cpu'), 'single')
@@ -302,7 +302,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
             Image.fromarray(np.full((28, 28), i, dtype=np.uint8)).save(buf, format='PNG')
             w.write({'__key__': f'nolabel{i:05d}', 'png': buf.getvalue()})
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-           '--master_port', str(_free_port()), 'knn_eval.py', '--checkpoint', 'pixels', '--out-dir',
+           '--master_port', str(free_port()), 'knn_eval.py', '--checkpoint', 'pixels', '--out-dir',
            str(tmp_path / 'e'), '--train-shards', str(data), '--test-shards', str(shards), '--channels', '1',
            '--resize', '28', '--crop', '28', '--num-workers', '0', '--k', '1']
     start = time.monotonic()
@@ -354,7 +354,7 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
     """Two plain processes with env:// variables (as srun starts them, no agent to kill the rest; rank 0 hosts
     the store): the rank that is not failing sleeps outside any collective, as one stuck in an NCCL kernel or a
     long step would, and still ends within seconds."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, '-c', WATCH_PROBE, str(failing)], cwd=ROOT, stderr=subprocess.PIPE,
                               text=True, env={**_env(), 'PYTHONPATH': str(ROOT), 'RANK': str(r), 'WORLD_SIZE': '2',
                                               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)})

@@ -16,12 +16,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from eval.synthetic import class_image
-from skipssl.checkpoint import atomic_torch_save, atomic_write_text, build_backbone, save_backbone
+from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl.data import EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, resolve_shards
 from skipssl.data.integrity import scan_shard, scan_shards, verify_content
 from skipssl.data.make_shards import main as make_shards_main
 from skipssl.data.make_shards import write_shards
 from skipssl.data.sources import ImageFolderSource
+from skipssl_common.artefacts import ExportMeta
+from skipssl_common.io import atomic_torch_save, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +199,8 @@ def test_outputs_have_the_umask_mode(tmp_path, umask):
     try:
         model = build_backbone('vit_tiny_patch16_224', {'img_size': 16, 'patch_size': 8, 'depth': 1,
                                                         'embed_dim': 16, 'num_heads': 1})
-        export = save_backbone(model, tmp_path / 'export' / 'teacher.safetensors', 'vit_tiny_patch16_224', {})
+        export = save_backbone(model, tmp_path / 'export' / 'teacher.safetensors',
+                               ExportMeta('vit_tiny_patch16_224', {}))
         atomic_write_text('{}', tmp_path / 'a.json')
         atomic_torch_save({'x': torch.zeros(1)}, tmp_path / 'b.pt')
         write_shards(ImageFolderSource(image_tree(tmp_path / 'images', n=4)), tmp_path / 'shards', 'x',

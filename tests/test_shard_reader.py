@@ -21,6 +21,7 @@ from skipssl.data import (
     resolve_shards,
 )
 from skipssl.data.reader import ReadCounter, slot_share
+from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 
 
 def png_bytes(arr):
@@ -49,7 +50,7 @@ def write_shards(folder, counts, corrupt=(), missing_image=(), prefix='train'):
                 w.write(sample)
                 i += 1
         names.append(name)
-    index = {'format': 'skipssl-shards/1', 'prefix': prefix, 'num_samples': i,
+    index = {'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'num_samples': i,
              'shards': [{'name': n, 'num_samples': c} for n, c in zip(names, counts)]}
     (folder / f'{prefix}-index.json').write_text(json.dumps(index))
     return [str(folder / n) for n in names]

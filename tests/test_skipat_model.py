@@ -187,11 +187,12 @@ def test_exported_teacher_loads_through_timms_local_weight_conventions(tmp_path)
     """An export of the trainer (skipssl.checkpoint.save_backbone) is a timm checkpoint: pretrained=True with
     pretrained_cfg_overlay=dict(file=...), and checkpoint_path=, give the exported weights exactly."""
     from skipssl.checkpoint import save_backbone
+    from skipssl_common.artefacts import ExportMeta
     kwargs = dict(img_size=32, depth=4, embed_dim=48, num_heads=2, skip_indices=(1, 2))
     torch.manual_seed(0)
     teacher = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, **kwargs).eval()
-    path = save_backbone(teacher, tmp_path / 'teacher.safetensors', 'vit_tiny_patch16_skipat_224',
-                         dict(kwargs, skip_indices=[1, 2]), {'iteration': 1})
+    path = save_backbone(teacher, tmp_path / 'teacher.safetensors',
+                         ExportMeta('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=[1, 2]), iteration=1))
     x = torch.randn(2, 3, 32, 32)
     for extra in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
                   dict(checkpoint_path=str(path))):

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from skipssl import checkpoint as ckpt
 from skipssl.config import ConfigError, load_config
 from skipssl.train.distributed import DistInfo
 from skipssl.train import state as train_state
+from skipssl_common.distributed import free_port
 
 from .image_shards import write_pattern_shards
 
@@ -52,19 +52,13 @@ def _env():
     return env
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def command(out_dir, shards, *overrides, nproc=1):
     args = ['pretrain.py', '--config', TINY, f'data.train_shards={shards}', f'experiment.output_dir={out_dir}',
             *overrides]
     if nproc == 1:
         return [sys.executable, *args]
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr',
-            '127.0.0.1', '--master_port', str(_port()), *args]
+            '127.0.0.1', '--master_port', str(free_port()), *args]
 
 
 def run(out_dir, shards, *overrides, nproc=1, timeout=300, check=True):

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from skipssl_common.artefacts import RunSummary
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / 'configs'
 
@@ -42,7 +44,7 @@ class PretrainRun:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
-    def wait(self) -> Dict:
+    def wait(self) -> RunSummary:
         """Waits; raises with the log's end if the run failed; returns its summary.json."""
         rc = self.proc.wait()
         self.seconds += time.perf_counter() - self._t0
@@ -53,8 +55,8 @@ class PretrainRun:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors='replace')[-chars:] if self.log.exists() else ''
 
-    def summary(self) -> Dict:
-        return json.loads((self.dir / 'summary.json').read_text())
+    def summary(self) -> RunSummary:
+        return RunSummary.read(self.dir)
 
     def records(self) -> List[Dict]:
         path = self.dir / 'log.jsonl'

@@ -1,16 +1,15 @@
 """A stage's measurements, rewritten to disk after each one, so a stage killed at its time cap still leaves
 what it had measured."""
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
+
+from skipssl_common.io import atomic_write_json
 
 
 def write_json(obj: Dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + '\n')
-    os.replace(tmp, path)
+    atomic_write_json(obj, path, indent=1, default=str)
 
 
 def read_json(path: Path) -> Dict:

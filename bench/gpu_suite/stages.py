@@ -151,8 +151,8 @@ def _run_summary(run: PretrainRun) -> Dict:
     logged interval's images/s (steady state)."""
     sm, losses = run.summary(), run.losses()
     its = sorted(losses)
-    return {'iterations': sm['iterations'], 'finished': sm['finished'], 'stopped_by': sm['stopped_by'],
-            'images_per_s': sm['images_per_s'], 'last_interval_images_per_s': run.last_scalar('perf/images_per_s'),
+    return {'iterations': sm.iterations, 'finished': sm.finished, 'stopped_by': sm.stopped_by,
+            'images_per_s': sm.images_per_s, 'last_interval_images_per_s': run.last_scalar('perf/images_per_s'),
             'wall_s': round(run.seconds, 1),
             'loss_first': losses[its[0]] if its else None, 'loss_last': losses[its[-1]] if its else None}
 
@@ -189,16 +189,16 @@ def trainer(ctx: Context) -> None:
     try:
         stopped_at = runs['zero2_cut'].sigterm_after(s.sigterm_after)
         cut = runs['zero2_cut'].wait()
-        if cut['stopped_by'] != 'SIGTERM':
+        if cut.stopped_by != 'SIGTERM':
             raise RuntimeError(f"the interrupted run was not stopped by SIGTERM: {cut}")
-        rec.put('sigterm', {'signalled_at_iteration': stopped_at, 'checkpoint_at': cut['iterations']})
+        rec.put('sigterm', {'signalled_at_iteration': stopped_at, 'checkpoint_at': cut.iterations})
         runs['zero2_cut'].start()   # the same command resumes from its checkpoint
         # in order of what matters most, each recorded before the next is waited for (the stage has a cap)
         for name in ('zero2', 'zero2_cut'):
             runs[name].wait()
             rec.put(name, _run_summary(runs[name]))
         resume = rec.put('resume', compare_losses(runs['zero2'].losses(), runs['zero2_cut'].losses(),
-                                                  cut['iterations']))
+                                                  cut.iterations))
         if not resume['ok']:
             problems.append(f'resumed losses outside tolerance: {resume}')
         for name in ('fp16', 'zero0_compiled'):
@@ -375,10 +375,10 @@ def equal_images(ctx: Context) -> None:
     for key, config in s.equal_configs.items():
         run = PretrainRun(key, config, overrides, work, env_).start()
         summary = run.wait()
-        seconds = summary['device_hours'] * 3600
-        per_image[key] = seconds / summary['images_seen']
-        rec.put(key, {**_run_summary(run), 'config': config, 'images_seen': summary['images_seen'],
-                      'device_hours': summary['device_hours'], 'unit': summary['device_hours_unit'],
+        seconds = summary.device_hours * 3600
+        per_image[key] = seconds / summary.images_seen
+        rec.put(key, {**_run_summary(run), 'config': config, 'images_seen': summary.images_seen,
+                      'device_hours': summary.device_hours, 'unit': summary.device_hours_unit,
                       'device_seconds_per_image': per_image[key]})
     rec.put('skipat_over_vit_device_seconds_per_image', per_image['skipat'] / per_image['vit'])
     for key in s.equal_configs:

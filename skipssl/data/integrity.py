@@ -27,8 +27,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from webdataset import tariterators
 
-from ..checkpoint import atomic_write_text
-from .shards import INDEX_SUFFIX, is_remote, read_index
+from skipssl_common.io import atomic_write_json
+
+from .shards import find_indices, is_remote, read_index
 
 # Every sample has at least one member: a 512-byte header and one 512-byte data block.
 MIN_SAMPLE_BYTES = 2 * tarfile.BLOCKSIZE
@@ -54,7 +55,7 @@ class IndexedShard:
 def _folder_entries(folder: Path) -> Dict[str, IndexedShard]:
     """real path -> entry, for every shard that an index in ``folder`` lists."""
     entries: Dict[str, IndexedShard] = {}
-    for path in sorted(folder.glob(f'*{INDEX_SUFFIX}')):
+    for path in find_indices(folder):
         try:
             index = read_index(path)
         except (OSError, ValueError) as exn:
@@ -190,7 +191,7 @@ def scan_shards(paths: Sequence[str], memo: Optional[os.PathLike] = None,
         known[real] = {'stat': before, 'scan': asdict(scan)}
     if memo is not None and todo:
         Path(memo).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps({'format': MEMO_FORMAT, 'shards': known}, indent=0) + '\n', memo)
+        atomic_write_json({'format': MEMO_FORMAT, 'shards': known}, memo, indent=0)
     return out
 
 

@@ -56,10 +56,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_text, sha256
+from skipssl_common.artefacts import SHARD_INDEX_FORMAT
+from skipssl_common.io import atomic_open, atomic_write_json, sha256
+
 from .sources import FASHION_MNIST_ROOT, SOURCES, PathLike, Source, open_source
 
-INDEX_FORMAT = 'skipssl-shards/1'
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1 << 30
 _PREFIX = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
@@ -203,26 +204,18 @@ class ShardTask:
 
 
 def _write_shard(source: Source, task: ShardTask) -> Dict[str, Any]:
-    """Write one shard to a temporary file next to it, check it, then move it into place."""
+    """Write one shard atomically: it lands only when complete and within --max-bytes."""
     path = Path(task.path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            # mtime 0 and fixed owner: re-running writes byte-identical shards.
-            with wds.TarWriter(f, encoder=False, mtime=0, format='USTAR_FORMAT') as writer:
-                for i in task.indices:
-                    ext, image = encode_image(source, i, task.encoding)
-                    writer.write({'__key__': source.samples[i].key, ext: image, **_metadata(source, i)})
-            f.flush()
-            os.fsync(f.fileno())
-        size = tmp.stat().st_size
+    with atomic_open(path, 'wb') as f:
+        # mtime 0 and fixed owner: re-running writes byte-identical shards.
+        with wds.TarWriter(f, encoder=False, mtime=0, format='USTAR_FORMAT') as writer:
+            for i in task.indices:
+                ext, image = encode_image(source, i, task.encoding)
+                writer.write({'__key__': source.samples[i].key, ext: image, **_metadata(source, i)})
+        size = f.tell()
         if task.max_bytes and size > task.max_bytes:  # the plan's exact sizes make this a bug, not bad input
             raise RuntimeError(f'{path.name}: {size} bytes, more than --max-bytes {task.max_bytes}')
-        record = {'num_samples': len(task.indices), 'num_bytes': size, 'sha256': sha256(tmp)}
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {'name': path.name, **record}
+    return {'name': path.name, 'num_samples': len(task.indices), 'num_bytes': size, 'sha256': sha256(path)}
 
 
 # ------------------------------------------------------------------------------------------- out_dir state
@@ -239,13 +232,9 @@ def _index_path(out_dir: Path, prefix: str) -> Path:
     return out_dir / f'{prefix}-index.json'
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, ensure_ascii=False) + '\n', path)
-
-
 def _own_files(out_dir: Path, prefix: str) -> List[Path]:
     """Shards, plan, index and leftover temporaries of this prefix: what --overwrite may delete."""
-    # temporaries: '.{name}.{pid}.tmp' (shards), '.{name}.tmp{pid}' (atomic_write_text: plan, index)
+    # temporaries: '.{name}.tmp{pid}' (skipssl_common.io's atomic writes), '.{name}.{pid}.tmp' (older writers)
     names = re.compile(rf'\.?{re.escape(prefix)}-(\d{{6,}}\.tar|plan\.json|index\.json)(\.\d+\.tmp|\.tmp\d+)?')
     return sorted(p for p in out_dir.iterdir() if names.fullmatch(p.name))
 
@@ -331,7 +320,7 @@ def _check_options(prefix: str, max_samples: int, max_bytes: Optional[int], work
 def _plan_params(source: Source, prefix: str, seed: int, max_samples: int, max_bytes: Optional[int],
                  encoding: Encoding) -> Dict[str, Any]:
     """Everything the shard contents depend on: equal params, equal shards."""
-    return {'format': INDEX_FORMAT, 'source': source.kind, 'split': source.split, 'prefix': prefix,
+    return {'format': SHARD_INDEX_FORMAT, 'source': source.kind, 'split': source.split, 'prefix': prefix,
             'num_samples': len(source.samples), 'listing_sha256': source.fingerprint(), 'seed': seed,
             'max_samples': max_samples, 'max_bytes': max_bytes, 'image_format': encoding.image_format,
             'quality': encoding.quality if encoding.image_format == 'jpeg' else None,
@@ -364,7 +353,7 @@ def _make_plan(runner: _Runner, seed: int, max_samples: int, max_bytes: Optional
 
 
 def _index(source: Source, prefix: str, seed: int, encoding: Encoding, records: List[dict]) -> Dict[str, Any]:
-    return {'format': INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
+    return {'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
             'num_samples': sum(r['num_samples'] for r in records), 'num_classes': len(source.classes),
             'classes': list(source.classes),
             'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes', 'sha256')} for r in records],
@@ -402,8 +391,8 @@ def write_shards(source: Source, out_dir: PathLike, prefix: Optional[str] = None
         _index_path(out_dir, prefix).unlink(missing_ok=True)  # an index exists only over a complete set
 
         def save_plan() -> None:
-            _write_json_atomic(_plan_path(out_dir, prefix), {
-                'params': params, 'shard_lengths': [len(shard) for shard in plan], 'finished': finished})
+            atomic_write_json({'params': params, 'shard_lengths': [len(shard) for shard in plan],
+                               'finished': finished}, _plan_path(out_dir, prefix), indent=2, ensure_ascii=False)
 
         save_plan()
         tasks = [(ShardTask(str(out_dir / n), tuple(shard), encoding, max_bytes),)
@@ -420,7 +409,7 @@ def write_shards(source: Source, out_dir: PathLike, prefix: Optional[str] = None
         _remove_temporaries(out_dir, prefix)
 
     index = _index(source, prefix, seed, encoding, [finished[n] for n in names])
-    _write_json_atomic(_index_path(out_dir, prefix), index)
+    atomic_write_json(index, _index_path(out_dir, prefix), indent=2, ensure_ascii=False)
     return index
 
 

@@ -11,7 +11,25 @@ _REMOTE = ('pipe:', 'http://', 'https://', 'gs://', 's3://')
 
 
 def is_remote(url: str) -> bool:
-    return url.startswith(_REMOTE)
+    """Read through a URL scheme or a shell command, not a local path: never stat, hash or resolve it here."""
+    return str(url).startswith(_REMOTE)
+
+
+def find_indices(folder: Union[str, Path], prefix: Optional[str] = None) -> List[Path]:
+    """The shard indices in ``folder``, sorted: ``{prefix}-index.json``, or every ``*-index.json`` without one."""
+    return sorted(Path(folder).glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+
+
+def index_path(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> Optional[Path]:
+    """The one index file ``spec`` names: an index (``.json``) file, or a folder holding exactly one index (of
+    ``prefix`` when given); None for anything else (lists, patterns, remote URLs, folders without one)."""
+    if isinstance(spec, (list, tuple)) or is_remote(str(spec)):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        indices = find_indices(path, prefix)
+        return indices[0] if len(indices) == 1 else None
+    return path if path.is_file() and path.name.endswith('.json') else None
 
 
 def read_index(path: Union[str, Path]) -> dict:
@@ -78,7 +96,7 @@ def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str], allow_pipe:
 
 
 def _from_folder(folder: Path, prefix: Optional[str]) -> List[str]:
-    indices = sorted(folder.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+    indices = find_indices(folder, prefix)
     if len(indices) > 1:
         names = ' or '.join(str(p) for p in indices)
         raise ValueError(f"{folder} holds several shard indices: name one, {names} (the evaluators also take "
@@ -102,15 +120,8 @@ def _from_index(path: Path) -> List[str]:
 def count_samples(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> Optional[int]:
     """Number of samples recorded in the index of ``spec`` (a folder with one index, or an index file);
     None when there is no index to read it from."""
-    if isinstance(spec, (list, tuple)) or is_remote(str(spec)):
-        return None
-    path = Path(spec)
-    if path.is_dir():
-        indices = sorted(path.glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
-        if len(indices) != 1:
-            return None
-        path = indices[0]
-    if not (path.is_file() and path.name.endswith('.json')):
+    path = index_path(spec, prefix)
+    if path is None:
         return None
     index = read_index(path)
     counts = [s.get('num_samples') for s in index['shards']]

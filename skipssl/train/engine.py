@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from skipssl_common.io import deep_merge
+
 from ..config import Config
 from ..dino import param_groups, reset_state
 from .plan import global_batch
@@ -37,14 +39,7 @@ def deepspeed_config(cfg: Config, world_size: int, accum: Optional[int] = None) 
     elif e.precision == 'fp16':
         ds['fp16'] = {'enabled': True, 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 1000,
                       'hysteresis': 2, 'min_loss_scale': 1}
-    return _merge(ds, e.deepspeed)
-
-
-def _merge(base: Dict, over: Dict) -> Dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(ds, e.deepspeed)
 
 
 def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: str, accum: Optional[int] = None):

@@ -6,9 +6,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import yaml
+
+from skipssl_common.artefacts import RunSummary
 
 from ..config import Config, ConfigError, load_config
 from ..failure import FailureWatch, first_line
@@ -20,9 +22,11 @@ log = logging.getLogger('skipssl')
 def preflight(cfg: Config) -> str:
     """Checks that need files or devices but no training: device and precision, shards, epoch size for the
     launcher's world size, model, output folder. Returns the device kind. Raises ConfigError naming the key."""
+    from skipssl_common.distributed import world_size_from_env
+
     from ..checkpoint import build_backbone
     from ..data import first_readable_sample, resolve_shards
-    from .distributed import resolve_device, world_size_from_env
+    from .distributed import resolve_device
     from .plan import make_plan
     from .state import newest_layout
     try:
@@ -63,7 +67,7 @@ def check_output_dir(run_dir: Path) -> None:
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
-    from ..checkpoint import atomic_write_text
+    from skipssl_common.io import atomic_write_text
     path = run_dir / 'config.yaml'
     text = cfg.to_yaml()
     if path.is_file() and path.read_text() != text:
@@ -108,7 +112,7 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     return (held[0] if held else None), folder
 
 
-def pretrain(cfg: Config) -> Dict:
+def pretrain(cfg: Config) -> RunSummary:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
     rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
@@ -165,8 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pretrain.py: {line}", file=sys.stderr)
         return status
     if int(os.environ.get('RANK', '0')) == 0:
-        state = 'finished' if summary['finished'] else f"stopped ({summary['stopped_by'] or 'iteration limit'})"
-        print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary['iterations'],
-                              'device_hours': round(summary['device_hours'], 4),
-                              'unit': summary['device_hours_unit']}, sort_keys=False), end='')
+        state = 'finished' if summary.finished else f"stopped ({summary.stopped_by or 'iteration limit'})"
+        print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary.iterations,
+                              'device_hours': round(summary.device_hours, 4),
+                              'unit': summary.device_hours_unit}, sort_keys=False), end='')
     return 0

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from skipssl_common.io import atomic_torch_save
+
 from .. import checkpoint as ckpt
 from .distributed import DistInfo, rank0_decides
 from .plan import accumulation_for
@@ -74,10 +76,10 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(info)
-    ckpt.atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
+    atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
     if info.is_main:
-        ckpt.atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
-        ckpt.atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
+        atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
+        atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
     _barrier(info)
     if info.is_main:
         ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size,

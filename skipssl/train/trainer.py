@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from skipssl_common.artefacts import ExportMeta, RunSummary
+
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data import BatchedMultiCrop, MultiCropTransform, ReaderState, canvas_resize, decode_sample, resolve_shards
@@ -402,33 +404,31 @@ class Trainer:
     def export(self, name: str) -> Optional[Path]:
         if not self.info.is_main:
             return None
-        backbone = self.teacher.backbone
-        meta = {'iteration': self.pos.iteration, 'epoch': self.pos.epoch, 'images_seen': self.pos.images_seen,
-                'device_hours': self.pos.per_epoch[-1]['device_hours'] if self.pos.per_epoch else 0.0,
-                'device_hours_unit': device_unit(self.device.type), 'run_dir': str(self.run_dir),
-                **self.data_meta()}
-        return ckpt.save_backbone(backbone, self.run_dir / 'export' / name, self.cfg.model.name,
-                                  dict(self.cfg.model.kwargs), meta)
+        meta = ExportMeta(self.cfg.model.name, dict(self.cfg.model.kwargs), iteration=self.pos.iteration,
+                          epoch=self.pos.epoch, images_seen=self.pos.images_seen,
+                          device_hours=self.pos.per_epoch[-1]['device_hours'] if self.pos.per_epoch else 0.0,
+                          device_hours_unit=device_unit(self.device.type), run_dir=str(self.run_dir),
+                          data=self.data_meta())
+        return ckpt.save_backbone(self.teacher.backbone, self.run_dir / 'export' / name, meta)
 
-    def summary(self, finished: bool, stopped_by: Optional[str]) -> Dict:
+    def summary(self, finished: bool, stopped_by: Optional[str]) -> RunSummary:
         hours = self.device_hours()
         seconds = hours * 3600 / max(self.info.world_size * devices_per_rank(self.device.type), 1)
-        return {
-            'run_name': self.run_dir.name, 'model': model_spec(self.cfg),
-            'skipat': bool(getattr(self.teacher.backbone, 'skip_indices', ())),  # asked of the model, not its name
-            'config_name': self.cfg.experiment.name, 'epochs_planned': self.plan.epochs,
-            'epochs_done': self.pos.epoch, 'iterations': self.pos.iteration,
-            'iterations_planned': self.plan.total_iterations, 'global_batch': self.plan.global_batch,
-            'images_seen': self.pos.images_seen,
-            'images_per_s': self.pos.images_seen / seconds if seconds > 0 else None,
-            'device': {'kind': self.device.type, 'world_size': self.info.world_size,
-                       'name': torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu',
-                       'threads_per_rank': torch.get_num_threads()},
-            'device_hours': hours, 'device_hours_unit': device_unit(self.device.type),
-            'per_epoch': self.pos.per_epoch, 'finished': finished, 'stopped_by': stopped_by,
-        }
+        return RunSummary(
+            run_name=self.run_dir.name, model=model_spec(self.cfg),
+            skipat=bool(getattr(self.teacher.backbone, 'skip_indices', ())),  # asked of the model, not its name
+            config_name=self.cfg.experiment.name, epochs_planned=self.plan.epochs,
+            epochs_done=self.pos.epoch, iterations=self.pos.iteration,
+            iterations_planned=self.plan.total_iterations, global_batch=self.plan.global_batch,
+            images_seen=self.pos.images_seen,
+            images_per_s=self.pos.images_seen / seconds if seconds > 0 else None,
+            device={'kind': self.device.type, 'world_size': self.info.world_size,
+                    'name': torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu',
+                    'threads_per_rank': torch.get_num_threads()},
+            device_hours=hours, device_hours_unit=device_unit(self.device.type),
+            per_epoch=self.pos.per_epoch, finished=finished, stopped_by=stopped_by)
 
-    def fit(self, resume_from: Optional[Path]) -> Dict:
+    def fit(self, resume_from: Optional[Path]) -> RunSummary:
         """Train from ``resume_from`` (``train_state.find_resumable``'s decision; None: from the start)."""
         c = self.cfg
         resumed = self.resume(resume_from)
@@ -448,7 +448,7 @@ class Trainer:
             self.export('teacher.safetensors')
         summary = self.summary(finished, stopped_by)
         if self.info.is_main:
-            ckpt.atomic_write_text(json.dumps(summary, indent=1), self.run_dir / 'summary.json')
+            summary.write(self.run_dir)
         self.logger.close()
         return summary
 
