@@ -25,3 +25,21 @@ def test_skipssl_does_not_shadow_the_standard_ssl_module():
     out = subprocess.run([sys.executable, '-c', 'import skipssl, ssl; print(ssl.__file__)'],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert 'site-packages' not in out.stdout and str(ROOT) not in out.stdout
+
+
+def test_console_scripts_are_installed_and_report_errors_under_their_own_name(tmp_path):
+    """Every [project.scripts] entry resolves to a callable; skipssl-knn runs and names itself in its one-line
+    error, as knn_eval.py does."""
+    import tomllib
+    from importlib.metadata import entry_points
+    declared = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+    installed = {ep.name: ep for ep in entry_points(group='console_scripts') if ep.name.startswith('skipssl-')}
+    assert set(installed) == set(declared)
+    for ep in installed.values():
+        assert callable(ep.load()), ep.name
+    script = Path(sys.executable).parent / 'skipssl-knn'
+    out = subprocess.run([str(script), '--checkpoint', 'pixels', '--train-shards', str(tmp_path / 'missing'),
+                          '--test-shards', str(tmp_path / 'missing'), '--out-dir', str(tmp_path / 'out')],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith('skipssl-knn: error: train shards: ')
