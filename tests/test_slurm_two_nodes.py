@@ -4,17 +4,32 @@ one DeepSpeed rank per node, its rendezvous at the first node of the job's node 
 
 No mocks: the `slurm_two_nodes` fixture (conftest.py) brings the daemons up for this module.
 """
+import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launch import slurm_cluster as sc
+from skipssl import checkpoint as ckpt
+
+from .test_launch_helpers import (
+    TINY,
+    job_logs,
+    log_records,
+    make_pretrain_shards,
+    scontrol_job,
+    submit_cli,
+    submitted,
+    wait_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.filterwarnings('ignore::DeprecationWarning')]
 
 
 def test_cluster_folder_ports_and_names_stay_off_the_one_node_cluster(tmp_path):
@@ -48,3 +63,58 @@ def test_srun_places_one_task_on_each_node(slurm_two_nodes):
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ['0 0 n1 2', '1 1 n2 2']
     assert subprocess.run(['getent', 'hosts', 'n1'], capture_output=True, check=False).returncode != 0
+
+
+# ---------------------------------------------------------------- DeepSpeed pretraining on two nodes
+
+def pretrain_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    """2 nodes x 1 CPU rank of the tiny preset: 12 iterations of 2 x 32 images (one epoch of 768 samples)."""
+    return ['pretrain', '--config', TINY, '--nodes', '2', '--tasks-per-node', '1', '--gpus-per-node', '0',
+            '--cpus-per-task', '1', '--partition', 'debug', '--time', '10', *extra, f'data.train_shards={shards}',
+            f'experiment.output_dir={out}', 'data.samples_per_epoch=768', 'train.epochs=1', 'train.log_every=1',
+            'engine.device=cpu']
+
+
+def rank_placement(folder: Path, job_id: str) -> dict[int, tuple[str, str]]:
+    """rank -> (node, MASTER_ADDR) from the line launch.jobs logs in each task's .err log before training."""
+    placement = {}
+    for path in Path(folder).glob(f'{job_id}_*_log.err'):
+        for rank, node, addr in re.findall(r'rank (\d+) of 2 on node (\S+), rendezvous ([^:\s]+):\d+',
+                                           path.read_text(errors='replace')):
+            placement[int(rank)] = (node, addr)
+    return placement
+
+
+@pytest.fixture(scope='module')
+def shards(slurm_two_nodes, tmp_path_factory):
+    return make_pretrain_shards(tmp_path_factory.mktemp('two_node_shards'))
+
+
+@pytest.fixture(scope='module')
+def two_node_run(slurm_two_nodes, shards, tmp_path_factory):
+    """An uninterrupted 2-node x 1-task run through launch.submit: (run folder, job id, log folder, results)."""
+    out = tmp_path_factory.mktemp('two_node_reference') / 'run'
+    started = time.monotonic()
+    job_id, folder = submitted(submit_cli(*pretrain_args(shards, out)))
+    results = wait_results(folder, job_id, 2, timeout=300)
+    print(f'2-node x 1-task pretraining job {job_id}: {time.monotonic() - started:.1f} s from submission to results')
+    return out, job_id, folder, results
+
+
+def test_pretraining_runs_one_rank_on_each_node_with_the_rendezvous_on_the_first(two_node_run):
+    out, job_id, folder, results = two_node_run
+    job = scontrol_job(job_id)
+    assert job['NumNodes'] == '2' and job['NumTasks'] == '2', job
+    first_node = subprocess.run(['scontrol', 'show', 'hostnames', job['NodeList']], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.split()[0]
+    assert first_node == 'n1'
+    assert rank_placement(folder, job_id) == {0: ('n1', first_node), 1: ('n2', first_node)}, job_logs(folder, job_id)
+    summaries = [value for _, value in results]
+    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [(True, 12, s['device_hours'])
+                                                                                       for s in summaries[:1]] * 2
+    s = summaries[0]
+    assert s['finished'] and s['iterations'] == 12 and s['device']['world_size'] == 2 and s['global_batch'] == 64
+    assert json.loads((out / 'summary.json').read_text()) == s
+    assert [r['iteration'] for r in log_records(out)] == list(range(1, 13))
+    record = ckpt.verify_checkpoint(out / 'checkpoints' / ckpt.checkpoint_name(12))
+    assert record['world_size'] == 2
