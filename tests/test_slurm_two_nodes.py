@@ -18,13 +18,16 @@ from skipssl import checkpoint as ckpt
 
 from .test_launch_helpers import (
     TINY,
+    assert_same_training,
     job_logs,
+    last_iteration,
     log_records,
     make_pretrain_shards,
     scontrol_job,
     submit_cli,
     submitted,
     wait_results,
+    wait_until,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +71,10 @@ def test_srun_places_one_task_on_each_node(slurm_two_nodes):
 # ---------------------------------------------------------------- DeepSpeed pretraining on two nodes
 
 def pretrain_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    """2 nodes x 1 CPU rank of the tiny preset: 12 iterations of 2 x 32 images (one epoch of 768 samples)."""
+    """2 nodes x 1 CPU rank of the tiny preset: 24 iterations of 2 x 32 images (two epochs of 768 samples)."""
     return ['pretrain', '--config', TINY, '--nodes', '2', '--tasks-per-node', '1', '--gpus-per-node', '0',
             '--cpus-per-task', '1', '--partition', 'debug', '--time', '10', *extra, f'data.train_shards={shards}',
-            f'experiment.output_dir={out}', 'data.samples_per_epoch=768', 'train.epochs=1', 'train.log_every=1',
+            f'experiment.output_dir={out}', 'data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1',
             'engine.device=cpu']
 
 
@@ -110,11 +113,36 @@ def test_pretraining_runs_one_rank_on_each_node_with_the_rendezvous_on_the_first
     assert first_node == 'n1'
     assert rank_placement(folder, job_id) == {0: ('n1', first_node), 1: ('n2', first_node)}, job_logs(folder, job_id)
     summaries = [value for _, value in results]
-    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [(True, 12, s['device_hours'])
+    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [(True, 24, s['device_hours'])
                                                                                        for s in summaries[:1]] * 2
     s = summaries[0]
-    assert s['finished'] and s['iterations'] == 12 and s['device']['world_size'] == 2 and s['global_batch'] == 64
+    assert s['finished'] and s['iterations'] == 24 and s['device']['world_size'] == 2 and s['global_batch'] == 64
     assert json.loads((out / 'summary.json').read_text()) == s
-    assert [r['iteration'] for r in log_records(out)] == list(range(1, 13))
-    record = ckpt.verify_checkpoint(out / 'checkpoints' / ckpt.checkpoint_name(12))
+    assert [r['iteration'] for r in log_records(out)] == list(range(1, 25))
+    record = ckpt.verify_checkpoint(out / 'checkpoints' / ckpt.checkpoint_name(24))
     assert record['world_size'] == 2
+
+
+def test_preempted_two_node_job_requeues_and_ends_like_the_uninterrupted_run(two_node_run, shards, tmp_path):
+    """SIGTERM then USR2 to both nodes' tasks (what submitit's job._interrupt() sends, as SLURM preemption does):
+    both ranks finish the iteration and save together, rank 0 requeues, the rerun (again on n1 and n2) resumes
+    there and ends with the losses and weights of the uninterrupted run."""
+    out = tmp_path / 'run'
+    job_id, folder = submitted(submit_cli(*pretrain_args(shards, out)))
+    wait_until(lambda: last_iteration(out) >= 3, 180, 'iteration 3', lambda: job_logs(folder, job_id))
+    for sig in ('TERM', 'USR2'):
+        subprocess.run(['scancel', f'--signal={sig}', job_id], check=True, timeout=30)
+    results = wait_results(folder, job_id, 2, timeout=300)
+    assert all(value['finished'] and value['iterations'] == 24 for _, value in results)
+    assert int(scontrol_job(job_id).get('Restarts', 0)) == 1
+    err = (folder / f'{job_id}_0_log.err').read_text()
+    stops = re.findall(r'SIG(?:TERM|USR2) received: checkpoint written at iteration (\d+)', err)
+    assert len(stops) == 1 and 'requeued job' in err, err
+    stopped_at = int(stops[0])
+    assert 3 <= stopped_at < 24 and f'resumed from {out}/checkpoints/{ckpt.checkpoint_name(stopped_at)}' in err
+    # both runs placed one rank on each node (the .err logs append across the requeue: two lines per rank)
+    for rank, node in ((0, 'n1'), (1, 'n2')):
+        text = (folder / f'{job_id}_{rank}_log.err').read_text()
+        assert re.findall(rf'rank {rank} of 2 on node (\S+), rendezvous (\S+):', text) == [(node, 'n1')] * 2, text
+    assert [r['iteration'] for r in log_records(out)] == list(range(1, 25))
+    assert_same_training(two_node_run[0], out)
