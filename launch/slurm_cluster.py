@@ -29,8 +29,10 @@ from pathlib import Path
 DEFAULT_DIR = Path('/tmp/skipssl-slurm')
 MULTI_NODE_DIR = Path('/tmp/skipssl-slurm-nodes')
 PACKAGES = 'slurmctld slurmd slurm-client munge'
-BINARIES = ('munged', 'slurmctld', 'slurmd', 'sinfo', 'sbatch', 'srun', 'scontrol', 'squeue', 'scancel', 'unshare',
-            'mount')
+BINARIES = ('munged', 'slurmctld', 'slurmd', 'sinfo', 'sbatch', 'srun', 'scontrol', 'squeue', 'scancel')
+# Several nodes also need a private mount namespace per slurmd (Debian's util-linux and mount, both essential).
+MULTI_NODE_PACKAGES = 'util-linux mount'
+MULTI_NODE_BINARIES = ('unshare', 'mount')
 NODE = 'localhost'
 # Ports of a cluster of several nodes: the controller's, then one per slurmd; off SLURM's defaults (6817/6818)
 # that the one-node cluster uses, so both run at once (and below 20000, where jobs' rendezvous ports start).
@@ -96,26 +98,30 @@ def _search_path() -> str:
     return os.pathsep.join([os.environ.get('PATH', ''), '/usr/local/sbin', '/usr/sbin', '/sbin'])
 
 
-def missing_binaries(search_path: str | None = None) -> list[str]:
+def missing_binaries(search_path: str | None = None, binaries: tuple[str, ...] = BINARIES) -> list[str]:
     path = _search_path() if search_path is None else search_path
-    return [b for b in BINARIES if shutil.which(b, path=path) is None]
+    return [b for b in binaries if shutil.which(b, path=path) is None]
 
 
-def unavailable_reason(search_path: str | None = None) -> str | None:
-    """Why the cluster cannot run here (missing packages or not root), or None."""
+def unavailable_reason(search_path: str | None = None, nodes: int = 1) -> str | None:
+    """Why a cluster of `nodes` nodes cannot run here (missing packages or not root), or None."""
     missing = missing_binaries(search_path)
     if missing:
         return (f'SLURM binaries not found: {", ".join(missing)}; install the Debian packages '
                 f'`{PACKAGES}` (apt-get install -y {PACKAGES}, or bash scripts/setup.sh as root)')
+    missing = missing_binaries(search_path, MULTI_NODE_BINARIES) if nodes > 1 else []
+    if missing:
+        return (f'{", ".join(missing)} not found: a cluster of several nodes runs each slurmd in its own mount '
+                f'namespace; install the Debian packages `{MULTI_NODE_PACKAGES}`')
     if os.geteuid() != 0:
-        return 'not root: the one-node SLURM cluster runs its daemons (munged, slurmctld, slurmd) as root'
+        return 'not root: the SLURM test cluster runs its daemons (munged, slurmctld, slurmd) as root'
     return None
 
 
 def _binary(name: str) -> str:
     found = shutil.which(name, path=_search_path())
     if found is None:
-        raise SlurmClusterError(unavailable_reason())
+        raise SlurmClusterError(unavailable_reason(nodes=2) or f'{name} not found')
     return found
 
 
@@ -409,7 +415,7 @@ def up(dir: Path | str | None = None, cpus: int | None = None, timeout: float = 
     one node, MULTI_NODE_CTLD_PORT for several (the slurmds on the ports after it); `cpus` is per node.
     Idempotent: a healthy cluster of the same number of nodes in `dir` is left as it is (its CPU count too).
     """
-    reason = unavailable_reason()
+    reason = unavailable_reason(nodes=nodes)
     if reason:
         raise SlurmClusterError(reason)
     if nodes < 1:

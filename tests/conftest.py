@@ -15,7 +15,7 @@ def _running_cluster(nodes: int, folder: Path):
     in CI, where that fails."""
     from launch import slurm_cluster as sc
 
-    reason = sc.unavailable_reason()
+    reason = sc.unavailable_reason(nodes=nodes)
     if reason:
         if _in_ci():
             pytest.fail(f'CI must run the SLURM tests, but: {reason}', pytrace=False)

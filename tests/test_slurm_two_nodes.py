@@ -50,6 +50,18 @@ def test_cluster_folder_ports_and_names_stay_off_the_one_node_cluster(tmp_path):
     assert 'SlurmctldPort' not in one and 'FirstJobId' not in one and f'SlurmdPidFile={tmp_path}/slurmd.pid' in one
 
 
+def test_missing_namespace_tools_are_named_for_several_nodes_only(tmp_path):
+    """A machine with SLURM but without unshare/mount still runs the one-node cluster; two nodes need them."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for name in sc.BINARIES:  # a PATH with SLURM's programs (only found, never run) and without the namespace tools
+        (bin_dir / name).write_text('#!/bin/sh\n')
+        (bin_dir / name).chmod(0o755)
+    reason = sc.unavailable_reason(search_path=str(bin_dir), nodes=2)
+    assert reason and 'unshare, mount not found' in reason and sc.MULTI_NODE_PACKAGES in reason
+    assert 'not found' not in (sc.unavailable_reason(search_path=str(bin_dir), nodes=1) or '')
+
+
 def test_status_names_both_nodes(slurm_two_nodes):
     status = subprocess.run([sys.executable, '-m', 'launch.slurm_cluster', 'status', '--dir', str(slurm_two_nodes.dir)],
                             capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
