@@ -62,12 +62,18 @@ def test_missing_namespace_tools_are_named_for_several_nodes_only(tmp_path):
     assert 'not found' not in (sc.unavailable_reason(search_path=str(bin_dir), nodes=1) or '')
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'launch.slurm_cluster', *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=False)
+
+
 def test_status_names_both_nodes(slurm_two_nodes):
-    status = subprocess.run([sys.executable, '-m', 'launch.slurm_cluster', 'status', '--dir', str(slurm_two_nodes.dir)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    status = cli('status', '--dir', str(slurm_two_nodes.dir))
     assert status.returncode == 0, status.stdout + status.stderr
     assert status.stdout.startswith('up') and 'n1: idle' in status.stdout and 'n2: idle' in status.stdout
     assert sc.cluster_at(slurm_two_nodes.dir) == slurm_two_nodes
+    again = cli('up', '--nodes', '2', '--dir', str(slurm_two_nodes.dir))
+    assert again.returncode == 0 and 'already up' in again.stderr, again.stderr  # idempotent: restarts nothing
 
 
 def test_srun_places_one_task_on_each_node(slurm_two_nodes):
