@@ -246,8 +246,8 @@ def _node_lines(cluster: Cluster, cpus: int, memory_mb: int) -> list[str]:
 
 
 def _multi_node_lines(cluster: Cluster) -> list[str]:
-    """What several slurmds of one host need on top: their own spool, pid and log files (%n: the node name),
-    the controller off the one-node cluster's port and job ids off its numbers."""
+    """What a cluster of several nodes sets on top (beside its per-node files): the controller off the one-node
+    cluster's port and job ids off its numbers."""
     if cluster.nodes == 1:
         return []
     return [f'SlurmctldPort={cluster.ctld_port}', f'FirstJobId={MULTI_NODE_FIRST_JOB_ID}']
@@ -350,7 +350,8 @@ def node_states(cluster: Cluster) -> dict[str, str] | None:
 
 
 def node_state(cluster: Cluster) -> str | None:
-    """The cluster's state in one word: the nodes' common state, else the first node's that is not idle."""
+    """The cluster's state in one word: 'idle' when every node is, else the first other node state; None when
+    the controller is unreachable or does not list every node."""
     states = node_states(cluster)
     if states is None or set(states) != set(cluster.node_names):
         return None
