@@ -15,6 +15,7 @@ resumes from the run folder.
 import importlib.util
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -83,7 +84,12 @@ class PretrainJob(submitit.helpers.Checkpointable):
         # before anything slow: submitit's own handler must not end rank 0 in the middle of a collective
         outside = OutsideTraining(requeue).install() if info.cluster != 'debug' else None
         _drop_stale_result(info)
-        export_torch_env(info)
+        torch_env = export_torch_env(info)
+        # where each rank ran and whom it meets: what to read first when a multi-node rendezvous hangs
+        # (SLURM's node name: several nodes may share one host name, as the test cluster's do)
+        node = os.environ.get('SLURMD_NODENAME') or socket.gethostname()
+        log.info('rank %d of %d on node %s, rendezvous %s:%s', info.rank, info.world_size, node,
+                 torch_env['MASTER_ADDR'], torch_env['MASTER_PORT'])
         cfg = self.cfg
         from skipssl.train import pretrain
         summary = pretrain(cfg)
