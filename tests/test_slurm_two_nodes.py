@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import slurm_cluster as sc
 from skipssl import checkpoint as ckpt
@@ -19,6 +20,7 @@ from skipssl import checkpoint as ckpt
 from .test_launch_helpers import (
     TINY,
     assert_same_training,
+    by_iteration,
     job_logs,
     last_iteration,
     log_records,
@@ -164,3 +166,28 @@ def test_preempted_two_node_job_requeues_and_ends_like_the_uninterrupted_run(two
         assert re.findall(rf'rank {rank} of 2 on node (\S+), rendezvous (\S+):', text) == [(node, 'n1')] * 2, text
     assert [r['iteration'] for r in log_records(out)] == list(range(1, 25))
     assert_same_training(two_node_run[0], out)
+
+
+def test_two_node_run_continues_on_one_node_as_the_same_run(two_node_run, shards, tmp_path):
+    """Elastic resume through the scheduler: the 2-node run stops at iteration 10 (mid-epoch), the same command on
+    one node (1 task, 2 accumulation steps keep the global batch of 64) continues it, and it ends with the losses
+    and weights of the uninterrupted 2-node run, to reduction order (docs/elastic_resume.md)."""
+    out = tmp_path / 'run'
+    job_id, folder = submitted(submit_cli(*pretrain_args(shards, out), 'train.stop_after_iterations=10'))
+    [(_, first)] = wait_results(folder, job_id, 2, timeout=300)[:1]
+    assert first['iterations'] == 10 and not first['finished']
+    one_node = pretrain_args(shards, out)
+    one_node[one_node.index('--nodes') + 1] = '1'   # the same command on the new allocation
+    job_id, folder = submitted(submit_cli(*one_node))
+    [(_, summary)] = wait_results(folder, job_id, 1, timeout=300)
+    assert summary['finished'] and summary['iterations'] == 24 and summary['device']['world_size'] == 1
+    err = (folder / f'{job_id}_0_log.err').read_text()
+    assert re.search(r'world_size 2 -> 1.*global batch 64 kept', err), err
+    ref, got = by_iteration(two_node_run[0]), by_iteration(out)
+    assert sorted(got) == sorted(ref) == list(range(1, 25))
+    for i in ref:
+        assert got[i]['train/loss'] == pytest.approx(ref[i]['train/loss'], rel=1e-5), i
+    a, b = (ckpt.load_file(ckpt.resolve_checkpoint(r) / ckpt.MODEL_FILE) for r in (two_node_run[0], out))
+    for part in ('student', 'teacher'):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-5, atol=2e-5, msg=f'{part} {k}')
