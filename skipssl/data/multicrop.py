@@ -1,6 +1,8 @@
-"""DINO's multi-crop augmentation, two ways with one recipe.
+"""DINO's multi-crop augmentation, three ways with one recipe.
 
-- ``MultiCropTransform``: per image, torchvision.transforms.v2, for data-loader workers.
+- ``MultiCropTransform`` (``cpu_multicrop``): per image, for data-loader workers, fast on one core.
+- ``TorchvisionMultiCrop``: per image, torchvision.transforms.v2 crop by crop: the reference the other two are
+  tested against, and the benchmark's "before".
 - ``BatchedMultiCrop``: per batch of uint8 images on the training device (GPU), vectorised: every crop of
   every image gets its own random parameters, without a Python loop over images and without host syncs.
   Use it when the CPU has too few cores per GPU to keep up.
@@ -85,9 +87,10 @@ class MultiCropConfig:
         return specs
 
 
-# -- CPU path: torchvision.transforms.v2, one image at a time -------------------------------------------
-class MultiCropTransform:
-    """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised; for loader workers."""
+# -- reference: torchvision.transforms.v2, one crop at a time -------------------------------------------
+class TorchvisionMultiCrop:
+    """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised, by torchvision's own
+    transforms; the reference for ``MultiCropTransform`` (same interface, several times slower)."""
 
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg = cfg or MultiCropConfig()
@@ -130,33 +133,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-8)
-    d = delta.clamp_min(1e-8)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack((h, s, maxc), dim=1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack((
-        torch.stack((v, q, p, p, t, v), dim=1),
-        torch.stack((t, v, v, q, p, p), dim=1),
-        torch.stack((p, p, t, v, v, q), dim=1),
-    ), dim=1)  # (B, 3, 6, H, W)
-    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
-
-
 def _per_sample(f: torch.Tensor) -> torch.Tensor:
     return f.view(-1, 1, 1, 1)
 
@@ -177,11 +153,18 @@ def _adjust_saturation(x, f):
 
 
 def _adjust_hue(x, f):
+    """torchvision's adjust_hue (HSV hue rotation) in closed form: with M, m the per-pixel max and min, every
+    channel is M - (M - m) * clamp(min(k, 4 - k), 0, 1), k = (n_c + 6 h) mod 6, n = (5, 3, 1) for (r, g, b)."""
     if x.shape[1] == 1:
         return x
-    hsv = _rgb_to_hsv(x)
-    h = (hsv[:, 0] + f.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    mn, mx = torch.aminmax(x, dim=1, keepdim=True)
+    delta = mx - mn
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    # 6h in each of the three cases: max is r, g or b (torchvision's priority r, g, b on ties; argmax is first)
+    cases = (x[:, [1, 2, 0]] - x[:, [2, 0, 1]]) / safe + x.new_tensor((0.0, 2.0, 4.0)).view(1, 3, 1, 1)
+    h6 = cases.gather(1, x.argmax(dim=1, keepdim=True))
+    k = torch.remainder(h6 + (x.new_tensor((5.0, 3.0, 1.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f)), 6.0)
+    return mx - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 class BatchedMultiCrop:
