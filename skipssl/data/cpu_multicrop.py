@@ -14,7 +14,7 @@ executed the cheap way:
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -116,6 +116,17 @@ _JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)   # factors that leave the image as it is (a jitter amount of 0 always draws them)
 
 
+def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x with fn applied to the images idx (sorted); a run of neighbours is a view, so no gather or scatter."""
+    if len(idx) == x.shape[0]:
+        return fn(x)
+    if idx[-1] - idx[0] == len(idx) - 1:
+        x[idx[0]:idx[-1] + 1] = fn(x[idx[0]:idx[-1] + 1])
+    else:
+        x[idx] = fn(x[idx])
+    return x
+
+
 def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
     """ColorJitter per crop, in each crop's own order; each op runs once on the crops that have it in a slot."""
     active = [i for i, p in enumerate(plans) if p.jitter is not None]
@@ -124,7 +135,7 @@ def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
             idx = [i for i in active if plans[i].order[slot] == op_id and plans[i].jitter[op_id] != _IDENTITY[op_id]]
             if idx:
                 factors = torch.tensor([plans[i].jitter[op_id] for i in idx])
-                x[idx] = op(x[idx], factors)
+                x = _apply(x, idx, lambda v: op(v, factors))
     return x
 
 
@@ -137,25 +148,36 @@ def blur_kernels(sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
 
 def _blur(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur of each image of x (n, C, H, W) with its own sigma, reflect padding (as
-    torchvision's gaussian_blur), as shifted sums over taps within 4 sigma of the largest."""
+    torchvision's gaussian_blur), as shifted sums over the taps within 4 sigma of the largest sigma."""
+    n, C, H, W = x.shape
     half = kernel_size // 2
     radius = min(half, math.ceil(_BLUR_TAIL * max(sigmas)))
-    taps = blur_kernels(sigmas, kernel_size)[:, half - radius:half + radius + 1].view(len(sigmas), 2 * radius + 1, 1,
-                                                                                        1, 1)
+    taps = blur_kernels(sigmas, kernel_size)[:, half - radius:half + radius + 1]
     if radius == 0:
-        return x * taps[:, 0]
-    H, W = x.shape[-2:]
+        return x * taps.view(n, 1, 1, 1)
     if radius >= min(H, W):
         raise ValueError(f"blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)")
-    xp = F.pad(x, (radius, radius, 0, 0), mode='reflect')
-    y = xp[..., :W] * taps[:, 0]
-    for k in range(1, 2 * radius + 1):
-        y.addcmul_(xp[..., k:k + W], taps[:, k])
-    yp = F.pad(y, (0, 0, radius, radius), mode='reflect')
-    z = yp[..., :H, :] * taps[:, 0]
-    for k in range(1, 2 * radius + 1):
-        z.addcmul_(yp[..., k:k + H, :], taps[:, k])
+    span = 2 * radius + 1
+    # rows: shifts of the flattened padded image are contiguous; each shifted sum runs into the next row only in
+    # the 2 * radius padding columns, which are dropped
+    flat = F.pad(x, (radius, radius, 0, 0), mode='reflect').view(n, -1)
+    length = flat.shape[1] - 2 * radius
+    rows = torch.empty_like(flat)
+    torch.mul(flat[:, :length], taps[:, :1], out=rows[:, :length])
+    for k in range(1, span):
+        rows[:, :length].addcmul_(flat[:, k:k + length], taps[:, k:k + 1])
+    y = F.pad(rows.view(n, C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect')
+    cols = taps.view(n, span, 1, 1, 1)
+    z = y[:, :, :H] * cols[:, 0]
+    for k in range(1, span):
+        z.addcmul_(y[:, :, k:k + H], cols[:, k])
     return z
+
+
+def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 - x where x >= threshold (torchvision's solarize on [0, 1] images), without the slow ``where``."""
+    above = torch.ge(x, threshold, out=torch.empty_like(x))
+    return x.addcmul_(above, 1.0 - 2.0 * x)
 
 
 class MultiCropTransform:
@@ -185,11 +207,11 @@ class MultiCropTransform:
         x = _jitter(crops.float().div_(255), plans)
         gray = [i for i, p in enumerate(plans) if p.gray]
         if gray and x.shape[1] > 1:
-            x[gray] = _gray(x[gray]).expand(-1, x.shape[1], -1, -1)
+            x = _apply(x, gray, lambda v: _gray(v).expand_as(v).contiguous())
         blur = [i for i, p in enumerate(plans) if p.sigma is not None]
         if blur:
-            x[blur] = _blur(x[blur], [plans[i].sigma for i in blur], c.kernel_size)
+            x = _apply(x, blur, lambda v: _blur(v, [plans[i].sigma for i in blur], c.kernel_size))
         sol = [i for i, p in enumerate(plans) if p.solarize]
         if sol:
-            x[sol] = torch.where(x[sol] >= c.solarize_threshold, 1.0 - x[sol], x[sol])
+            x = _apply(x, sol, lambda v: _solarize(v, c.solarize_threshold))
         return x.sub_(self.mean).mul_(self.inv_std)
