@@ -140,10 +140,15 @@ def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
 
 
 def blur_kernels(sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
-    """(n, kernel_size) normalised Gaussian taps, torchvision's GaussianBlur kernel for each sigma."""
-    r = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
-    sig = torch.tensor(sigmas, dtype=torch.float32)[:, None]
-    return torch.softmax(-(r[None] ** 2) / (2 * sig ** 2), dim=1)
+    """(n, kernel_size) normalised Gaussian taps, torchvision's GaussianBlur kernel for each sigma (computed in
+    Python: a dozen numbers, where torch's per-call overhead would dominate)."""
+    half = (kernel_size - 1) / 2
+    rows = []
+    for sigma in sigmas:
+        w = [math.exp(-((i - half) ** 2) / (2 * sigma ** 2)) for i in range(kernel_size)]
+        total = sum(w)
+        rows.append([v / total for v in w])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _blur(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:

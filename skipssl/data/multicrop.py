@@ -138,18 +138,21 @@ def _per_sample(f: torch.Tensor) -> torch.Tensor:
 
 
 def _adjust_brightness(x, f):
-    return (x * _per_sample(f)).clamp(0, 1)
+    return (x * _per_sample(f)).clamp_(0, 1)
 
 
 def _adjust_contrast(x, f):
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (_per_sample(f) * x + (1 - _per_sample(f)) * mean).clamp(0, 1)
+    f = _per_sample(f).to(x.dtype)
+    return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def _adjust_saturation(x, f):
     if x.shape[1] == 1:
         return x
-    return (_per_sample(f) * x + (1 - _per_sample(f)) * _gray(x)).clamp(0, 1)
+    f = _per_sample(f).to(x.dtype)
+    # mul and add: lerp with a broadcast operand is several times slower on CPU
+    return (x * f).add_(_gray(x) * (1 - f)).clamp_(0, 1)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,12 +170,13 @@ def _adjust_hue(x, f):
     mx = torch.maximum(torch.maximum(r, g), b)
     delta = mx - torch.minimum(torch.minimum(r, g), b)
     safe = delta.clamp_min(1e-20)   # delta 0: the numerators below are 0 too, and the result is mx
-    # 6h where the max is b, else g, else r: torchvision's priority r, g, b on ties
-    h6 = torch.lerp((r - g).div_(safe).add_(4.0), (b - r).div_(safe).add_(2.0), _equal(g, mx))
-    h6 = torch.lerp(h6, (g - b).div_(safe), _equal(r, mx))
-    k = h6 + (x.new_tensor((5.0, 3.0, 1.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f))
-    k.sub_(torch.floor(k * (1 / 6)).mul_(6.0))
-    return k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0).mul_(delta).neg_().add_(mx)
+    # 6h * delta where the max is b, else g, else r: torchvision's priority r, g, b on ties
+    h6 = torch.lerp(torch.add(r - g, delta, alpha=4.0), torch.add(b - r, delta, alpha=2.0), _equal(g, mx))
+    h6 = torch.lerp(h6, g - b, _equal(r, mx)).div_(safe)
+    # u = ((n_c + 6h + 6f) mod 6) / 6 via frac of a positive number (+6), then the triangle 2 - |6u - 2| clamped
+    shift = (x.new_tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f).to(x.dtype)) / 6.0
+    u = torch.add(shift, h6, alpha=1 / 6).frac_()
+    return torch.addcmul(mx, u.sub_(1 / 3).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0), delta, value=-1.0)
 
 
 class BatchedMultiCrop:
