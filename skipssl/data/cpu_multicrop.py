@@ -128,14 +128,16 @@ def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.T
 
 
 def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
-    """ColorJitter per crop, in each crop's own order; each op runs once on the crops that have it in a slot."""
-    active = [i for i, p in enumerate(plans) if p.jitter is not None]
-    for slot in range(4):
-        for op_id, op in enumerate(_JITTER_OPS):
-            idx = [i for i in active if plans[i].order[slot] == op_id and plans[i].jitter[op_id] != _IDENTITY[op_id]]
-            if idx:
-                factors = torch.tensor([plans[i].jitter[op_id] for i in idx])
-                x = _apply(x, idx, lambda v: op(v, factors))
+    """ColorJitter crop by crop, each in its own random order, in place on views of x (grouping crops that share
+    an op in a slot was slower: the gathers and scatters cost more than the calls they save)."""
+    for i, plan in enumerate(plans):
+        if plan.jitter is None:
+            continue
+        v = x[i:i + 1]
+        for op_id in plan.order:
+            if plan.jitter[op_id] != _IDENTITY[op_id]:
+                v = _JITTER_OPS[op_id](v, torch.tensor([plan.jitter[op_id]]))
+        x[i:i + 1] = v
     return x
 
 
@@ -151,32 +153,31 @@ def blur_kernels(sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _blur(x: torch.Tensor, sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur of each image of x (n, C, H, W) with its own sigma, reflect padding (as
-    torchvision's gaussian_blur), as shifted sums over the taps within 4 sigma of the largest sigma."""
-    n, C, H, W = x.shape
+def _blur(x: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of x (C, H, W) with reflect padding, as torchvision's gaussian_blur, as shifted
+    sums over the taps within 4 sigma."""
+    C, H, W = x.shape
     half = kernel_size // 2
-    radius = min(half, math.ceil(_BLUR_TAIL * max(sigmas)))
-    taps = blur_kernels(sigmas, kernel_size)[:, half - radius:half + radius + 1]
+    radius = min(half, math.ceil(_BLUR_TAIL * sigma))
+    taps = blur_kernels([sigma], kernel_size)[0, half - radius:half + radius + 1].tolist()
     if radius == 0:
-        return x * taps.view(n, 1, 1, 1)
+        return x * taps[0]
     if radius >= min(H, W):
         raise ValueError(f"blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)")
-    span = 2 * radius + 1
     # rows: shifts of the flattened padded image are contiguous; each shifted sum runs into the next row only in
     # the 2 * radius padding columns, which are dropped
-    flat = F.pad(x, (radius, radius, 0, 0), mode='reflect').view(n, -1)
-    length = flat.shape[1] - 2 * radius
+    flat = F.pad(x, (radius, radius, 0, 0), mode='reflect').view(-1)
+    length = flat.numel() - 2 * radius
     rows = torch.empty_like(flat)
-    torch.mul(flat[:, :length], taps[:, :1], out=rows[:, :length])
-    for k in range(1, span):
-        rows[:, :length].addcmul_(flat[:, k:k + length], taps[:, k:k + 1])
-    y = F.pad(rows.view(n, C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect')
-    cols = taps.view(n, span, 1, 1, 1)
-    z = y[:, :, :H] * cols[:, 0]
-    for k in range(1, span):
-        z.addcmul_(y[:, :, k:k + H], cols[:, k])
-    return z
+    torch.mul(flat[:length], taps[0], out=rows[:length])
+    for k in range(1, len(taps)):
+        rows[:length].add_(flat[k:k + length], alpha=taps[k])
+    y = F.pad(rows.view(C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect').view(C, -1)
+    length = H * W
+    z = y[:, :length] * taps[0]
+    for k in range(1, len(taps)):
+        z.add_(y[:, k * W:k * W + length], alpha=taps[k])
+    return z.view(C, H, W)
 
 
 def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -215,7 +216,8 @@ class MultiCropTransform:
             x = _apply(x, gray, lambda v: _gray(v).expand_as(v).contiguous())
         blur = [i for i, p in enumerate(plans) if p.sigma is not None]
         if blur:
-            x = _apply(x, blur, lambda v: _blur(v, [plans[i].sigma for i in blur], c.kernel_size))
+            for i in blur:
+                x[i] = _blur(x[i], plans[i].sigma, c.kernel_size)
         sol = [i for i, p in enumerate(plans) if p.solarize]
         if sol:
             x = _apply(x, sol, lambda v: _solarize(v, c.solarize_threshold))
