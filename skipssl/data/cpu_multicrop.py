@@ -136,7 +136,7 @@ def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
         v = x[i:i + 1]
         for op_id in plan.order:
             if plan.jitter[op_id] != _IDENTITY[op_id]:
-                v = _JITTER_OPS[op_id](v, torch.tensor([plan.jitter[op_id]]))
+                v = _JITTER_OPS[op_id](v, plan.jitter[op_id])
         x[i:i + 1] = v
     return x
 

@@ -14,7 +14,7 @@ solarisation p 0.2 on global crop 2 only; ImageNet normalisation. Every number i
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +133,10 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.add(x[:, 0:1] * _GRAY[0], x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
 
 
-def _per_sample(f: torch.Tensor) -> torch.Tensor:
-    return f.view(-1, 1, 1, 1)
+def _per_sample(f: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """Per-image factors (B,) broadcast over (B, C, H, W); a Python float (one image on the CPU) stays one, which
+    spares the per-call overhead of tensor arithmetic on scalars."""
+    return f if isinstance(f, float) else f.view(-1, 1, 1, 1)
 
 
 def _adjust_brightness(x, f):
@@ -143,14 +145,14 @@ def _adjust_brightness(x, f):
 
 def _adjust_contrast(x, f):
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_sample(f).to(x.dtype)
+    f = _per_sample(f)
     return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def _adjust_saturation(x, f):
     if x.shape[1] == 1:
         return x
-    f = _per_sample(f).to(x.dtype)
+    f = _per_sample(f)
     # mul and add: lerp with a broadcast operand is several times slower on CPU
     return (x * f).add_(_gray(x) * (1 - f)).clamp_(0, 1)
 
@@ -174,7 +176,10 @@ def _adjust_hue(x, f):
     h6 = torch.lerp(torch.add(r - g, delta, alpha=4.0), torch.add(b - r, delta, alpha=2.0), _equal(g, mx))
     h6 = torch.lerp(h6, g - b, _equal(r, mx)).div_(safe)
     # u = ((n_c + 6h + 6f) mod 6) / 6 via frac of a positive number (+6), then the triangle 2 - |6u - 2| clamped
-    shift = (x.new_tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f).to(x.dtype)) / 6.0
+    if isinstance(f, float):
+        shift = x.new_tensor([(n + 6.0 * f) / 6.0 for n in (11.0, 9.0, 7.0)]).view(1, 3, 1, 1)
+    else:
+        shift = (x.new_tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f)) / 6.0
     u = torch.add(shift, h6, alpha=1 / 6).frac_()
     return torch.addcmul(mx, u.sub_(1 / 3).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0), delta, value=-1.0)
 
