@@ -155,6 +155,8 @@ def test_bad_config_and_input_fail_clearly():
         MultiCropConfig(local_scale=(0.5, 0.1))
     with pytest.raises(ValueError, match='probability'):
         MultiCropConfig(solarize_p=1.5)
+    with pytest.raises(ValueError, match='too small for the blur'):
+        MultiCropConfig(local_size=6)
     with pytest.raises(ValueError, match='uint8'):
         BatchedMultiCrop()(torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match='channels'):

@@ -129,8 +129,8 @@ def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.T
 
 
 def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
-    """ColorJitter crop by crop, each in its own random order, in place on views of x (grouping crops that share
-    an op in a slot was slower: the gathers and scatters cost more than the calls they save)."""
+    """ColorJitter crop by crop, each in its own random order, on views of x written back (grouping the crops
+    that share an op in a slot was slower: the gathers and scatters cost more than the calls they save)."""
     for i, plan in enumerate(plans):
         if plan.jitter is None:
             continue

@@ -68,6 +68,9 @@ class MultiCropConfig:
             raise ValueError(f"mean {self.mean} and std {self.std} must have one value per channel")
         if self.blur_kernel_size and self.blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+        if min(self.global_size, self.local_size) <= self.kernel_size // 2:
+            raise ValueError(f"crops of {min(self.global_size, self.local_size)} px are too small for the blur's "
+                             f"reflect padding of {self.kernel_size // 2} px (blur_kernel_size {self.kernel_size})")
 
     @property
     def n_crops(self) -> int:
