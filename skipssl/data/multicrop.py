@@ -147,7 +147,10 @@ def _adjust_brightness(x, f):
 
 
 def _adjust_contrast(x, f):
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    # the mean of the grayscale image, as the luma-weighted sum of the channel means (cheaper than a gray image)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    mean = mean if x.shape[1] == 1 else torch.add(mean[:, 0:1] * _GRAY[0], mean[:, 1:2], alpha=_GRAY[1]).add_(
+        mean[:, 2:3], alpha=_GRAY[2])
     f = _per_sample(f)
     return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
@@ -165,6 +168,9 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.eq(a, b, out=torch.empty_like(a))
 
 
+_HUE_OFFSETS = torch.tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) / 6   # (n_c + 6) / 6: positive before the frac
+
+
 def _adjust_hue(x, f):
     """torchvision's adjust_hue (HSV hue rotation) in closed form: with M, m the per-pixel max and min, every
     channel is M - (M - m) * clamp(2 - |k - 2|, 0, 1), k = (n_c + 6 h) mod 6, n = (5, 3, 1) for (r, g, b).
@@ -179,11 +185,7 @@ def _adjust_hue(x, f):
     h6 = torch.lerp(torch.add(r - g, delta, alpha=4.0), torch.add(b - r, delta, alpha=2.0), _equal(g, mx))
     h6 = torch.lerp(h6, g - b, _equal(r, mx)).div_(safe)
     # u = ((n_c + 6h + 6f) mod 6) / 6 via frac of a positive number (+6), then the triangle 2 - |6u - 2| clamped
-    if isinstance(f, float):
-        shift = x.new_tensor([(n + 6.0 * f) / 6.0 for n in (11.0, 9.0, 7.0)]).view(1, 3, 1, 1)
-    else:
-        shift = (x.new_tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) + 6.0 * _per_sample(f)) / 6.0
-    u = torch.add(shift, h6, alpha=1 / 6).frac_()
+    u = torch.add(h6.mul_(1 / 6).add_(_per_sample(f)), _HUE_OFFSETS.to(x)).frac_()
     return torch.addcmul(mx, u.sub_(1 / 3).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0), delta, value=-1.0)
 
 
