@@ -1,7 +1,8 @@
 """Data path: shards, readers, multi-crop augmentation (CPU and device)."""
-from .multicrop import BatchedMultiCrop, MultiCropConfig, MultiCropTransform, stack_crops
+from .cpu_multicrop import MultiCropTransform
+from .multicrop import BatchedMultiCrop, MultiCropConfig, TorchvisionMultiCrop, stack_crops
 
-__all__ = ['BatchedMultiCrop', 'MultiCropConfig', 'MultiCropTransform', 'stack_crops']
+__all__ = ['BatchedMultiCrop', 'MultiCropConfig', 'MultiCropTransform', 'TorchvisionMultiCrop', 'stack_crops']
 from .reader import (EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, decode_sample,
                      eval_transform, first_readable_sample)
 from .shards import read_index, resolve_shards

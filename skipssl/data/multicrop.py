@@ -1,6 +1,8 @@
-"""DINO's multi-crop augmentation, two ways with one recipe.
+"""DINO's multi-crop augmentation, three ways with one recipe.
 
-- ``MultiCropTransform``: per image, torchvision.transforms.v2, for data-loader workers.
+- ``MultiCropTransform`` (``cpu_multicrop``): per image, for data-loader workers, fast on one core.
+- ``TorchvisionMultiCrop``: per image, torchvision.transforms.v2 crop by crop: the reference the other two are
+  tested against, and the benchmark's "before".
 - ``BatchedMultiCrop``: per batch of uint8 images on the training device (GPU), vectorised: every crop of
   every image gets its own random parameters, without a Python loop over images and without host syncs.
   Use it when the CPU has too few cores per GPU to keep up.
@@ -12,7 +14,7 @@ solarisation p 0.2 on global crop 2 only; ImageNet normalisation. Every number i
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,9 @@ class MultiCropConfig:
             raise ValueError(f"mean {self.mean} and std {self.std} must have one value per channel")
         if self.blur_kernel_size and self.blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+        if min(self.global_size, self.local_size) <= self.kernel_size // 2:
+            raise ValueError(f"crops of {min(self.global_size, self.local_size)} px are too small for the blur's "
+                             f"reflect padding of {self.kernel_size // 2} px (blur_kernel_size {self.kernel_size})")
 
     @property
     def n_crops(self) -> int:
@@ -85,9 +90,10 @@ class MultiCropConfig:
         return specs
 
 
-# -- CPU path: torchvision.transforms.v2, one image at a time -------------------------------------------
-class MultiCropTransform:
-    """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised; for loader workers."""
+# -- reference: torchvision.transforms.v2, one crop at a time -------------------------------------------
+class TorchvisionMultiCrop:
+    """image (PIL or uint8 tensor CxHxW) -> list of n_crops float tensors, normalised, by torchvision's own
+    transforms; the reference for ``MultiCropTransform`` (same interface, several times slower)."""
 
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg = cfg or MultiCropConfig()
@@ -126,62 +132,61 @@ def _bernoulli(n: int, p: float, device, generator) -> torch.Tensor:
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    # plane by plane: a weighted sum over the channel dimension is a slow strided reduction on CPU
+    return torch.add(x[:, 0:1] * _GRAY[0], x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-8)
-    d = delta.clamp_min(1e-8)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack((h, s, maxc), dim=1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack((
-        torch.stack((v, q, p, p, t, v), dim=1),
-        torch.stack((t, v, v, q, p, p), dim=1),
-        torch.stack((p, p, t, v, v, q), dim=1),
-    ), dim=1)  # (B, 3, 6, H, W)
-    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
-
-
-def _per_sample(f: torch.Tensor) -> torch.Tensor:
-    return f.view(-1, 1, 1, 1)
+def _per_sample(f: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """Per-image factors (B,) broadcast over (B, C, H, W); a Python float (one image on the CPU) stays one, which
+    spares the per-call overhead of tensor arithmetic on scalars."""
+    return f if isinstance(f, float) else f.view(-1, 1, 1, 1)
 
 
 def _adjust_brightness(x, f):
-    return (x * _per_sample(f)).clamp(0, 1)
+    return (x * _per_sample(f)).clamp_(0, 1)
 
 
 def _adjust_contrast(x, f):
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return (_per_sample(f) * x + (1 - _per_sample(f)) * mean).clamp(0, 1)
+    # the mean of the grayscale image, as the luma-weighted sum of the channel means (cheaper than a gray image)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    mean = mean if x.shape[1] == 1 else torch.add(mean[:, 0:1] * _GRAY[0], mean[:, 1:2], alpha=_GRAY[1]).add_(
+        mean[:, 2:3], alpha=_GRAY[2])
+    f = _per_sample(f)
+    return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def _adjust_saturation(x, f):
     if x.shape[1] == 1:
         return x
-    return (_per_sample(f) * x + (1 - _per_sample(f)) * _gray(x)).clamp(0, 1)
+    f = _per_sample(f)
+    # mul and add: lerp with a broadcast operand is several times slower on CPU
+    return (x * f).add_(_gray(x) * (1 - f)).clamp_(0, 1)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1.0 where a == b, else 0.0, in a's dtype (written straight to float: converting a bool tensor is slow)."""
+    return torch.eq(a, b, out=torch.empty_like(a))
+
+
+_HUE_OFFSETS = torch.tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) / 6   # (n_c + 6) / 6: positive before the frac
 
 
 def _adjust_hue(x, f):
+    """torchvision's adjust_hue (HSV hue rotation) in closed form: with M, m the per-pixel max and min, every
+    channel is M - (M - m) * clamp(2 - |k - 2|, 0, 1), k = (n_c + 6 h) mod 6, n = (5, 3, 1) for (r, g, b).
+    Built from ops that are fast on one CPU core: no where, remainder, bool conversion or reduction over channels."""
     if x.shape[1] == 1:
         return x
-    hsv = _rgb_to_hsv(x)
-    h = (hsv[:, 0] + f.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    mx = torch.maximum(torch.maximum(r, g), b)
+    delta = mx - torch.minimum(torch.minimum(r, g), b)
+    safe = delta.clamp_min(1e-20)   # delta 0: the numerators below are 0 too, and the result is mx
+    # 6h * delta where the max is b, else g, else r: torchvision's priority r, g, b on ties
+    h6 = torch.lerp(torch.add(r - g, delta, alpha=4.0), torch.add(b - r, delta, alpha=2.0), _equal(g, mx))
+    h6 = torch.lerp(h6, g - b, _equal(r, mx)).div_(safe)
+    # u = ((n_c + 6h + 6f) mod 6) / 6 via frac of a positive number (+6), then the triangle 2 - |6u - 2| clamped
+    u = torch.add(h6.mul_(1 / 6).add_(_per_sample(f)), _HUE_OFFSETS.to(x)).frac_()
+    return torch.addcmul(mx, u.sub_(1 / 3).abs_().mul_(-6.0).add_(2.0).clamp_(0.0, 1.0), delta, value=-1.0)
 
 
 class BatchedMultiCrop:
