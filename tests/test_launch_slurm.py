@@ -6,7 +6,6 @@ import math
 import re
 import statistics
 import subprocess
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -109,6 +108,12 @@ def test_scontrol_requeue_resumes_from_the_newest_checkpoint(reference, shards, 
     assert_same_training(reference[0], out)
 
 
+def run_processes(run_dir: Path) -> list:
+    """Processes whose command line names the run folder (the job's tasks: submitit's log folder is inside it)."""
+    out = subprocess.run(['pgrep', '-f', str(run_dir)], capture_output=True, text=True, check=False)
+    return out.stdout.split()
+
+
 def test_cancelled_job_is_not_requeued(reference, shards, tmp_path):
     """scancel sends SIGTERM before the kill, as preemption does; the trainer saves if it can, but a cancelled
     job must stay cancelled: the job sees SLURM ending it and does not requeue itself."""
@@ -117,7 +122,9 @@ def test_cancelled_job_is_not_requeued(reference, shards, tmp_path):
     wait_until(lambda: last_iteration(out) >= 3, 180, 'iteration 3', lambda: job_logs(folder, job_id))
     subprocess.run(['scancel', job_id], check=True, timeout=30)
     wait_until(lambda: not in_queue(job_id), 60, f'job {job_id} leaving the queue', lambda: job_logs(folder, job_id))
-    time.sleep(10)  # a requeued job would be back by now (BeginTime: 5 s after the requeue)
+    # a requeue is issued by the job's own rank 0 before it exits: once none of the job's processes is left, any
+    # requeue has happened (and would have put the job back in the queue)
+    wait_until(lambda: not run_processes(out), 60, f'job {job_id} processes ending', lambda: job_logs(folder, job_id))
     assert not in_queue(job_id) and int(scontrol_job(job_id).get('Restarts', 0)) == 0, job_logs(folder, job_id)
     assert scontrol_job(job_id).get('JobState') == 'CANCELLED'
     err = (folder / f'{job_id}_0_log.err').read_text()
@@ -134,7 +141,9 @@ def test_signal_before_training_requeues_at_once(reference, shards, tmp_path):
     out0 = folder / f'{job_id}_0_log.out'
     wait_until(lambda: out0.exists() and 'Loading pickle' in out0.read_text(), 120, 'job start',
                lambda: job_logs(folder, job_id))
-    time.sleep(1.5)  # the job has replaced submitit's handler; torch is still importing
+    err0 = folder / f'{job_id}_0_log.err'   # logged once the job's handler replaced submitit's, before torch loads
+    wait_until(lambda: err0.exists() and 'rank 0 of 2 on node' in err0.read_text(), 120, 'job handler installed',
+               lambda: job_logs(folder, job_id))
     assert not (out / 'log.jsonl').exists()
     scancel_signal(job_id, 'USR2')
     results = wait_results(folder, job_id, 2, timeout=240)
