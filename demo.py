@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The whole pipeline on Fashion-MNIST, on this machine's CPUs, with the code paths a cluster run uses:
 
-    shards -> DINO pretraining of a small SkipAt-ViT and the same ViT without SkipAt (torchrun, 2 processes,
-    DeepSpeed, checkpoints, TensorBoard) -> faiss k-NN and linear probe of both teachers, of the same networks
-    at random initialisation and of raw pixels -> SkipAt-ViT-S/16 vs ViT-S/16 throughput at 224 px -> report.
+shards -> DINO pretraining of a small SkipAt-ViT and the same ViT without SkipAt (torchrun, 2 processes,
+DeepSpeed, checkpoints, TensorBoard) -> faiss k-NN and linear probe of both teachers, of the same networks
+at random initialisation and of raw pixels -> SkipAt-ViT-S/16 vs ViT-S/16 throughput at 224 px -> report.
 
-    python demo.py                 # everything; a re-run reuses finished stages
-    python demo.py --fresh         # start over (deletes runs/demo)
-    python demo.py --iterations 60 --out runs/demo-small   # a reduced budget (the end-to-end test)
+python demo.py                 # everything; a re-run reuses finished stages
+python demo.py --fresh         # start over (deletes runs/demo)
+python demo.py --iterations 60 --out runs/demo-small   # a reduced budget (the end-to-end test)
 """
+
 import argparse
 import json
 import os
@@ -40,7 +41,7 @@ class Demo:
     # -- output ---------------------------------------------------------------------------------------------
     def status(self, stage: str, msg: str) -> None:
         elapsed = time.perf_counter() - self.start
-        print(f"[{elapsed / 60:5.1f} min] {stage:<22s} {msg}", flush=True)
+        print(f'[{elapsed / 60:5.1f} min] {stage:<22s} {msg}', flush=True)
 
     def run(self, stage: str, cmd, log_name: str, env=None, progress=None) -> None:
         """Run a stage's command, its output to a log file; one status line per progress event."""
@@ -48,8 +49,9 @@ class Demo:
         log_path = self.logs / log_name
         full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
         with open(log_path, 'w') as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             for line in proc.stdout:
                 log.write(line)
                 if progress:
@@ -59,103 +61,166 @@ class Demo:
             proc.wait()
         if proc.returncode != 0:
             tail = ''.join(log_path.read_text().splitlines(keepends=True)[-30:])
-            raise SystemExit(f"demo: stage {stage} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+            raise SystemExit(f'demo: stage {stage} failed (exit {proc.returncode}); log {log_path}:\n{tail}')
 
     # -- stages ---------------------------------------------------------------------------------------------
     def shards(self) -> None:
         from skipssl.data.make_shards import write_shards
         from skipssl.data.sources import open_source
+
         if not (FMNIST / 'train-images-idx3-ubyte.gz').exists():
-            raise SystemExit(f"demo: Fashion-MNIST is not in {FMNIST}: install the Debian package "
-                             "dataset-fashion-mnist (scripts/setup.sh does it when run as root)")
+            raise SystemExit(
+                f'demo: Fashion-MNIST is not in {FMNIST}: install the Debian package '
+                'dataset-fashion-mnist (scripts/setup.sh does it when run as root)'
+            )
         for split, prefix in (('train', 'train'), ('test', 'test')):
             index = self.data / f'{prefix}-index.json'
             if index.is_file():
-                self.status('shards', f"{prefix}: reusing {index}")
+                self.status('shards', f'{prefix}: reusing {index}')
                 continue
             t = time.perf_counter()
-            info = write_shards(open_source('fashion-mnist', FMNIST, split), self.data, prefix, workers=2,
-                                progress=False)
-            self.status('shards', f"{prefix}: {info['num_samples']} images in {len(info['shards'])} shards "
-                                  f"({time.perf_counter() - t:.0f} s)")
+            info = write_shards(
+                open_source('fashion-mnist', FMNIST, split), self.data, prefix, workers=2, progress=False
+            )
+            self.status(
+                'shards',
+                f'{prefix}: {info["num_samples"]} images in {len(info["shards"])} shards '
+                f'({time.perf_counter() - t:.0f} s)',
+            )
 
     def pretrain(self, name: str) -> None:
         run_dir = self.out / name
         if (run_dir / SUMMARY_FILE).is_file() and RunSummary.read(run_dir).finished:
-            self.status(f'pretrain {name}', f"reusing finished run {run_dir}")
+            self.status(f'pretrain {name}', f'reusing finished run {run_dir}')
             return
         from skipssl.config import load_config
         from skipssl.train.plan import make_plan
-        overrides = [f'experiment.output_dir={run_dir}', f"data.train_shards={self.data / 'train-index.json'}"]
+
+        overrides = [f'experiment.output_dir={run_dir}', f'data.train_shards={self.data / "train-index.json"}']
         if self.args.iterations:
             # the same schedule shape in fewer iterations: 4 epochs of iterations/4 global batches
             per_epoch = max(self.args.iterations // 4, 1)
             batch = make_plan(load_config(CONFIGS[name], overrides), WORLD).global_batch
-            overrides += [f'data.samples_per_epoch={per_epoch * batch}', 'train.log_every=5',
-                          f'train.checkpoint_every={per_epoch}']
+            overrides += [
+                f'data.samples_per_epoch={per_epoch * batch}',
+                'train.log_every=5',
+                f'train.checkpoint_every={per_epoch}',
+            ]
         total = make_plan(load_config(CONFIGS[name], overrides), WORLD).total_iterations
-        cmd = [self.python, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
-               '127.0.0.1', '--master_port', str(free_port()), 'pretrain.py', '--config', str(CONFIGS[name]),
-               *overrides]
+        cmd = [
+            self.python,
+            '-m',
+            'torch.distributed.run',
+            '--nproc_per_node',
+            str(WORLD),
+            '--master_addr',
+            '127.0.0.1',
+            '--master_port',
+            str(free_port()),
+            'pretrain.py',
+            '--config',
+            str(CONFIGS[name]),
+            *overrides,
+        ]
         records = JsonlTail(run_dir / 'log.jsonl')
 
         def progress(_line: str):
             # the run's own log.jsonl, not its console lines; one status line per tenth of the budget
-            msgs = [f"iteration {r['iteration']}/{total}  loss {r['train/loss']:.4f}  "
-                    f"{r['perf/images_per_s']:.1f} img/s" for r in records.new()
-                    if 'train/loss' in r and (r['iteration'] % max(total // 10, 1) == 0 or r['iteration'] == total)]
+            msgs = [
+                f'iteration {r["iteration"]}/{total}  loss {r["train/loss"]:.4f}  {r["perf/images_per_s"]:.1f} img/s'
+                for r in records.new()
+                if 'train/loss' in r and (r['iteration'] % max(total // 10, 1) == 0 or r['iteration'] == total)
+            ]
             return msgs[-1] if msgs else None
-        self.status(f'pretrain {name}', "torchrun, 2 processes, DeepSpeed (gloo, fp32)")
+
+        self.status(f'pretrain {name}', 'torchrun, 2 processes, DeepSpeed (gloo, fp32)')
         self.run(f'pretrain {name}', cmd, f'pretrain-{name}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
         s = RunSummary.read(run_dir)
-        self.status(f'pretrain {name}', f"done: {s.iterations} iterations, {s.images_seen} images, "
-                                        f"{s.images_per_s:.0f} img/s, {s.device_hours:.3f} {s.device_hours_unit}")
+        self.status(
+            f'pretrain {name}',
+            f'done: {s.iterations} iterations, {s.images_seen} images, '
+            f'{s.images_per_s:.0f} img/s, {s.device_hours:.3f} {s.device_hours_unit}',
+        )
 
     def evaluate(self, name: str) -> None:
         run_dir = self.out / name
         # the first train shard (10,000 images) as the k-NN / linear-probe training set, the 10,000 test images
         # as queries: the prototype's protocol, and 6x less extraction than the full train split
-        common = ['--train-shards', str(self.data / 'train-000000.tar'), '--test-shards',
-                  str(self.data / 'test-index.json'), '--dataset', 'fashion-mnist-10k', '--run-dir', str(run_dir),
-                  '--num-workers', '0']
+        common = [
+            '--train-shards',
+            str(self.data / 'train-000000.tar'),
+            '--test-shards',
+            str(self.data / 'test-index.json'),
+            '--dataset',
+            'fashion-mnist-10k',
+            '--run-dir',
+            str(run_dir),
+            '--num-workers',
+            '0',
+        ]
         spec = RunSummary.read(run_dir).model
-        jobs = [('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
-                ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])])]
-        if name == 'vit':   # preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
+        jobs = [
+            ('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
+            ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])]),
+        ]
+        if name == 'vit':  # preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
             jobs.append(('raw pixels', ['--checkpoint', 'pixels']))
         for what, model_args in jobs:
             self.status(f'k-NN {name}', what)
-            self.run(f'k-NN {name}', [self.python, 'knn_eval.py', *model_args, *common],
-                     f'knn-{name}-{what.replace(" ", "-")}.log')
+            self.run(
+                f'k-NN {name}',
+                [self.python, 'knn_eval.py', *model_args, *common],
+                f'knn-{name}-{what.replace(" ", "-")}.log',
+            )
             if what != 'raw pixels':
                 # the linear probe takes --all-exports too; the demo probes the final teacher only, for time
                 linear_args = [a for a in model_args if a != '--all-exports']
                 self.status(f'linear probe {name}', what)
-                self.run(f'linear probe {name}', [self.python, 'linear_probe.py', *linear_args, *common],
-                         f'linear-{name}-{what.replace(" ", "-")}.log')
+                self.run(
+                    f'linear probe {name}',
+                    [self.python, 'linear_probe.py', *linear_args, *common],
+                    f'linear-{name}-{what.replace(" ", "-")}.log',
+                )
 
     def benchmark(self) -> None:
         out = self.out / 'bench' / 'backbone_infer_small_cpu.json'
         if out.is_file():
-            self.status('benchmark', f"reusing {out}")
+            self.status('benchmark', f'reusing {out}')
             return
-        self.status('benchmark', "SkipAt-ViT-S/16 vs ViT-S/16 at 224 px, fp32 inference on this CPU")
-        self.run('benchmark', [self.python, '-m', 'bench.backbone_throughput', '--out', str(out)],
-                 'benchmark.log', progress=lambda line: line.strip() if 'ratio' in line else None)
+        self.status('benchmark', 'SkipAt-ViT-S/16 vs ViT-S/16 at 224 px, fp32 inference on this CPU')
+        self.run(
+            'benchmark',
+            [self.python, '-m', 'bench.backbone_throughput', '--out', str(out)],
+            'benchmark.log',
+            progress=lambda line: line.strip() if 'ratio' in line else None,
+        )
 
     def report(self) -> None:
         report_dir = self.out / 'report'
-        self.run('report', [self.python, '-m', 'eval.report', str(self.out / 'skipat'), str(self.out / 'vit'),
-                            '--out-dir', str(report_dir)], 'report.log')
+        self.run(
+            'report',
+            [
+                self.python,
+                '-m',
+                'eval.report',
+                str(self.out / 'skipat'),
+                str(self.out / 'vit'),
+                '--out-dir',
+                str(report_dir),
+            ],
+            'report.log',
+        )
         md = next(report_dir.glob('*.md'))
         bench = json.loads((self.out / 'bench' / 'backbone_infer_small_cpu.json').read_text())
         r = bench['results'][0]
         print('\n' + md.read_text())
-        print(f"Throughput at 224 px on this machine ({bench['device']}, fp32 inference, batch {r['batch_size']}): "
-              f"ViT-S/16 {r['vit_img_per_s']:.1f} img/s, SkipAt-ViT-S/16 {r['skipat_img_per_s']:.1f} img/s, "
-              f"{r['ratio_skipat_over_vit']:.3f}x. The demo's 28 px models have 16 tokens, where Phi costs about as "
-              "much as the attention it replaces, so they show no speed-up; the saving grows with the token count.")
-        print(f"\nReport: {md} (plot and JSON beside it)\nTensorBoard: tensorboard --logdir {self.out}")
+        print(
+            f'Throughput at 224 px on this machine ({bench["device"]}, fp32 inference, batch {r["batch_size"]}): '
+            f'ViT-S/16 {r["vit_img_per_s"]:.1f} img/s, SkipAt-ViT-S/16 {r["skipat_img_per_s"]:.1f} img/s, '
+            f"{r['ratio_skipat_over_vit']:.3f}x. The demo's 28 px models have 16 tokens, where Phi costs about as "
+            'much as the attention it replaces, so they show no speed-up; the saving grows with the token count.'
+        )
+        print(f'\nReport: {md} (plot and JSON beside it)\nTensorBoard: tensorboard --logdir {self.out}')
 
     def main(self) -> None:
         if self.args.fresh and self.out.exists():
@@ -167,7 +232,7 @@ class Demo:
             self.evaluate(name)
         self.benchmark()
         self.report()
-        self.status('total', f"{(time.perf_counter() - self.start) / 60:.1f} min wall time")
+        self.status('total', f'{(time.perf_counter() - self.start) / 60:.1f} min wall time')
 
 
 class JsonlTail:
@@ -182,7 +247,7 @@ class JsonlTail:
         with open(self.path) as f:
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[:chunk.rfind('\n') + 1]
+        complete = chunk[: chunk.rfind('\n') + 1]
         self.offset += len(complete.encode())
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
@@ -191,8 +256,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='runs/demo', help='runs, evaluations, report (default runs/demo)')
     p.add_argument('--data', default='data/fmnist', help='shard folder (default data/fmnist)')
-    p.add_argument('--iterations', type=int, default=0, help='pretraining budget per run (default: the config\'s)')
-    p.add_argument('--fresh', action='store_true', help='delete the demo\'s runs and start over (shards are kept)')
+    p.add_argument('--iterations', type=int, default=0, help="pretraining budget per run (default: the config's)")
+    p.add_argument('--fresh', action='store_true', help="delete the demo's runs and start over (shards are kept)")
     Demo(p.parse_args(argv)).main()
     return 0
 

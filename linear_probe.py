@@ -8,6 +8,7 @@
     torchrun --nproc_per_node 8 linear_probe.py --augment --checkpoint runs/vit_s \\
         --train-shards /data/in1k/train --test-shards /data/in1k/val
 """
+
 import sys
 
 from eval.commands import linear_main as main

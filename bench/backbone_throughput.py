@@ -1,11 +1,13 @@
 """Throughput of SkipAt-ViT against the plain ViT of the same size, measured interleaved in one run.
 
-    python -m bench.backbone_throughput                       # CPU: fp32; CUDA: bf16, batch 256 and 1024, eager and compiled
+    # CPU: fp32; CUDA: bf16, batch 256 and 1024, eager and compiled
+    python -m bench.backbone_throughput
     python -m bench.backbone_throughput --size tiny --mode train --batch-sizes 64
 
 Each repeat times both models back to back (order alternating), so drift of the machine hits both;
 the reported ratio is the median of per-repeat ratios. Results go to bench/results/ as JSON.
 """
+
 import argparse
 import platform
 import statistics
@@ -31,10 +33,10 @@ def device_name(device: torch.device) -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             if line.startswith('model name'):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                return f'{line.split(":", 1)[1].strip()} ({torch.get_num_threads()} threads)'
     except OSError:
         pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    return f'{platform.processor() or "cpu"} ({torch.get_num_threads()} threads)'
 
 
 def build(name: str, device: torch.device, compile_model: bool, channels_last: bool) -> torch.nn.Module:
@@ -47,6 +49,7 @@ def build(name: str, device: torch.device, compile_model: bool, channels_last: b
 def make_step(model, x, mode: str, amp_dtype: Optional[torch.dtype], device: torch.device):
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
     if mode == 'infer':
         model.eval()
 
@@ -63,6 +66,7 @@ def make_step(model, x, mode: str, amp_dtype: Optional[torch.dtype], device: tor
             loss.backward()
             for p in params:
                 p.grad = None
+
     return step
 
 
@@ -84,9 +88,11 @@ def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
         'ratio_skipat_over_vit': median_ratio(rates, 'skipat', 'vit'),
         'per_repeat_img_per_s': rates,
     }
-    print(f"  batch {batch_size:5d} compile={str(compile_model):5s}  ViT {result['vit_img_per_s']:9.1f} img/s  "
-          f"SkipAt {result['skipat_img_per_s']:9.1f} img/s  ratio {result['ratio_skipat_over_vit']:.3f}x",
-          flush=True)
+    print(
+        f'  batch {batch_size:5d} compile={str(compile_model):5s}  ViT {result["vit_img_per_s"]:9.1f} img/s  '
+        f'SkipAt {result["skipat_img_per_s"]:9.1f} img/s  ratio {result["ratio_skipat_over_vit"]:.3f}x',
+        flush=True,
+    )
     return result
 
 
@@ -104,13 +110,20 @@ def parse_args(argv=None):
     p.add_argument('--size', default='small', choices=['tiny', 'small', 'base'])
     p.add_argument('--mode', default='infer', choices=['infer', 'train'], help='forward only, or forward+backward')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1 ...')
-    p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
-                   help='default: bf16 autocast on CUDA, fp32 on CPU')
-    p.add_argument('--batch-sizes', type=int, nargs='+', default=None,
-                   help='default: 256 1024 on CUDA, 16 on CPU')
+    p.add_argument(
+        '--precision',
+        default=None,
+        choices=['fp32', 'bf16', 'fp16'],
+        help='default: bf16 autocast on CUDA, fp32 on CPU',
+    )
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=None, help='default: 256 1024 on CUDA, 16 on CPU')
     p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--compile', default=None, choices=['off', 'on', 'both'],
-                   help='torch.compile the models; default: both on CUDA, off on CPU')
+    p.add_argument(
+        '--compile',
+        default=None,
+        choices=['off', 'on', 'both'],
+        help='torch.compile the models; default: both on CUDA, off on CPU',
+    )
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--repeats', type=int, default=None, help='default: 7 on CUDA, 3 on CPU')
     p.add_argument('--iters', type=int, default=None, help='steps per timing; default: 20 on CUDA, 2 on CPU')
@@ -166,18 +179,20 @@ def header(args, device: torch.device) -> Dict:
 def write_json(report: Dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report, out, indent=2)
-    print(f"wrote {out}")
+    print(f'wrote {out}')
 
 
 def main(argv=None) -> Dict:
     args, device = parse_args(argv)
     head = header(args, device)
-    print(f"{args.mode} throughput, {args.size} at {args.img_size}px, {args.precision}, on {head['device']}")
-    print(f"  params ViT {head['params']['vit'] / 1e6:.2f}M  SkipAt {head['params']['skipat'] / 1e6:.2f}M;  "
-          f"GMACs ViT {head['gmacs_per_image']['vit']:.2f}  SkipAt {head['gmacs_per_image']['skipat']:.2f}")
+    print(f'{args.mode} throughput, {args.size} at {args.img_size}px, {args.precision}, on {head["device"]}')
+    print(
+        f'  params ViT {head["params"]["vit"] / 1e6:.2f}M  SkipAt {head["params"]["skipat"] / 1e6:.2f}M;  '
+        f'GMACs ViT {head["gmacs_per_image"]["vit"]:.2f}  SkipAt {head["gmacs_per_image"]["skipat"]:.2f}'
+    )
     results = [run_config(args, device, bs, c) for c in compile_modes(args.compile) for bs in args.batch_sizes]
     report = dict(head, results=results)
-    write_json(report, args.out or RESULTS_DIR / f"backbone_{args.mode}_{args.size}_{device.type}.json")
+    write_json(report, args.out or RESULTS_DIR / f'backbone_{args.mode}_{args.size}_{device.type}.json')
     return report
 
 

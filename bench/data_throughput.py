@@ -13,6 +13,7 @@ Without ``--shards`` it writes a shard of synthetic ImageNet-size JPEGs (500x375
 does the same work as on photos of that size). The CPU figure is one process with one torch thread, i.e.
 per core; a node's loader scales it by its worker count.
 """
+
 import argparse
 import io
 import json
@@ -31,9 +32,17 @@ from PIL import Image
 
 from bench.backbone_throughput import RESULTS_DIR, device_name, pick_device
 from bench.dino_recipe import DinoRecipe
+from skipssl.data import (
+    BatchedMultiCrop,
+    MultiCropConfig,
+    MultiCropTransform,
+    PretrainShards,
+    TorchvisionMultiCrop,
+    canvas_resize,
+    decode_sample,
+    resolve_shards,
+)
 from skipssl.models.throughput import synchronize
-from skipssl.data import (BatchedMultiCrop, MultiCropConfig, MultiCropTransform, PretrainShards, TorchvisionMultiCrop,
-                          canvas_resize, decode_sample, resolve_shards)
 
 
 def synthetic_jpegs(n: int, size=(500, 375), quality: int = 90) -> List[bytes]:
@@ -61,10 +70,15 @@ def synthetic_jpeg_shard(folder: Path, n: int, size=(500, 375), quality: int = 9
 
 def crop_pipelines(cfg: MultiCropConfig) -> Dict[str, Callable[[bytes], List[torch.Tensor]]]:
     """JPEG bytes -> normalised crops: DINO's recipe (the baseline, first), the project's before and now."""
+
     def reader(transform):
         return lambda data: transform(decode_sample({'jpg': data})[0])
-    return {'dino_recipe': DinoRecipe(cfg), 'torchvision_v2': reader(TorchvisionMultiCrop(cfg)),
-            'multicrop': reader(MultiCropTransform(cfg))}
+
+    return {
+        'dino_recipe': DinoRecipe(cfg),
+        'torchvision_v2': reader(TorchvisionMultiCrop(cfg)),
+        'multicrop': reader(MultiCropTransform(cfg)),
+    }
 
 
 def crop_rates(jpegs: List[bytes], cfg: MultiCropConfig, repeats: int) -> Dict:
@@ -120,6 +134,7 @@ def decode_rate(jpegs: List[bytes], device: torch.device, batch_size: int, repea
     """Images/s of torchvision's decode_jpeg on ``device`` (nvJPEG on CUDA, batched), JPEG bytes already in
     memory: the decoder alone, median of ``repeats`` batches."""
     from torchvision.io import decode_jpeg
+
     data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:batch_size]]
     decode_jpeg(data, device=device)
     rates = []
@@ -155,21 +170,23 @@ def main(argv=None):
         urls = resolve_shards(args.shards) if args.shards else [synthetic_jpeg_shard(Path(tmp), args.images + 16)]
         cpu = cpu_rate(urls, args.images, MultiCropTransform(cfg))
         decode_only = cpu_rate(urls, args.images, canvas_resize(args.canvas))
-    print(f"CPU path (1 core): {cpu:.1f} img/s decoded + {cfg.n_global}x{cfg.global_size} + "
-          f"{cfg.n_local}x{cfg.local_size} crops; decode + {args.canvas}px canvas only: {decode_only:.1f} img/s")
+    print(
+        f'CPU path (1 core): {cpu:.1f} img/s decoded + {cfg.n_global}x{cfg.global_size} + '
+        f'{cfg.n_local}x{cfg.local_size} crops; decode + {args.canvas}px canvas only: {decode_only:.1f} img/s'
+    )
 
     if device.type == 'cuda':
         torch.set_num_threads(os.cpu_count() or 1)
     batch = args.device_batch or (256 if device.type == 'cuda' else 32)
     dev = device_rate(cfg, device, batch, args.canvas, repeats=5 if device.type == 'cuda' else 2)
-    print(f"device path on {device_name(device)}: {dev:.1f} img/s (batch {batch}, canvas {args.canvas})")
+    print(f'device path on {device_name(device)}: {dev:.1f} img/s (batch {batch}, canvas {args.canvas})')
 
     report = {
         'benchmark': 'data_throughput',
         'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'cpu': device_name(torch.device('cpu')),
         'shards': args.shards or 'synthetic 500x375 JPEG q90',
-        'crops': f"{cfg.n_global}x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}",
+        'crops': f'{cfg.n_global}x{cfg.global_size} + {cfg.n_local}x{cfg.local_size}',
         'cpu_cores': os.cpu_count(),
         'cpu_img_per_s_per_core': cpu,
         'cpu_vs_dino_recipe': {'images_per_repeat': args.compare_images, 'repeats': args.repeats, **compare},
@@ -178,10 +195,10 @@ def main(argv=None):
         'device_batch': batch,
         'device_img_per_s': dev,
     }
-    out = args.out or RESULTS_DIR / f"data_throughput_{device.type}.json"
+    out = args.out or RESULTS_DIR / f'data_throughput_{device.type}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + '\n')
-    print(f"wrote {out}")
+    print(f'wrote {out}')
     return report
 
 

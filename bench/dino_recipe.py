@@ -2,6 +2,7 @@
 transforms on PIL images, PIL's Gaussian blur and solarize, ToTensor + Normalize. The data benchmark's baseline,
 with DINO's numbers read from a MultiCropConfig. Like DINO, blur and solarisation draw from Python's ``random``.
 """
+
 import io
 import random
 from typing import List
@@ -41,16 +42,21 @@ class DinoRecipe:
 
     def __init__(self, cfg: MultiCropConfig) -> None:
         bicubic = T.InterpolationMode.BICUBIC
-        flip_and_jitter = T.Compose([
-            T.RandomHorizontalFlip(p=cfg.flip_p),
-            T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_p),
-            T.RandomGrayscale(p=cfg.grayscale_p),
-        ])
+        flip_and_jitter = T.Compose(
+            [
+                T.RandomHorizontalFlip(p=cfg.flip_p),
+                T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_p),
+                T.RandomGrayscale(p=cfg.grayscale_p),
+            ]
+        )
         normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
         self.crops = []
         for spec in cfg.crop_specs():
-            steps = [T.RandomResizedCrop(spec['size'], scale=spec['scale'], ratio=cfg.ratio, interpolation=bicubic),
-                     flip_and_jitter, PILGaussianBlur(spec['blur_p'], *cfg.blur_sigma)]
+            steps = [
+                T.RandomResizedCrop(spec['size'], scale=spec['scale'], ratio=cfg.ratio, interpolation=bicubic),
+                flip_and_jitter,
+                PILGaussianBlur(spec['blur_p'], *cfg.blur_sigma),
+            ]
             if spec['solarize_p'] > 0:
                 steps.append(PILSolarize(spec['solarize_p']))
             self.crops.append(T.Compose(steps + [normalize]))

@@ -1,7 +1,8 @@
 """Training throughput of the whole DINO step (student + teacher + loss + DeepSpeed optimizer step + EMA),
 SkipAt-ViT against the plain ViT of the same size, measured interleaved in one run.
 
-    python -m bench.train_step_throughput                 # CUDA: bf16, batch 64/GPU, eager and compiled; CPU: fp32, batch 4
+    # CUDA: bf16, batch 64/GPU, eager and compiled; CPU: fp32, batch 4
+    python -m bench.train_step_throughput
     python -m bench.train_step_throughput --size small --batch-size 32 --n-local 10
 
 The step is the trainer's own (``skipssl.train.step.DINOStep`` on a real DeepSpeed engine, one process), on
@@ -10,6 +11,7 @@ bench.data_throughput for that). Model FLOPs per image are counted by torch's FL
 forward + backward (3x forward) over every crop, teacher forward over the 2 global crops; on a GPU with a
 known bf16 peak the model FLOP utilisation (MFU) is reported.
 """
+
 import argparse
 import os
 import statistics
@@ -20,19 +22,26 @@ from typing import Dict, List
 import torch
 
 from bench.backbone_throughput import RESULTS_DIR, compile_modes, device_name, pick_device, write_json
-from skipssl.models.throughput import time_steps
 from skipssl.config import load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
+from skipssl.models.throughput import time_steps
 from skipssl.train.engine import build_engine
-from skipssl.train.step import DINOStep
 from skipssl.train.plan import Plan, build_student, make_schedules
+from skipssl.train.step import DINOStep
 
 CONFIGS = {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 # dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets
-BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 SXM': 989.0, 'H100 PCIe': 756.0, 'H200': 989.0, 'A100': 312.0,
-                    'L40S': 362.0, 'A10G': 70.0}
+BF16_PEAK_TFLOPS = {
+    'H100 80GB HBM3': 989.0,
+    'H100 SXM': 989.0,
+    'H100 PCIe': 756.0,
+    'H200': 989.0,
+    'A100': 312.0,
+    'L40S': 362.0,
+    'A10G': 70.0,
+}
 
 
 def peak_tflops(name: str):
@@ -44,18 +53,28 @@ def peak_tflops(name: str):
 
 def model_flops_per_image(student, global_size: int, local_size: int, n_local: int, in_chans: int) -> float:
     """Student fwd+bwd (3 x fwd) over 2 global + n_local local crops, teacher fwd over the 2 global crops."""
+
     def fwd(size):
-        return 2 * (count_macs(student.backbone, (1, in_chans, size, size))
-                    + count_macs(student.head, (1, student.backbone.num_features)))
+        return 2 * (
+            count_macs(student.backbone, (1, in_chans, size, size))
+            + count_macs(student.head, (1, student.backbone.num_features))
+        )
+
     student_fwd = 2 * fwd(global_size) + n_local * fwd(local_size)
     return 3 * student_fwd + 2 * fwd(global_size)
 
 
 def build_step(key: str, args, device: torch.device):
-    overrides = [f'engine.precision={args.precision}', f'engine.device={device.type}', f'engine.zero_stage={args.zero_stage}',
-                 f'data.batch_size_per_rank={args.batch_size}', f'augment.n_local={args.n_local}',
-                 f'model.compile={str(args.compile_model).lower()}', 'data.train_shards=unused',
-                 f'model.kwargs.img_size={args.global_size}']
+    overrides = [
+        f'engine.precision={args.precision}',
+        f'engine.device={device.type}',
+        f'engine.zero_stage={args.zero_stage}',
+        f'data.batch_size_per_rank={args.batch_size}',
+        f'augment.n_local={args.n_local}',
+        f'model.compile={str(args.compile_model).lower()}',
+        'data.train_shards=unused',
+        f'model.kwargs.img_size={args.global_size}',
+    ]
     if args.head_out_dim:
         overrides.append(f'head.out_dim={args.head_out_dim}')
     if args.size != 'small':
@@ -74,14 +93,17 @@ def build_step(key: str, args, device: torch.device):
     loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
     step = DINOStep(engine, teacher, loss_fn, cfg, make_schedules(cfg, plan))
     g = torch.Generator(device=device).manual_seed(0)
-    crops = [torch.randn(args.batch_size, 3, s, s, device=device, generator=g)
-             for s in [args.global_size] * 2 + [args.local_size] * args.n_local]
+    crops = [
+        torch.randn(args.batch_size, 3, s, s, device=device, generator=g)
+        for s in [args.global_size] * 2 + [args.local_size] * args.n_local
+    ]
     state = {'it': 20 * plan.iterations_per_epoch}  # past warm-up and the last-layer freeze
 
     def run():
         step.micro(crops, state['it'])
         step.finish(state['it'])
         state['it'] += 1
+
     return run, flops
 
 
@@ -94,20 +116,28 @@ def measure(args, device) -> Dict:
     rates: Dict[str, List[float]] = {k: [] for k in CONFIGS}
     ratios = []
     for r in range(args.repeats):
-        for key in (CONFIGS if r % 2 == 0 else list(reversed(list(CONFIGS)))):
+        for key in CONFIGS if r % 2 == 0 else list(reversed(list(CONFIGS))):
             rates[key].append(args.batch_size * args.iters / time_steps(runs[key], args.iters, device))
         ratios.append(rates['skipat'][-1] / rates['vit'][-1])
-    out = {'batch_size': args.batch_size, 'compile': args.compile_model,
-           'model_gflops_per_image': {k: flops[k] / 1e9 for k in CONFIGS},
-           'vit_img_per_s': statistics.median(rates['vit']), 'skipat_img_per_s': statistics.median(rates['skipat']),
-           'ratio_skipat_over_vit': statistics.median(ratios), 'per_repeat_img_per_s': rates}
+    out = {
+        'batch_size': args.batch_size,
+        'compile': args.compile_model,
+        'model_gflops_per_image': {k: flops[k] / 1e9 for k in CONFIGS},
+        'vit_img_per_s': statistics.median(rates['vit']),
+        'skipat_img_per_s': statistics.median(rates['skipat']),
+        'ratio_skipat_over_vit': statistics.median(ratios),
+        'per_repeat_img_per_s': rates,
+    }
     peak = peak_tflops(device_name(device)) if device.type == 'cuda' else None
     if peak:
         out['bf16_peak_tflops'] = peak
         out['mfu'] = {k: out[f'{k}_img_per_s'] * flops[k] / (peak * 1e12) for k in CONFIGS}
-    print(f"  batch {args.batch_size} compile={args.compile_model}: ViT {out['vit_img_per_s']:.1f} img/s, SkipAt "
-          f"{out['skipat_img_per_s']:.1f} img/s, ratio {out['ratio_skipat_over_vit']:.3f}x"
-          + (f", MFU ViT {out['mfu']['vit']:.1%} SkipAt {out['mfu']['skipat']:.1%}" if peak else ''), flush=True)
+    print(
+        f'  batch {args.batch_size} compile={args.compile_model}: ViT {out["vit_img_per_s"]:.1f} img/s, SkipAt '
+        f'{out["skipat_img_per_s"]:.1f} img/s, ratio {out["ratio_skipat_over_vit"]:.3f}x'
+        + (f', MFU ViT {out["mfu"]["vit"]:.1%} SkipAt {out["mfu"]["skipat"]:.1%}' if peak else ''),
+        flush=True,
+    )
     return out
 
 
@@ -120,8 +150,7 @@ def parse_args(argv=None):
     p.add_argument('--zero-stage', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=None, help='per device; default 64 on CUDA, 4 on CPU')
     p.add_argument('--n-local', type=int, default=10)
-    p.add_argument('--head-out-dim', type=int, default=None,
-                   help="DINO head prototypes (default: the config's, 65536)")
+    p.add_argument('--head-out-dim', type=int, default=None, help="DINO head prototypes (default: the config's, 65536)")
     p.add_argument('--global-size', type=int, default=224)
     p.add_argument('--local-size', type=int, default=96)
     p.add_argument('--compile', default=None, choices=['off', 'on', 'both'], help='default: both on CUDA, off on CPU')
@@ -143,31 +172,49 @@ def parse_args(argv=None):
 
 def init_process_group(device: torch.device) -> None:
     """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one."""
-    for key, value in (('RANK', '0'), ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
-                       ('MASTER_PORT', '29591')):
+    for key, value in (
+        ('RANK', '0'),
+        ('WORLD_SIZE', '1'),
+        ('LOCAL_RANK', '0'),
+        ('MASTER_ADDR', '127.0.0.1'),
+        ('MASTER_PORT', '29591'),
+    ):
         os.environ.setdefault(key, value)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     import deepspeed
-    deepspeed.init_distributed(dist_backend='nccl' if device.type == 'cuda' else 'gloo', auto_mpi_discovery=False,
-                               verbose=False)
+
+    deepspeed.init_distributed(
+        dist_backend='nccl' if device.type == 'cuda' else 'gloo', auto_mpi_discovery=False, verbose=False
+    )
 
 
 def header(args, device: torch.device) -> Dict:
-    return {'benchmark': 'train_step_throughput', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-            'device': device_name(device), 'device_type': device.type, 'torch': torch.__version__,
-            'configs': CONFIGS, 'size': args.size, 'precision': args.precision, 'zero_stage': args.zero_stage,
-            'head_out_dim': args.head_out_dim or 'config',
-            'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
-            'repeats': args.repeats, 'iters_per_repeat': args.iters}
+    return {
+        'benchmark': 'train_step_throughput',
+        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'device': device_name(device),
+        'device_type': device.type,
+        'torch': torch.__version__,
+        'configs': CONFIGS,
+        'size': args.size,
+        'precision': args.precision,
+        'zero_stage': args.zero_stage,
+        'head_out_dim': args.head_out_dim or 'config',
+        'crops': {'global': [2, args.global_size], 'local': [args.n_local, args.local_size]},
+        'repeats': args.repeats,
+        'iters_per_repeat': args.iters,
+    }
 
 
 def main(argv=None) -> Dict:
     args, device = parse_args(argv)
     init_process_group(device)
-    print(f"DINO step ({args.size}/16, 2x{args.global_size} + {args.n_local}x{args.local_size} crops, {args.precision}) "
-          f"on {device_name(device)}")
+    print(
+        f'DINO step ({args.size}/16, 2x{args.global_size} + {args.n_local}x{args.local_size} crops, {args.precision}) '
+        f'on {device_name(device)}'
+    )
     results = []
     for compile_model in compile_modes(args.compile):
         args.compile_model = compile_model

@@ -12,6 +12,7 @@ same threads, alternating, on synthetic image shards written here; a rate is tak
 ``--warmup`` (the trainer's from its own log intervals, so start-up, checkpoints and exports are not in it).
 Each rate is split into data wait and compute, which is where the difference is looked for.
 """
+
 import argparse
 import json
 import os
@@ -36,8 +37,15 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
 
     from skipssl.config import load_config
     from skipssl.data import MultiCropTransform, PretrainShards, resolve_shards
-    from skipssl.dino import (DINOLoss, apply_schedules, clip_gradients_per_param, ema_update, make_teacher,
-                              matching_parameters, param_groups)
+    from skipssl.dino import (
+        DINOLoss,
+        apply_schedules,
+        clip_gradients_per_param,
+        ema_update,
+        make_teacher,
+        matching_parameters,
+        param_groups,
+    )
     from skipssl.train.plan import build_student, make_plan, make_schedules
 
     cfg = load_config(config, overrides)
@@ -50,12 +58,19 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
     loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum)
     optimizer = torch.optim.AdamW(param_groups(student))
     d = cfg.data
-    dataset = PretrainShards(resolve_shards(shards), batch_size=d.batch_size_per_rank,
-                             samples_per_epoch=plan.iterations_per_epoch * plan.global_batch,
-                             transform=MultiCropTransform(cfg.augment), num_workers=d.num_workers,
-                             seed=cfg.experiment.seed, shuffle_buffer=d.shuffle_buffer, channels=d.channels)
-    loader = DataLoader(dataset, batch_size=None, num_workers=d.num_workers,
-                        prefetch_factor=4 if d.num_workers else None)
+    dataset = PretrainShards(
+        resolve_shards(shards),
+        batch_size=d.batch_size_per_rank,
+        samples_per_epoch=plan.iterations_per_epoch * plan.global_batch,
+        transform=MultiCropTransform(cfg.augment),
+        num_workers=d.num_workers,
+        seed=cfg.experiment.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        channels=d.channels,
+    )
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=4 if d.num_workers else None
+    )
     student.train()
     batches = iter(loader)
     wait = compute = 0.0
@@ -63,8 +78,9 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
         t0 = time.perf_counter()
         crops = next(batches)['crops']
         t1 = time.perf_counter()
-        apply_schedules(optimizer, float(sched.lr[it]), float(sched.wd[it]),
-                        freeze_last_layer=it < sched.freeze_last_layer_iters)
+        apply_schedules(
+            optimizer, float(sched.lr[it]), float(sched.wd[it]), freeze_last_layer=it < sched.freeze_last_layer_iters
+        )
         with torch.no_grad():
             teacher_out = teacher(crops[:2])
         loss = loss_fn(student(crops), teacher_out, float(sched.teacher_temp[it]))
@@ -80,25 +96,34 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
         if it >= warmup:
             wait, compute = wait + t1 - t0, compute + t2 - t1
     n = iterations - warmup
-    return {'images_per_s': n * plan.global_batch / (wait + compute), 'data_wait_s': wait / n,
-            'compute_s': compute / n}
+    return {'images_per_s': n * plan.global_batch / (wait + compute), 'data_wait_s': wait / n, 'compute_s': compute / n}
 
 
 # -- the trainer (pretrain.py in its own process) ----------------------------------------------------------
-def trainer_run(config: str, shards: str, iterations: int, warmup: int, overrides: List[str], env: Dict,
-                out: Path) -> Dict:
+def trainer_run(
+    config: str, shards: str, iterations: int, warmup: int, overrides: List[str], env: Dict, out: Path
+) -> Dict:
     """pretrain.py for ``iterations``, logging every ``warmup`` iterations; the rate of the log intervals after
     the first."""
-    cmd = [sys.executable, str(ROOT / 'pretrain.py'), '--config', config, f'data.train_shards={shards}',
-           f'experiment.output_dir={out}', 'train.epochs=1', f'train.log_every={warmup}',
-           f'train.checkpoint_every={iterations}', *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / 'pretrain.py'),
+        '--config',
+        config,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        'train.epochs=1',
+        f'train.log_every={warmup}',
+        f'train.checkpoint_every={iterations}',
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"pretrain.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f'pretrain.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
     records = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    steps = [r for r in records if 'perf/step_time_s' in r][1:]   # the first interval holds the warm-up
+    steps = [r for r in records if 'perf/step_time_s' in r][1:]  # the first interval holds the warm-up
     if not steps:
-        raise RuntimeError(f"pretrain.py logged no interval after the warm-up in {out / 'log.jsonl'}")
+        raise RuntimeError(f'pretrain.py logged no interval after the warm-up in {out / "log.jsonl"}')
     step = statistics.fmean(r['perf/step_time_s'] for r in steps)
     wait = statistics.fmean(r['perf/data_wait_s'] for r in steps)
     batch = steps[0]['perf/images_per_s'] * steps[0]['perf/step_time_s']
@@ -106,11 +131,24 @@ def trainer_run(config: str, shards: str, iterations: int, warmup: int, override
 
 
 def bare_run(config: str, shards: str, iterations: int, warmup: int, overrides: List[str], env: Dict) -> Dict:
-    cmd = [sys.executable, '-m', 'bench.trainer_overhead', '--bare-loop', '--config', config, '--shards', shards,
-           '--iterations', str(iterations), '--warmup', str(warmup), *overrides]
+    cmd = [
+        sys.executable,
+        '-m',
+        'bench.trainer_overhead',
+        '--bare-loop',
+        '--config',
+        config,
+        '--shards',
+        shards,
+        '--iterations',
+        str(iterations),
+        '--warmup',
+        str(warmup),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bare loop failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f'bare loop failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -118,10 +156,12 @@ def make_shards(folder: Path, config: str, overrides: List[str], samples: int) -
     """Synthetic labelled images at the config's evaluation size and channels, in the shard writer's format."""
     from eval.synthetic import write_shards
     from skipssl.config import load_config
+
     d = load_config(config, overrides).data
     size = max(d.eval_resize or 0, 32)
-    write_shards(folder, 'train', [samples // 2, samples - samples // 2], num_classes=10, size=size,
-                 channels=d.channels)
+    write_shards(
+        folder, 'train', [samples // 2, samples - samples // 2], num_classes=10, size=size, channels=d.channels
+    )
     return str(folder / 'train-index.json')
 
 
@@ -133,12 +173,12 @@ def main(argv=None) -> Dict:
     p.add_argument('--repeats', type=int, default=2, help='trainer / bare-loop pairs, alternating order')
     p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads of the one process')
     p.add_argument('--shards', help='image shards (default: synthetic, written to a temporary folder)')
-    p.add_argument('--bare-loop', action='store_true', help=argparse.SUPPRESS)   # the child process
+    p.add_argument('--bare-loop', action='store_true', help=argparse.SUPPRESS)  # the child process
     p.add_argument('--out', type=Path, default=None)
     p.add_argument('overrides', nargs='*', help='config overrides for both (key=value)')
     args = p.parse_args(argv)
     if args.iterations <= args.warmup or args.iterations % args.warmup:
-        p.error(f"--iterations {args.iterations} must be a multiple of --warmup {args.warmup}, and larger")
+        p.error(f'--iterations {args.iterations} must be a multiple of --warmup {args.warmup}, and larger')
     if args.bare_loop:
         result = bare_loop(args.config, args.shards, args.iterations, args.warmup, args.overrides)
         print(json.dumps(result))
@@ -147,44 +187,63 @@ def main(argv=None) -> Dict:
     import torch
 
     from bench.backbone_throughput import RESULTS_DIR, device_name, write_json
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     torch.set_num_threads(args.threads)
     runs: Dict[str, List[Dict]] = {'trainer': [], 'bare_loop': []}
     with tempfile.TemporaryDirectory(prefix='trainer-overhead-') as tmp:
         from skipssl.config import load_config
+
         cfg = load_config(args.config, args.overrides)
         # one epoch of exactly --iterations steps, so the trainer stops where the bare loop does
         overrides = [*args.overrides, f'data.samples_per_epoch={args.iterations * cfg.data.batch_size_per_rank}']
-        shards = args.shards or make_shards(Path(tmp) / 'shards', args.config, overrides,
-                                            max(2048, args.iterations * cfg.data.batch_size_per_rank))
+        shards = args.shards or make_shards(
+            Path(tmp) / 'shards', args.config, overrides, max(2048, args.iterations * cfg.data.batch_size_per_rank)
+        )
         for r in range(args.repeats):
-            for kind in (('trainer', 'bare_loop') if r % 2 == 0 else ('bare_loop', 'trainer')):
+            for kind in ('trainer', 'bare_loop') if r % 2 == 0 else ('bare_loop', 'trainer'):
                 if kind == 'trainer':
-                    res = trainer_run(args.config, shards, args.iterations, args.warmup, overrides, env,
-                                      Path(tmp) / f'run{r}')
+                    res = trainer_run(
+                        args.config, shards, args.iterations, args.warmup, overrides, env, Path(tmp) / f'run{r}'
+                    )
                 else:
                     res = bare_run(args.config, shards, args.iterations, args.warmup, overrides, env)
                 runs[kind].append(res)
-                print(f"  {kind:9s} {res['images_per_s']:8.1f} img/s  data wait {1e3 * res['data_wait_s']:7.2f} ms"
-                      f"  compute {1e3 * res['compute_s']:7.2f} ms per iteration", flush=True)
+                print(
+                    f'  {kind:9s} {res["images_per_s"]:8.1f} img/s  data wait {1e3 * res["data_wait_s"]:7.2f} ms'
+                    f'  compute {1e3 * res["compute_s"]:7.2f} ms per iteration',
+                    flush=True,
+                )
     ratios = [t['images_per_s'] / b['images_per_s'] for t, b in zip(runs['trainer'], runs['bare_loop'])]
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ('images_per_s', 'data_wait_s', 'compute_s')}
-           for k, v in runs.items()}
+    med = {
+        k: {m: statistics.median(x[m] for x in v) for m in ('images_per_s', 'data_wait_s', 'compute_s')}
+        for k, v in runs.items()
+    }
     report = {
         'benchmark': 'trainer_overhead',
         'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        'device': device_name(torch.device('cpu')), 'load_average': list(os.getloadavg()),
-        'config': os.path.relpath(args.config, ROOT), 'overrides': args.overrides, 'processes': 1,
-        'threads': args.threads, 'iterations': args.iterations, 'warmup': args.warmup,
-        'global_batch': cfg.data.batch_size_per_rank, 'num_workers': cfg.data.num_workers,
+        'device': device_name(torch.device('cpu')),
+        'load_average': list(os.getloadavg()),
+        'config': os.path.relpath(args.config, ROOT),
+        'overrides': args.overrides,
+        'processes': 1,
+        'threads': args.threads,
+        'iterations': args.iterations,
+        'warmup': args.warmup,
+        'global_batch': cfg.data.batch_size_per_rank,
+        'num_workers': cfg.data.num_workers,
         'trainer_over_bare_loop': statistics.median(ratios),
-        'overhead_pct': 100.0 * (1.0 - statistics.median(ratios)), 'median': med, 'runs': runs,
-        'difference_per_iteration_ms': {m: 1e3 * (med['trainer'][m] - med['bare_loop'][m])
-                                        for m in ('data_wait_s', 'compute_s')},
+        'overhead_pct': 100.0 * (1.0 - statistics.median(ratios)),
+        'median': med,
+        'runs': runs,
+        'difference_per_iteration_ms': {
+            m: 1e3 * (med['trainer'][m] - med['bare_loop'][m]) for m in ('data_wait_s', 'compute_s')
+        },
     }
-    print(f"trainer / bare loop: {report['trainer_over_bare_loop']:.3f} ({report['overhead_pct']:+.1f}% overhead)")
+    print(f'trainer / bare loop: {report["trainer_over_bare_loop"]:.3f} ({report["overhead_pct"]:+.1f}% overhead)')
     write_json(report, args.out or RESULTS_DIR / 'trainer_overhead_cpu.json')
     return report
+
 
 if __name__ == '__main__':
     main()

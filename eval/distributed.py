@@ -4,6 +4,7 @@ Extraction runs on every rank over a disjoint part of the shards; rank 0 gathers
 runs the (single-process) k-NN search or linear probe. Gathering goes in fixed-size row chunks, so no rank
 ever holds more than its own part plus one chunk per rank besides rank 0's result.
 """
+
 import os
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device('cpu')
-    owns_group: bool = False     # initialised here, so torn down here
+    owns_group: bool = False  # initialised here, so torn down here
     watch: Optional[FailureWatch] = None  # ends this rank when another fails (skipssl.failure)
 
     @property
@@ -84,14 +85,14 @@ def gather_rows(x: torch.Tensor, ranks: Ranks, chunk_rows: int = 1 << 15) -> Opt
     out = [torch.empty((c, *x.shape[1:]), dtype=x.dtype) for c in counts] if ranks.main else None
     for start in range(0, max(counts), chunk_rows):
         piece = torch.zeros((chunk_rows, *x.shape[1:]), dtype=x.dtype, device=dev)
-        mine = x[start:start + chunk_rows]
-        piece[:len(mine)] = mine.to(dev)
+        mine = x[start : start + chunk_rows]
+        piece[: len(mine)] = mine.to(dev)
         bucket = [torch.empty_like(piece) for _ in range(ranks.world_size)] if ranks.main else None
         dist.gather(piece, bucket, dst=0)
         if ranks.main:
             for r, got in enumerate(bucket):
                 n = max(0, min(chunk_rows, counts[r] - start))
-                out[r][start:start + n] = got[:n].cpu()
+                out[r][start : start + n] = got[:n].cpu()
     return torch.cat(out) if ranks.main else None
 
 
@@ -119,7 +120,7 @@ def all_reduce_mean_(tensors: List[torch.Tensor], ranks: Ranks) -> None:
         return
     dev = comm_device(ranks)
     for t in tensors:
-        buf = t if t.device == dev else t.to(dev)   # nccl reduces device tensors only
+        buf = t if t.device == dev else t.to(dev)  # nccl reduces device tensors only
         dist.all_reduce(buf)
         buf.div_(ranks.world_size)
         if buf is not t:

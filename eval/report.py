@@ -10,6 +10,7 @@ plain-ViT run of the same ``config_name``: device-hour saving (%) and accuracy d
 Random-init baselines get rows of their own. The plot has one point per run and evaluated checkpoint
 (accuracy against device-hours), as in the SkipAt paper's DINO figure.
 """
+
 import argparse
 import os
 import sys
@@ -24,18 +25,18 @@ from .errors import EvalError
 from .results import read_results, writable_dir
 
 BASELINE_TAGS = ('random-init', 'pixels')
-LINEAR_EVALUATORS = ('linear_augment', 'linear')   # preferred first
+LINEAR_EVALUATORS = ('linear_augment', 'linear')  # preferred first
 
 
 def load_summary(run_dir: Path) -> RunSummary:
     if not Path(run_dir).is_dir():
-        raise EvalError(f"run folder {run_dir} does not exist")
+        raise EvalError(f'run folder {run_dir} does not exist')
     if not (Path(run_dir) / SUMMARY_FILE).is_file():
-        raise EvalError(f"{run_dir} has no {SUMMARY_FILE} (not a training run folder, or training never started)")
+        raise EvalError(f'{run_dir} has no {SUMMARY_FILE} (not a training run folder, or training never started)')
     try:
         return RunSummary.read(run_dir)
     except OSError as exn:
-        raise EvalError(f"{Path(run_dir) / SUMMARY_FILE} is unreadable: {exn}") from exn
+        raise EvalError(f'{Path(run_dir) / SUMMARY_FILE} is unreadable: {exn}') from exn
     except ArtefactError as exn:
         raise EvalError(str(exn)) from exn
 
@@ -74,13 +75,19 @@ def collect(run_dirs: List[Path], k: int = 20, dataset: Optional[str] = None) ->
     for run_dir in run_dirs:
         runs.append((Path(run_dir), load_summary(run_dir), read_results(run_dir)))
     _label_datasets([r for _, _, results in runs for r in results])
-    runs = [(d, summary, [r for r in results if dataset in (None, r['dataset'], r['_dataset'])])
-            for d, summary, results in runs]
+    runs = [
+        (d, summary, [r for r in results if dataset in (None, r['dataset'], r['_dataset'])])
+        for d, summary, results in runs
+    ]
     datasets = sorted({r['_dataset'] for _, _, results in runs for r in results})
     if dataset is not None and not datasets:
-        raise EvalError(f"no evaluation results for dataset {dataset!r} in {[str(d) for d in run_dirs]}")
-    report = {'k': k, 'generated': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-              'runs': [str(d) for d in run_dirs], 'datasets': {}}
+        raise EvalError(f'no evaluation results for dataset {dataset!r} in {[str(d) for d in run_dirs]}')
+    report = {
+        'k': k,
+        'generated': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'runs': [str(d) for d in run_dirs],
+        'datasets': {},
+    }
     for name in datasets:
         rows, points = [], []
         for run_dir, summary, results in runs:
@@ -100,15 +107,22 @@ def _label_datasets(results: List[Dict]) -> None:
         digests.setdefault(r['dataset'], set()).add(r.get('data_digest'))
     for r in results:
         several = len(digests[r['dataset']]) > 1
-        r['_dataset'] = f"{r['dataset']}@{(r.get('data_digest') or 'unknown')[:8]}" if several else r['dataset']
+        r['_dataset'] = f'{r["dataset"]}@{(r.get("data_digest") or "unknown")[:8]}' if several else r['dataset']
 
 
 def _rows(run_dir: Path, summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
     trained = [r for r in results if r['checkpoint']['tag'] not in BASELINE_TAGS]
-    base = {'run': summary.run_name, 'run_dir': str(run_dir), 'model': summary.model['name'],
-            'skipat': bool(summary.skipat), 'config_name': summary.config_name,
-            'epochs_planned': summary.epochs_planned, 'images_per_s': summary.images_per_s,
-            'device_hours_unit': summary.device_hours_unit, 'finished': summary.finished}
+    base = {
+        'run': summary.run_name,
+        'run_dir': str(run_dir),
+        'model': summary.model['name'],
+        'skipat': bool(summary.skipat),
+        'config_name': summary.config_name,
+        'epochs_planned': summary.epochs_planned,
+        'images_per_s': summary.images_per_s,
+        'device_hours_unit': summary.device_hours_unit,
+        'finished': summary.finished,
+    }
     rows = []
     if trained or not results:
         it = max((_iteration(r) for r in trained), default=None)
@@ -116,21 +130,40 @@ def _rows(run_dir: Path, summary: RunSummary, results: List[Dict], k: int) -> Li
         knn = next((r for r in at if r['evaluator'] == 'knn'), None)
         linear = next((r for e in LINEAR_EVALUATORS for r in at if r['evaluator'] == e), None)
         pos = at_iteration(summary, at[0]) if at else _final(summary)
-        rows.append({**base, 'checkpoint': f'iteration {it}' if at else None, 'iteration': it if at else None,
-                     'epochs': pos['epoch'], 'images_seen': pos['images_seen'], 'device_hours': pos['device_hours'],
-                     'knn_top1': _accuracy(knn, k) if knn else None,
-                     'linear_top1': linear['top1'] if linear else None,
-                     'linear_mode': linear['evaluator'] if linear else None})
+        rows.append(
+            {
+                **base,
+                'checkpoint': f'iteration {it}' if at else None,
+                'iteration': it if at else None,
+                'epochs': pos['epoch'],
+                'images_seen': pos['images_seen'],
+                'device_hours': pos['device_hours'],
+                'knn_top1': _accuracy(knn, k) if knn else None,
+                'linear_top1': linear['top1'] if linear else None,
+                'linear_mode': linear['evaluator'] if linear else None,
+            }
+        )
     for tag in BASELINE_TAGS:
         at = [r for r in results if r['checkpoint']['tag'] == tag]
         if at:
             knn = next((r for r in at if r['evaluator'] == 'knn'), None)
             linear = next((r for e in LINEAR_EVALUATORS for r in at if r['evaluator'] == e), None)
-            rows.append({**base, 'run': f"{summary.run_name} ({tag})", 'checkpoint': tag, 'iteration': 0,
-                         'epochs': 0, 'images_seen': 0, 'device_hours': 0.0, 'images_per_s': None,
-                         'knn_top1': _accuracy(knn, k) if knn else None,
-                         'linear_top1': linear['top1'] if linear else None,
-                         'linear_mode': linear['evaluator'] if linear else None, 'baseline': tag})
+            rows.append(
+                {
+                    **base,
+                    'run': f'{summary.run_name} ({tag})',
+                    'checkpoint': tag,
+                    'iteration': 0,
+                    'epochs': 0,
+                    'images_seen': 0,
+                    'device_hours': 0.0,
+                    'images_per_s': None,
+                    'knn_top1': _accuracy(knn, k) if knn else None,
+                    'linear_top1': linear['top1'] if linear else None,
+                    'linear_mode': linear['evaluator'] if linear else None,
+                    'baseline': tag,
+                }
+            )
     return rows
 
 
@@ -145,10 +178,18 @@ def _points(summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
         acc = _accuracy(r, k)
         if acc is None or pos['device_hours'] is None:
             continue
-        out.append({'run': summary.run_name, 'skipat': bool(summary.skipat), 'evaluator': r['evaluator'],
-                    'iteration': 0 if baseline else r['checkpoint'].get('iteration'), 'epoch': pos['epoch'],
-                    'device_hours': pos['device_hours'], 'top1': acc,
-                    'device_hours_unit': summary.device_hours_unit})
+        out.append(
+            {
+                'run': summary.run_name,
+                'skipat': bool(summary.skipat),
+                'evaluator': r['evaluator'],
+                'iteration': 0 if baseline else r['checkpoint'].get('iteration'),
+                'epoch': pos['epoch'],
+                'device_hours': pos['device_hours'],
+                'top1': acc,
+                'device_hours_unit': summary.device_hours_unit,
+            }
+        )
     return sorted(out, key=lambda p: (p['run'], p['evaluator'], p['device_hours']))
 
 
@@ -158,8 +199,10 @@ def _compare(rows: List[Dict]) -> None:
     for row in rows:
         if not row['skipat'] and 'baseline' not in row:
             if row['config_name'] in vit:
-                raise EvalError(f"two plain-ViT runs share config_name {row['config_name']!r}: "
-                                f"{vit[row['config_name']]['run_dir']} and {row['run_dir']}; report one of them")
+                raise EvalError(
+                    f'two plain-ViT runs share config_name {row["config_name"]!r}: '
+                    f'{vit[row["config_name"]]["run_dir"]} and {row["run_dir"]}; report one of them'
+                )
             vit[row['config_name']] = row
     for row in rows:
         ref = vit.get(row['config_name'])
@@ -181,27 +224,35 @@ def _fmt(value, spec: str = '.2f', suffix: str = '') -> str:
 
 def markdown(report: Dict) -> str:
     k = report['k']
-    lines = ["# SkipAt vs ViT: accuracy and training cost", '',
-             f"k-NN: DINO's weighted k-NN, k={k}, T=0.07. Linear: DINO's linear probe (mode in brackets). "
-             "Device-hours as measured by the trainer (GPU-hours on GPUs, core-hours on CPUs). Saving and "
-             "differences: SkipAt run against the plain-ViT run of the same config.", '']
+    lines = [
+        '# SkipAt vs ViT: accuracy and training cost',
+        '',
+        f"k-NN: DINO's weighted k-NN, k={k}, T=0.07. Linear: DINO's linear probe (mode in brackets). "
+        'Device-hours as measured by the trainer (GPU-hours on GPUs, core-hours on CPUs). Saving and '
+        'differences: SkipAt run against the plain-ViT run of the same config.',
+        '',
+    ]
     for name, part in report['datasets'].items():
-        lines += [f'## {name}', '',
-                  '| run | model | epochs | images seen | images/s | device-hours | k-NN top-1 | linear top-1 '
-                  '| saving vs ViT | Δ k-NN | Δ linear |',
-                  '|---|---|---|---|---|---|---|---|---|---|---|']
+        lines += [
+            f'## {name}',
+            '',
+            '| run | model | epochs | images seen | images/s | device-hours | k-NN top-1 | linear top-1 '
+            '| saving vs ViT | Δ k-NN | Δ linear |',
+            '|---|---|---|---|---|---|---|---|---|---|---|',
+        ]
         for r in part['rows']:
             unit = {'GPU-hours': 'GPU-h', 'core-hours': 'core-h'}.get(r.get('device_hours_unit'), '')
-            hours = f"{r['device_hours']:.3g} {unit}".strip() if r['device_hours'] is not None else '—'
-            epochs = f"{_fmt(r['epochs'], 'd')}/{_fmt(r['epochs_planned'], 'd')}" if 'baseline' not in r else '0'
+            hours = f'{r["device_hours"]:.3g} {unit}'.strip() if r['device_hours'] is not None else '—'
+            epochs = f'{_fmt(r["epochs"], "d")}/{_fmt(r["epochs_planned"], "d")}' if 'baseline' not in r else '0'
             linear = _fmt(r['linear_top1'])
             if r['linear_mode']:
-                linear += f" ({'augment' if r['linear_mode'] == 'linear_augment' else 'cached'})"
+                linear += f' ({"augment" if r["linear_mode"] == "linear_augment" else "cached"})'
             lines.append(
-                f"| {r['run']} | {r['model']}{' (SkipAt)' if r['skipat'] else ''} | {epochs} | "
-                f"{_fmt(r['images_seen'], ',')} | {_fmt(r['images_per_s'], '.1f')} | {hours} | {_fmt(r['knn_top1'])} | "
-                f"{linear} | {_fmt(r.get('device_hours_saving_pct'), '+.1f', '%')} | "
-                f"{_fmt(r.get('knn_top1_diff'), '+.2f')} | {_fmt(r.get('linear_top1_diff'), '+.2f')} |")
+                f'| {r["run"]} | {r["model"]}{" (SkipAt)" if r["skipat"] else ""} | {epochs} | '
+                f'{_fmt(r["images_seen"], ",")} | {_fmt(r["images_per_s"], ".1f")} | {hours} | {_fmt(r["knn_top1"])} | '
+                f'{linear} | {_fmt(r.get("device_hours_saving_pct"), "+.1f", "%")} | '
+                f'{_fmt(r.get("knn_top1_diff"), "+.2f")} | {_fmt(r.get("linear_top1_diff"), "+.2f")} |'
+            )
         lines.append('')
     return '\n'.join(lines)
 
@@ -209,8 +260,10 @@ def markdown(report: Dict) -> str:
 def plot(report: Dict, path: Path) -> Optional[Path]:
     """Top-1 against device-hours, one line per run and evaluator, one point per checkpoint."""
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     parts = [(name, part) for name, part in report['datasets'].items() if part['points']]
     if not parts:
         return None
@@ -225,9 +278,15 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
                 if not pts:
                     continue
                 skipat = pts[0]['skipat']
-                ax.plot([p['device_hours'] for p in pts], [p['top1'] for p in pts], style,
-                        marker='*' if skipat else 'o', markersize=10 if skipat else 6, color=colours[i % len(colours)],
-                        label=f"{run}{' (SkipAt)' if skipat else ''}: {evaluator.replace('_', ' ')}")
+                ax.plot(
+                    [p['device_hours'] for p in pts],
+                    [p['top1'] for p in pts],
+                    style,
+                    marker='*' if skipat else 'o',
+                    markersize=10 if skipat else 6,
+                    color=colours[i % len(colours)],
+                    label=f'{run}{" (SkipAt)" if skipat else ""}: {evaluator.replace("_", " ")}',
+                )
         ax.set_xlabel(' / '.join(sorted(units)) or 'device-hours')
         ax.set_ylabel('top-1 (%)')
         ax.set_title(f'{name}: k-NN (k={report["k"]}) and linear top-1')
@@ -241,12 +300,13 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(run_dirs: List[os.PathLike], out_dir: Optional[os.PathLike] = None, k: int = 20,
-                 dataset: Optional[str] = None) -> Dict[str, Path]:
+def write_report(
+    run_dirs: List[os.PathLike], out_dir: Optional[os.PathLike] = None, k: int = 20, dataset: Optional[str] = None
+) -> Dict[str, Path]:
     """report.md, report.json and report.png in ``out_dir`` (default: {common parent of the runs}/report)."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
-        raise EvalError("name at least one run folder")
+        raise EvalError('name at least one run folder')
     report = collect(run_dirs, k, dataset)
     out = Path(out_dir) if out_dir else Path(os.path.commonpath([str(d.resolve()) for d in run_dirs])) / 'report'
     if len(run_dirs) == 1 and not out_dir:
@@ -271,7 +331,7 @@ def main(argv=None) -> int:
     try:
         paths = write_report(args.run_dirs, args.out_dir, args.k, args.dataset)
     except EvalError as exn:
-        print(f"{p.prog}: error: {exn}", file=sys.stderr)
+        print(f'{p.prog}: error: {exn}', file=sys.stderr)
         return 2
     print(paths['md'].read_text())
     print('\n'.join(f'wrote {p}' for p in paths.values()), file=sys.stderr)

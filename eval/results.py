@@ -3,10 +3,12 @@
 tag: the checkpoint's 8-digit iteration, 'random-init', 'pixels', or a digest prefix for an export that does
 not say its iteration. data: the first 8 hex digits of the content digest of the shards the result was
 computed on (train, test and val), so a result on other data under the same names (a relabelled test set)
-never overwrites it; the file records the full digest. TensorBoard: the evaluator's own events file in ``{run}/tb`` (next to the trainer's),
+never overwrites it; the file records the full digest. TensorBoard: the evaluator's own events file in
+``{run}/tb`` (next to the trainer's),
 scalars ``eval/{evaluator}/{dataset}/{name}`` at the checkpoint's iteration (0 for baselines), so they line up
 with the training curves.
 """
+
 import json
 import os
 import re
@@ -30,7 +32,7 @@ def result_dir(info: ModelInfo, out_dir: Optional[str]) -> Path:
         return Path(info.run_dir) / 'eval'
     if info.path:
         return Path(info.path).parent / 'eval'
-    raise EvalError(f"{info.spec}: say where results go (--run-dir RUN or --out-dir DIR)")
+    raise EvalError(f'{info.spec}: say where results go (--run-dir RUN or --out-dir DIR)')
 
 
 def writable_dir(folder: Path, what: str) -> Path:
@@ -38,9 +40,9 @@ def writable_dir(folder: Path, what: str) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exn:
-        raise EvalError(f"{what} {folder} cannot be created: {exn.strerror or exn}") from exn
+        raise EvalError(f'{what} {folder} cannot be created: {exn.strerror or exn}') from exn
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise EvalError(f"{what} {folder} is not writable")
+        raise EvalError(f'{what} {folder} is not writable')
     return folder
 
 
@@ -49,14 +51,18 @@ def tb_dir(info: ModelInfo, results: Path) -> Path:
 
 
 def result_path(results: Path, evaluator: str, tag: str, dataset: str, data_digest: str) -> Path:
-    return results / f"{evaluator}-{_SAFE.sub('_', tag)}-{_SAFE.sub('_', dataset)}-{data_digest[:8]}.json"
+    return results / f'{evaluator}-{_SAFE.sub("_", tag)}-{_SAFE.sub("_", dataset)}-{data_digest[:8]}.json'
 
 
-def write_result(results: Path, evaluator: str, info: ModelInfo, dataset: str, data_digest: str,
-                 payload: Dict) -> Path:
-    record = {'evaluator': evaluator, 'dataset': dataset, 'checkpoint': info.as_dict(),
-              'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), **payload,
-              'data_digest': data_digest}
+def write_result(results: Path, evaluator: str, info: ModelInfo, dataset: str, data_digest: str, payload: Dict) -> Path:
+    record = {
+        'evaluator': evaluator,
+        'dataset': dataset,
+        'checkpoint': info.as_dict(),
+        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        **payload,
+        'data_digest': data_digest,
+    }
     path = result_path(results, evaluator, info.tag, dataset, data_digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, path, indent=1)
@@ -65,6 +71,7 @@ def write_result(results: Path, evaluator: str, info: ModelInfo, dataset: str, d
 
 def log_scalars(tb: Path, evaluator: str, dataset: str, scalars: Dict[str, float], step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(log_dir=str(tb), filename_suffix=f'.{evaluator}')
     try:
         for name, value in scalars.items():
@@ -82,7 +89,7 @@ def read_results(run_dir: Path, evaluator: Optional[str] = None) -> List[Dict]:
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as exn:
-            raise EvalError(f"result file {path} is unreadable: {exn}") from exn
+            raise EvalError(f'result file {path} is unreadable: {exn}') from exn
         if 'evaluator' in record:
             record['_path'] = str(path)
             out.append(record)

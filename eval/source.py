@@ -9,6 +9,7 @@ A model spec is one of:
 
 Everything here is cheap (one weight load); feature extraction comes later.
 """
+
 import hashlib
 import json
 import os
@@ -29,21 +30,27 @@ RANDOM_INIT = 'random-init'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_KEYS = ('channels', 'mean', 'std', 'eval_resize', 'eval_crop')
-IMAGENET_DATA = {'channels': 3, 'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'eval_resize': 256,
-                 'eval_crop': 224}
+IMAGENET_DATA = {
+    'channels': 3,
+    'mean': list(IMAGENET_MEAN),
+    'std': list(IMAGENET_STD),
+    'eval_resize': 256,
+    'eval_crop': 224,
+}
 
 
 @dataclass
 class ModelInfo(Provenance):
     """Provenance of the evaluated weights; stored in every result file and cache key. ``data``: the
     normalisation the model was trained with, if known."""
-    spec: str                      # what was asked for
-    kind: str                      # 'checkpoint' | 'export' | 'random-init' | 'pixels'
+
+    spec: str  # what was asked for
+    kind: str  # 'checkpoint' | 'export' | 'random-init' | 'pixels'
     model_name: str
     model_kwargs: Dict[str, Any]
-    sha256: str                    # of model.pt / the export / the random weights
-    tag: str                       # result-file tag: 8-digit iteration, 'random-init', 'pixels' or a digest prefix
-    which: Optional[str] = None    # 'teacher' / 'student' for training checkpoints
+    sha256: str  # of model.pt / the export / the random weights
+    tag: str  # result-file tag: 8-digit iteration, 'random-init', 'pixels' or a digest prefix
+    which: Optional[str] = None  # 'teacher' / 'student' for training checkpoints
     path: Optional[str] = None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -70,11 +77,12 @@ def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
 def export_metadata(path: Path) -> ExportMeta:
     """Metadata of an exported backbone without reading its weights."""
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework='pt') as f:
             return ExportMeta.from_metadata(f.metadata() or {}, str(path))
     except (SafetensorError, OSError) as exn:
-        raise EvalError(f"{path} is not a readable safetensors file ({exn})") from exn
+        raise EvalError(f'{path} is not a readable safetensors file ({exn})') from exn
     except ArtefactError as exn:
         raise EvalError(str(exn)) from exn
 
@@ -96,13 +104,20 @@ def state_digest(module: nn.Module) -> str:
 def check_vit(module: nn.Module, info: ModelInfo) -> None:
     """DINO's k-NN and linear features are CLS tokens of a ViT: refuse anything else at once."""
     if not (hasattr(module, 'forward_intermediates') and getattr(module, 'has_class_token', False)):
-        raise EvalError(f"{info.spec}: {info.model_name} ({type(module).__name__}) is not a ViT with a class "
-                        "token; the evaluators use the CLS token of the last blocks (DINO's protocol)")
+        raise EvalError(
+            f'{info.spec}: {info.model_name} ({type(module).__name__}) is not a ViT with a class '
+            "token; the evaluators use the CLS token of the last blocks (DINO's protocol)"
+        )
 
 
-def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, seed: int = 0,
-               model_kwargs: Optional[Dict[str, Any]] = None,
-               run_dir: Optional[str] = None) -> Tuple[Optional[nn.Module], ModelInfo]:
+def load_model(
+    spec: str,
+    which: str = 'teacher',
+    arch: Optional[str] = None,
+    seed: int = 0,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    run_dir: Optional[str] = None,
+) -> Tuple[Optional[nn.Module], ModelInfo]:
     """(backbone in eval mode or None for pixels, its ModelInfo); EvalError / CheckpointError when unusable.
 
     ``arch``: the model name the caller expects; a checkpoint of another architecture is refused.
@@ -111,10 +126,11 @@ def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, se
     ``run_dir`` names (from its final export), if any.
     """
     spec = str(spec)
-    if spec == PIXELS:   # no weights to carry preprocessing: the run's, as for a random-init baseline
+    if spec == PIXELS:  # no weights to carry preprocessing: the run's, as for a random-init baseline
         data = run_defaults(Path(run_dir))[1] if run_dir is not None else {}
-        info = ModelInfo(spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir,
-                         data=data)
+        info = ModelInfo(
+            spec, PIXELS, PIXELS, {}, hashlib.sha256(b'pixels').hexdigest(), PIXELS, run_dir=run_dir, data=data
+        )
         return None, info
     try:
         if looks_like_path(spec):
@@ -123,13 +139,15 @@ def load_model(spec: str, which: str = 'teacher', arch: Optional[str] = None, se
             module, info = _random_init(spec, seed, model_kwargs, run_dir)
     except EvalError:
         raise
-    except ValueError as exn:   # build_backbone: unknown model name, kwargs the model does not take
-        raise EvalError(f"{spec}: {exn}") from exn
+    except ValueError as exn:  # build_backbone: unknown model name, kwargs the model does not take
+        raise EvalError(f'{spec}: {exn}') from exn
     if run_dir is not None:
         info.run_dir = str(run_dir)
     if arch is not None and arch != info.model_name:
-        raise EvalError(f"{spec} holds a {info.model_name} backbone, not the {arch} asked for (--arch): "
-                        "a checkpoint of another architecture")
+        raise EvalError(
+            f'{spec} holds a {info.model_name} backbone, not the {arch} asked for (--arch): '
+            'a checkpoint of another architecture'
+        )
     check_vit(module, info)
     return module, info
 
@@ -140,36 +158,56 @@ def _load_saved(path: Path, which: str) -> Tuple[nn.Module, ModelInfo]:
         export, digest = ExportMeta.from_metadata(meta, str(path)), meta['sha256']
         iteration = export.iteration
         info = ModelInfo(
-            str(path), 'export', export.model_name, export.model_kwargs, digest,
-            f'{int(iteration):08d}' if iteration is not None else digest[:12], path=str(path.resolve()),
-            iteration=iteration, epoch=export.epoch, images_seen=export.images_seen,
-            device_hours=export.device_hours, device_hours_unit=export.device_hours_unit,
-            data={k: export.data[k] for k in DATA_KEYS if k in export.data})
+            str(path),
+            'export',
+            export.model_name,
+            export.model_kwargs,
+            digest,
+            f'{int(iteration):08d}' if iteration is not None else digest[:12],
+            path=str(path.resolve()),
+            iteration=iteration,
+            epoch=export.epoch,
+            images_seen=export.images_seen,
+            device_hours=export.device_hours,
+            device_hours_unit=export.device_hours_unit,
+            data={k: export.data[k] for k in DATA_KEYS if k in export.data},
+        )
         run = find_run_dir(path, export.run_dir)
     else:
-        folder = resolve_checkpoint(path)   # raises CheckpointError naming what it expected
+        folder = resolve_checkpoint(path)  # raises CheckpointError naming what it expected
         module, meta = load_backbone(folder, which=which)
         extras = _checkpoint_extras(folder)
         info = ModelInfo(
-            str(path), 'checkpoint', meta['model_name'], json.loads(meta['model_kwargs']), meta['sha256'],
-            f"{int(meta['iteration']):08d}", which=which, path=str(folder.resolve()),
-            iteration=meta['iteration'], epoch=extras.get('epoch', meta.get('epoch')),
-            images_seen=extras.get('images_seen'), device_hours=extras.get('device_hours'),
-            device_hours_unit=extras.get('device_hours_unit'), data=dict(extras.get('data') or {}))
+            str(path),
+            'checkpoint',
+            meta['model_name'],
+            json.loads(meta['model_kwargs']),
+            meta['sha256'],
+            f'{int(meta["iteration"]):08d}',
+            which=which,
+            path=str(folder.resolve()),
+            iteration=meta['iteration'],
+            epoch=extras.get('epoch', meta.get('epoch')),
+            images_seen=extras.get('images_seen'),
+            device_hours=extras.get('device_hours'),
+            device_hours_unit=extras.get('device_hours_unit'),
+            data=dict(extras.get('data') or {}),
+        )
         run = find_run_dir(folder)
     info.run_dir = str(run) if run is not None else None
     return module, info
 
 
-def _random_init(name: str, seed: int, model_kwargs: Optional[Dict[str, Any]],
-                 run_dir: Optional[str]) -> Tuple[nn.Module, ModelInfo]:
+def _random_init(
+    name: str, seed: int, model_kwargs: Optional[Dict[str, Any]], run_dir: Optional[str]
+) -> Tuple[nn.Module, ModelInfo]:
     kwargs, data = model_kwargs, {}
     if run_dir is not None:
         run_model, data = run_defaults(Path(run_dir))
         if kwargs is None and run_model.get('name') == name:
             kwargs = run_model.get('kwargs')
     torch.manual_seed(seed)
-    module = build_backbone(name, kwargs or {})   # ValueError naming the model when timm does not know it
+    module = build_backbone(name, kwargs or {})  # ValueError naming the model when timm does not know it
     info = ModelInfo(name, RANDOM_INIT, name, dict(kwargs or {}), state_digest(module), RANDOM_INIT, data=data)
     return module.eval(), info
 
@@ -197,7 +235,7 @@ def list_exports(run_dir: Path) -> List[Path]:
 def data_settings(info: ModelInfo, overrides: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluation preprocessing: command line, else what the checkpoint says, else ImageNet's (DINO)."""
     settings = dict(IMAGENET_DATA)
-    if info.kind == PIXELS:   # raw intensities: cosine similarity of the images themselves
+    if info.kind == PIXELS:  # raw intensities: cosine similarity of the images themselves
         settings.update(mean=[0.0], std=[1.0])
     settings.update({k: v for k, v in info.data.items() if v is not None})
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -207,7 +245,7 @@ def data_settings(info: ModelInfo, overrides: Dict[str, Any]) -> Dict[str, Any]:
         if len(values) == 1:
             values = values * channels
         if len(values) != channels:
-            raise EvalError(f"{key} has {len(values)} values for {channels}-channel images")
+            raise EvalError(f'{key} has {len(values)} values for {channels}-channel images')
         settings[key] = values
     settings['channels'] = channels
     settings['eval_resize'], settings['eval_crop'] = int(settings['eval_resize']), int(settings['eval_crop'])
@@ -220,11 +258,13 @@ def check_channels(module: Optional[nn.Module], info: ModelInfo, channels: int) 
     proj = getattr(getattr(module, 'patch_embed', None), 'proj', None)
     in_chans = getattr(proj, 'in_channels', None)
     if in_chans is not None and in_chans != channels:
-        raise EvalError(f"{info.spec}: the model takes {in_chans}-channel images but the evaluation reads "
-                        f"{channels}-channel ones (set --channels, or use a checkpoint trained on this data)")
+        raise EvalError(
+            f'{info.spec}: the model takes {in_chans}-channel images but the evaluation reads '
+            f'{channels}-channel ones (set --channels, or use a checkpoint trained on this data)'
+        )
 
 
 def check_blocks(module: Optional[nn.Module], info: ModelInfo, n_last_blocks: int) -> None:
     depth = len(getattr(module, 'blocks', ())) if module is not None else None
     if depth is not None and n_last_blocks > depth:
-        raise EvalError(f"{info.spec}: --n-last-blocks {n_last_blocks} but {info.model_name} has {depth} blocks")
+        raise EvalError(f'{info.spec}: --n-last-blocks {n_last_blocks} but {info.model_name} has {depth} blocks')

@@ -1,5 +1,6 @@
 """Synthetic inputs for tests and benchmarks: labelled image shards in the shard writer's format, and
 clustered feature matrices."""
+
 import io
 import json
 import tarfile
@@ -27,9 +28,18 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(out_dir: Path, prefix: str, counts: Sequence[int], num_classes: int = 4, size: int = 16,
-                 channels: int = 1, labels: bool = True, seed: int = 0, index: bool = True,
-                 key_offset: int = 0) -> List[str]:
+def write_shards(
+    out_dir: Path,
+    prefix: str,
+    counts: Sequence[int],
+    num_classes: int = 4,
+    size: int = 16,
+    channels: int = 1,
+    labels: bool = True,
+    seed: int = 0,
+    index: bool = True,
+    key_offset: int = 0,
+) -> List[str]:
     """Shards ``{prefix}-%06d.tar`` with ``counts[i]`` samples each (``{key}.png`` [+ ``{key}.cls``]) and,
     with ``index``, ``{prefix}-index.json``. Keys are unique over the shards; labels cycle through classes."""
     out_dir = Path(out_dir)
@@ -50,15 +60,26 @@ def write_shards(out_dir: Path, prefix: str, counts: Sequence[int], num_classes:
         urls.append(str(path))
         entries.append({'name': path.name, 'num_samples': count, 'num_bytes': path.stat().st_size})
     if index:
-        (out_dir / f'{prefix}-index.json').write_text(json.dumps({
-            'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'split': prefix, 'source': 'synthetic',
-            'num_samples': int(sum(counts)), 'num_classes': num_classes if labels else 0,
-            'classes': [f'class{c}' for c in range(num_classes)] if labels else [], 'shards': entries}))
+        (out_dir / f'{prefix}-index.json').write_text(
+            json.dumps(
+                {
+                    'format': SHARD_INDEX_FORMAT,
+                    'prefix': prefix,
+                    'split': prefix,
+                    'source': 'synthetic',
+                    'num_samples': int(sum(counts)),
+                    'num_classes': num_classes if labels else 0,
+                    'classes': [f'class{c}' for c in range(num_classes)] if labels else [],
+                    'shards': entries,
+                }
+            )
+        )
     return urls
 
 
-def clustered_features(n: int, dim: int, num_classes: int, spread: float = 1.0, seed: int = 0,
-                       centers: Optional[np.ndarray] = None):
+def clustered_features(
+    n: int, dim: int, num_classes: int, spread: float = 1.0, seed: int = 0, centers: Optional[np.ndarray] = None
+):
     """(float32 features (n, dim), int64 labels, centers): Gaussian clusters around random unit centres."""
     rng = np.random.default_rng(seed)
     if centers is None:

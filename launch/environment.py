@@ -5,6 +5,7 @@ the scheduler's view of the job (SLURM_PROCID, SLURM_NTASKS, ... through submiti
 local executor's SUBMITIT_LOCAL_* variables), so the trainer and the evaluators start their process group
 exactly as under ``torchrun``.
 """
+
 import os
 from dataclasses import dataclass
 from typing import Dict
@@ -18,7 +19,7 @@ TORCH_KEYS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_AD
 
 @dataclass(frozen=True)
 class TaskInfo:
-    cluster: str          # 'slurm', 'local' or 'debug'
+    cluster: str  # 'slurm', 'local' or 'debug'
     job_id: str
     rank: int
     world_size: int
@@ -49,8 +50,13 @@ def export_torch_env(info: TaskInfo) -> Dict[str, str]:
     another launcher are replaced: the job's own view wins, so a requeued or nested job cannot inherit stale
     ones from the submitting shell."""
     port = rendezvous_port(info.job_id) if info.world_size > 1 else free_port()
-    values = {'RANK': str(info.rank), 'WORLD_SIZE': str(info.world_size), 'LOCAL_RANK': str(info.local_rank),
-              'LOCAL_WORLD_SIZE': str(info.local_world_size), 'MASTER_ADDR': info.master_addr,
-              'MASTER_PORT': str(port)}
+    values = {
+        'RANK': str(info.rank),
+        'WORLD_SIZE': str(info.world_size),
+        'LOCAL_RANK': str(info.local_rank),
+        'LOCAL_WORLD_SIZE': str(info.local_world_size),
+        'MASTER_ADDR': info.master_addr,
+        'MASTER_PORT': str(port),
+    }
     os.environ.update(values)
     return values

@@ -12,6 +12,7 @@ Both are ``submitit.helpers.Checkpointable``: should submitit's own preemption h
 the instant between submitit installing it and the job replacing it), it resubmits the same job, which
 resumes from the run folder.
 """
+
 import importlib.util
 import logging
 import os
@@ -75,6 +76,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
     @property
     def cfg(self):
         from skipssl.config import config_from_dict
+
         return config_from_dict(self.config)
 
     def __call__(self) -> Dict[str, Any]:
@@ -88,18 +90,28 @@ class PretrainJob(submitit.helpers.Checkpointable):
         # where each rank ran and whom it meets: what to read first when a multi-node rendezvous hangs
         # (SLURM's node name: several nodes may share one host name, as the test cluster's do)
         node = os.environ.get('SLURMD_NODENAME') or socket.gethostname()
-        log.info('rank %d of %d on node %s, rendezvous %s:%s', info.rank, info.world_size, node,
-                 torch_env['MASTER_ADDR'], torch_env['MASTER_PORT'])
+        log.info(
+            'rank %d of %d on node %s, rendezvous %s:%s',
+            info.rank,
+            info.world_size,
+            node,
+            torch_env['MASTER_ADDR'],
+            torch_env['MASTER_PORT'],
+        )
         cfg = self.cfg
         from skipssl.train import pretrain
+
         summary = pretrain(cfg)
         if outside is not None:
             outside.quiet()
         if summary.finished or not summary.stopped_by:
-            return summary.to_dict()   # the job's result: plain data, readable without skipssl
+            return summary.to_dict()  # the job's result: plain data, readable without skipssl
         requeue.after_stop(summary.stopped_by, summary.iterations)  # exits unless debug or SIGINT
-        raise RequeueError(requeue.limit_message(
-            f"stopped by {summary.stopped_by} at iteration {summary.iterations} (checkpoint written)"))
+        raise RequeueError(
+            requeue.limit_message(
+                f'stopped by {summary.stopped_by} at iteration {summary.iterations} (checkpoint written)'
+            )
+        )
 
     def checkpoint(self, *args, **kwargs) -> Optional[submitit.helpers.DelayedSubmission]:
         info = task_info()
@@ -133,7 +145,7 @@ def available_entry_points() -> List[str]:
 class EntryPointJob(submitit.helpers.Checkpointable):
     def __init__(self, kind: str, argv: List[str]) -> None:
         if kind not in ENTRY_POINTS:
-            raise ValueError(f"unknown job kind {kind!r} (one of {', '.join(ENTRY_POINTS)})")
+            raise ValueError(f'unknown job kind {kind!r} (one of {", ".join(ENTRY_POINTS)})')
         self.kind = kind
         self.argv = list(argv)
 
@@ -144,7 +156,7 @@ class EntryPointJob(submitit.helpers.Checkpointable):
         prog = ENTRY_POINTS[self.kind][0]
         main = entry_point(self.kind)
         if main is None:
-            raise JobFailed(f"{prog} is not available in {ROOT}")
+            raise JobFailed(f'{prog} is not available in {ROOT}')
         sys.stdout.flush()
         status = main(self.argv)
         if status:

@@ -18,6 +18,7 @@ end the job; SIGTERM alone (SLURM's kill notice, which precedes the kill after K
 Requeues are counted against ``max_requeues``: SLURM's own SLURM_RESTART_COUNT (which also counts
 preemptions SLURM requeued by itself), a counter file next to the job's logs for the local executor.
 """
+
 import logging
 import os
 import signal
@@ -59,10 +60,11 @@ def _scontrol_state(job_id: str, tries: int = 3) -> dict:
     or cancelled can end the scontrol process too."""
     for attempt in range(tries):
         try:
-            out = subprocess.run(['scontrol', 'show', 'job', '-o', job_id], capture_output=True, text=True,
-                                 timeout=60, check=False).stdout
+            out = subprocess.run(
+                ['scontrol', 'show', 'job', '-o', job_id], capture_output=True, text=True, timeout=60, check=False
+            ).stdout
         except (OSError, subprocess.SubprocessError) as exn:
-            raise RequeueError(f"cannot ask SLURM about job {job_id}: {exn}") from exn
+            raise RequeueError(f'cannot ask SLURM about job {job_id}: {exn}') from exn
         state = dict(item.split('=', 1) for item in out.split() if '=' in item)
         if state.get('JobState'):
             return state
@@ -94,9 +96,11 @@ class Requeue:
 
     def limit_message(self, what: str) -> str:
         if self.info.cluster not in ('slurm', 'local'):
-            return f"{what}; {self.info.cluster} jobs are not requeued: run the same command again to resume"
-        return (f"{what}; not requeued: {self.restarts} requeue(s) done, the maximum is {self.max_requeues} "
-                f"(--max-requeues). Submit the same command again to resume from the newest checkpoint")
+            return f'{what}; {self.info.cluster} jobs are not requeued: run the same command again to resume'
+        return (
+            f'{what}; not requeued: {self.restarts} requeue(s) done, the maximum is {self.max_requeues} '
+            f'(--max-requeues). Submit the same command again to resume from the newest checkpoint'
+        )
 
     def _requeued_by_slurm(self, state: dict) -> bool:
         return state.get('JobState') in REQUEUED_STATES and int(state.get('Restarts', 0) or 0) > self.restarts
@@ -119,27 +123,40 @@ class Requeue:
         state = _scontrol_state(job)
         if self._requeued_by_slurm(state):
             self.requeued = True
-            log.warning("job %s is already requeued by SLURM (JobState=%s Restarts=%s)", job, state.get('JobState'),
-                        state.get('Restarts'))
+            log.warning(
+                'job %s is already requeued by SLURM (JobState=%s Restarts=%s)',
+                job,
+                state.get('JobState'),
+                state.get('Restarts'),
+            )
             return 'already'
         if state.get('JobState') != 'RUNNING':
-            raise RequeueError(f"{what}; not requeued: SLURM is ending job {job} (JobState={state.get('JobState')}, "
-                               "e.g. scancel). Submit the same command again to resume from the newest checkpoint")
+            raise RequeueError(
+                f'{what}; not requeued: SLURM is ending job {job} (JobState={state.get("JobState")}, '
+                'e.g. scancel). Submit the same command again to resume from the newest checkpoint'
+            )
         if not self.allowed:
             raise RequeueError(self.limit_message(what))
         self.requeued = True
         res = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60, check=False)
         if res.returncode == 0:
-            log.warning("requeued job %s (requeue %d of at most %d)", job, self.restarts + 1, self.max_requeues)
+            log.warning('requeued job %s (requeue %d of at most %d)', job, self.restarts + 1, self.max_requeues)
             return 'requeued'
         # scontrol itself gets the SIGTERM SLURM sends every process of the job once the requeue is under way
         state = _scontrol_state(job)
         if self._requeued_by_slurm(state):
-            log.warning("requeued job %s (scontrol ended with %s; SLURM shows JobState=%s Restarts=%s)", job,
-                        res.returncode, state.get('JobState'), state.get('Restarts'))
+            log.warning(
+                'requeued job %s (scontrol ended with %s; SLURM shows JobState=%s Restarts=%s)',
+                job,
+                res.returncode,
+                state.get('JobState'),
+                state.get('Restarts'),
+            )
             return 'requeued'
-        raise RequeueError(f"{what}; scontrol requeue {job} failed ({res.returncode}): {res.stderr.strip()} "
-                           f"(JobState={state.get('JobState')}). Submit the same command again to resume")
+        raise RequeueError(
+            f'{what}; scontrol requeue {job} failed ({res.returncode}): {res.stderr.strip()} '
+            f'(JobState={state.get("JobState")}). Submit the same command again to resume'
+        )
 
     def exit_requeued(self, wait_for_kill: bool = False) -> None:
         """Leave without a submitit result (SystemExit passes submitit by), so the client waits for the rerun.
@@ -152,7 +169,7 @@ class Requeue:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 time.sleep(1.0)
-            log.error("job %s was requeued but not ended within 600 s; exiting", self.info.job_id)
+            log.error('job %s was requeued but not ended within 600 s; exiting', self.info.job_id)
             _flush()
             os._exit(1)
         sys.exit(0)
@@ -163,12 +180,12 @@ class Requeue:
         the job is not requeued (limit reached, job cancelled): the job then fails with the reason."""
         if stopped_by not in REQUEUE_ON or self.info.cluster == 'debug':
             return
-        what = f"stopped by {stopped_by} at iteration {iteration} (checkpoint written)"
+        what = f'stopped by {stopped_by} at iteration {iteration} (checkpoint written)'
         if self.info.is_main or self.info.cluster == 'local':
             self.request(what)
         elif not self.allowed:
             raise RequeueError(self.limit_message(what))  # as rank 0 decides, unless SLURM requeued the job itself
-        log.warning("%s; exiting for the requeued run to resume", what)
+        log.warning('%s; exiting for the requeued run to resume', what)
         self.exit_requeued()
 
 
@@ -194,17 +211,21 @@ class OutsideTraining:
         self.received.append(name)
         r = self.requeue
         if signum == signal.SIGTERM or self.muted or r.requeued or r.info.cluster == 'debug':
-            log.warning("%s received outside training: ignored (%s)", name,
-                        'the job is ending or requeued' if self.muted or r.requeued
-                        else 'the preemption signal or the kill decides')
+            log.warning(
+                '%s received outside training: ignored (%s)',
+                name,
+                'the job is ending or requeued'
+                if self.muted or r.requeued
+                else 'the preemption signal or the kill decides',
+            )
             return
         if r.info.cluster == 'slurm' and not r.info.is_main:
-            log.warning("%s received outside training: rank 0 decides on the requeue", name)
+            log.warning('%s received outside training: rank 0 decides on the requeue', name)
             return
-        log.warning("%s received outside training (nothing to save beyond the newest checkpoint): requeueing", name)
+        log.warning('%s received outside training (nothing to save beyond the newest checkpoint): requeueing', name)
         try:
-            r.request(f"{name} outside training")
+            r.request(f'{name} outside training')
         except RequeueError as exn:
-            log.error("%s", exn)
+            log.error('%s', exn)
             return
         r.exit_requeued(wait_for_kill=True)

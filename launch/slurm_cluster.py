@@ -15,6 +15,7 @@ of cluster can run side by side. `nI` resolves nowhere on the machine, yet a job
 node name as MASTER_ADDR; so each slurmd runs in a private mount namespace whose /etc/hosts (DIR/hosts) adds
 `127.0.0.1 n1 ... nN`, inherited by its job steps, and the machine's /etc/hosts is never touched.
 """
+
 import argparse
 import os
 import shlex
@@ -50,6 +51,7 @@ class SlurmClusterError(RuntimeError):
 @dataclass(frozen=True)
 class Cluster:
     """A cluster folder and its shape. `ctld_port` None: SLURM's default ports (6817, slurmd 6818)."""
+
     dir: Path
     nodes: int = 1
     ctld_port: int | None = None
@@ -93,6 +95,7 @@ class Cluster:
 
 # ---------------------------------------------------------------- prerequisites
 
+
 def _search_path() -> str:
     # The daemons live in /usr/sbin, which a non-login PATH may lack.
     return os.pathsep.join([os.environ.get('PATH', ''), '/usr/local/sbin', '/usr/sbin', '/sbin'])
@@ -107,12 +110,16 @@ def unavailable_reason(search_path: str | None = None, nodes: int = 1) -> str | 
     """Why a cluster of `nodes` nodes cannot run here (missing packages or not root), or None."""
     missing = missing_binaries(search_path)
     if missing:
-        return (f'SLURM binaries not found: {", ".join(missing)}; install the Debian packages '
-                f'`{PACKAGES}` (apt-get install -y {PACKAGES}, or bash scripts/setup.sh as root)')
+        return (
+            f'SLURM binaries not found: {", ".join(missing)}; install the Debian packages '
+            f'`{PACKAGES}` (apt-get install -y {PACKAGES}, or bash scripts/setup.sh as root)'
+        )
     missing = missing_binaries(search_path, MULTI_NODE_BINARIES) if nodes > 1 else []
     if missing:
-        return (f'{", ".join(missing)} not found: a cluster of several nodes runs each slurmd in its own mount '
-                f'namespace; install the Debian packages `{MULTI_NODE_PACKAGES}`')
+        return (
+            f'{", ".join(missing)} not found: a cluster of several nodes runs each slurmd in its own mount '
+            f'namespace; install the Debian packages `{MULTI_NODE_PACKAGES}`'
+        )
     if os.geteuid() != 0:
         return 'not root: the SLURM test cluster runs its daemons (munged, slurmctld, slurmd) as root'
     return None
@@ -126,6 +133,7 @@ def _binary(name: str) -> str:
 
 
 # ---------------------------------------------------------------- processes
+
 
 def _read_pid(pid_file: Path) -> int | None:
     try:
@@ -188,8 +196,16 @@ def _spawn_detached(cmd: list[str], cluster: Cluster, daemon: str) -> int:
     """Start a foreground (-D) daemon in its own session, output to DIR/<daemon>.out."""
     env = {**os.environ, **cluster.env}
     with open(cluster.path(f'{daemon}.out'), 'ab') as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=cluster.dir, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cluster.dir,
+            start_new_session=True,
+            close_fds=True,
+        )
     cluster.pid_file(daemon).write_text(f'{proc.pid}\n')
     return proc.pid
 
@@ -220,11 +236,18 @@ def _start_slurmd(cluster: Cluster, node: str) -> None:
 
 
 def _client(cluster: Cluster, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    return subprocess.run([_binary(args[0]), *args[1:]], env={**os.environ, **cluster.env},
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [_binary(args[0]), *args[1:]],
+        env={**os.environ, **cluster.env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # ---------------------------------------------------------------- configuration
+
 
 def _memory_mb() -> int:
     for line in Path('/proc/meminfo').read_text().splitlines():
@@ -323,6 +346,7 @@ def _write_files(cluster: Cluster, cpus: int) -> None:
 
 # ---------------------------------------------------------------- up / down / status
 
+
 def cluster_at(dir: Path | str) -> Cluster:
     """The cluster whose slurm.conf is in `dir` (its nodes and ports); one node when there is none yet."""
     dir = Path(dir).resolve()
@@ -377,20 +401,28 @@ def _log_tails(cluster: Cluster, lines: int = 15) -> str:
     if 'Address already in use' in text:
         last = cluster.slurmd_port(cluster.nodes - 1)
         ports = '6817/6818' if cluster.ctld_port is None else f'{cluster.ctld_port}-{last}'
-        text += (f'\nHint: ports {ports} are taken, most likely by another slurmctld/slurmd on this machine; '
-                 'stop it first (python -m launch.slurm_cluster down --dir ITS_DIR).')
+        text += (
+            f'\nHint: ports {ports} are taken, most likely by another slurmctld/slurmd on this machine; '
+            'stop it first (python -m launch.slurm_cluster down --dir ITS_DIR).'
+        )
     return text
 
 
 def _start_munged(cluster: Cluster) -> None:
     # munged forks into the background once its socket accepts requests.
-    cmd = [_binary('munged'), f'--key-file={cluster.path("munge.key")}',
-           f'--socket={cluster.path("munge.socket")}', f'--pid-file={cluster.pid_file("munged")}',
-           f'--log-file={cluster.log_file("munged")}', f'--seed-file={cluster.path("munged.seed")}']
+    cmd = [
+        _binary('munged'),
+        f'--key-file={cluster.path("munge.key")}',
+        f'--socket={cluster.path("munge.socket")}',
+        f'--pid-file={cluster.pid_file("munged")}',
+        f'--log-file={cluster.log_file("munged")}',
+        f'--seed-file={cluster.path("munged.seed")}',
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     if res.returncode != 0:
-        raise SlurmClusterError(f'munged failed to start (exit {res.returncode}): {res.stderr.strip()}\n'
-                                + _log_tails(cluster))
+        raise SlurmClusterError(
+            f'munged failed to start (exit {res.returncode}): {res.stderr.strip()}\n' + _log_tails(cluster)
+        )
 
 
 def _wait_idle(cluster: Cluster, timeout: float) -> None:
@@ -404,12 +436,19 @@ def _wait_idle(cluster: Cluster, timeout: float) -> None:
         if state == 'idle':
             return
         time.sleep(0.3)
-    raise SlurmClusterError(f'nodes {",".join(cluster.node_names)} not idle after {timeout:.0f} s '
-                            f'(sinfo state: {state})\n' + _log_tails(cluster))
+    raise SlurmClusterError(
+        f'nodes {",".join(cluster.node_names)} not idle after {timeout:.0f} s '
+        f'(sinfo state: {state})\n' + _log_tails(cluster)
+    )
 
 
-def up(dir: Path | str | None = None, cpus: int | None = None, timeout: float = 60.0, nodes: int = 1,
-       ctld_port: int | None = None) -> Cluster:
+def up(
+    dir: Path | str | None = None,
+    cpus: int | None = None,
+    timeout: float = 60.0,
+    nodes: int = 1,
+    ctld_port: int | None = None,
+) -> Cluster:
     """Start munged, slurmctld and one slurmd per node from `dir` and wait until every node is idle.
 
     `dir` defaults to DEFAULT_DIR for one node, MULTI_NODE_DIR for several; `ctld_port` to SLURM's default for
@@ -478,11 +517,16 @@ def status(dir: Path | str = DEFAULT_DIR) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m launch.slurm_cluster', description=__doc__.split('\n')[0])
     parser.add_argument('command', choices=('up', 'down', 'status'))
-    parser.add_argument('--dir', type=Path, default=None,
-                        help=f'cluster folder (default {DEFAULT_DIR}; {MULTI_NODE_DIR} for up --nodes N > 1)')
+    parser.add_argument(
+        '--dir',
+        type=Path,
+        default=None,
+        help=f'cluster folder (default {DEFAULT_DIR}; {MULTI_NODE_DIR} for up --nodes N > 1)',
+    )
     parser.add_argument('--nodes', type=int, default=1, help='up: number of nodes (default 1)')
     parser.add_argument('--cpus', type=int, default=None, help='CPUs of each node (default: nproc)')
     parser.add_argument('--clean', action='store_true', help='down: also remove the cluster folder')

@@ -11,6 +11,7 @@ An exported backbone is one safetensors file (the teacher backbone's weights) wh
 (``skipssl_common.artefacts.ExportMeta``) names the timm model and its keyword arguments, so ``load_backbone``
 rebuilds it without the training config.
 """
+
 import json
 import os
 import re
@@ -58,19 +59,19 @@ def verify_checkpoint(folder: PathLike, world_size: Optional[int] = None) -> Dic
     folder = Path(folder)
     marker = folder / COMPLETE
     if not marker.is_file():
-        raise CheckpointError(f"{folder}: no {COMPLETE} marker (the write did not finish)")
+        raise CheckpointError(f'{folder}: no {COMPLETE} marker (the write did not finish)')
     try:
         record = json.loads(marker.read_text())
     except ValueError as exn:
-        raise CheckpointError(f"{marker}: unreadable ({exn})") from exn
+        raise CheckpointError(f'{marker}: unreadable ({exn})') from exn
     for name, info in record.get('files', {}).items():
         f = folder / name
         if not f.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
+            raise CheckpointError(f'{folder}: {name} is missing')
         if f.stat().st_size != info['bytes']:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {info['bytes']} were written (truncated?)")
+            raise CheckpointError(f'{f}: {f.stat().st_size} bytes, {info["bytes"]} were written (truncated?)')
         if sha256(f) != info['sha256']:
-            raise CheckpointError(f"{f}: SHA-256 differs from the one recorded at write time (corrupt)")
+            raise CheckpointError(f'{f}: SHA-256 differs from the one recorded at write time (corrupt)')
     if world_size is not None:
         check_world_size(record, folder, world_size)
     return record
@@ -80,16 +81,20 @@ def check_world_size(record: Dict, folder: PathLike, world_size: int) -> None:
     """A resume needs the ranks that wrote the checkpoint (CheckpointError otherwise)."""
     if record.get('world_size') != world_size:
         raise CheckpointError(
-            f"{folder} was written by {record.get('world_size')} ranks, this run has {world_size}: exact resume "
-            "needs the same number of ranks (optimizer partitions, RNG and reader positions are per rank)")
+            f'{folder} was written by {record.get("world_size")} ranks, this run has {world_size}: exact resume '
+            'needs the same number of ranks (optimizer partitions, RNG and reader positions are per rank)'
+        )
 
 
 def finalize_checkpoint(tmp_folder: PathLike, final_folder: PathLike, record: Dict) -> None:
     """Write COMPLETE (with sizes and digests of every file) into ``tmp_folder`` and rename it into place."""
     tmp_folder, final_folder = Path(tmp_folder), Path(final_folder)
     record = dict(record)
-    record['files'] = {f.name: {'bytes': f.stat().st_size, 'sha256': sha256(f)}
-                       for f in sorted(tmp_folder.iterdir()) if f.is_file() and f.name != COMPLETE}
+    record['files'] = {
+        f.name: {'bytes': f.stat().st_size, 'sha256': sha256(f)}
+        for f in sorted(tmp_folder.iterdir())
+        if f.is_file() and f.name != COMPLETE
+    }
     atomic_write_text(json.dumps(record, indent=1), tmp_folder / COMPLETE)
     fsync_dir(tmp_folder)
     if final_folder.exists():  # same iteration saved again (e.g. end of epoch == every-N boundary)
@@ -116,7 +121,7 @@ def load_file(path: PathLike, map_location: Union[str, torch.device] = 'cpu') ->
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exn:
-        raise CheckpointError(f"cannot load {path}: {type(exn).__name__}: {exn}") from exn
+        raise CheckpointError(f'cannot load {path}: {type(exn).__name__}: {exn}') from exn
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
@@ -131,29 +136,35 @@ def resolve_checkpoint(path: PathLike) -> Path:
         for _, folder in reversed(list_checkpoints(root)):
             if (folder / COMPLETE).is_file():
                 return folder
-    raise CheckpointError(f"no complete checkpoint at {path} (expected a run folder, its checkpoints/ folder, "
-                          f"a {CKPT_PREFIX}XXXXXXXX folder or an exported .safetensors backbone)")
+    raise CheckpointError(
+        f'no complete checkpoint at {path} (expected a run folder, its checkpoints/ folder, '
+        f'a {CKPT_PREFIX}XXXXXXXX folder or an exported .safetensors backbone)'
+    )
 
 
 # -- backbones ------------------------------------------------------------------------------------------
 def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
     """A timm ViT (or SkipAt-ViT) without classifier that takes inputs of any size."""
     import timm
+
     from . import models  # noqa: F401  (registers the SkipAt models)
+
     kwargs = dict(kwargs or {})
     kwargs.setdefault('dynamic_img_size', True)
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not in timm's registry (e.g. vit_small_patch16_224, "
-                         "vit_small_patch16_skipat_224)")
+        raise ValueError(
+            f"unknown model {name!r}: not in timm's registry (e.g. vit_small_patch16_224, vit_small_patch16_skipat_224)"
+        )
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except TypeError as exn:
-        raise ValueError(f"model {name!r} does not take these arguments {sorted(kwargs)}: {exn}") from exn
+        raise ValueError(f'model {name!r} does not take these arguments {sorted(kwargs)}: {exn}') from exn
 
 
 def save_backbone(backbone: nn.Module, path: PathLike, meta: ExportMeta) -> Path:
     """Export a backbone's weights as safetensors with what is needed to rebuild it; written atomically."""
     from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in backbone.state_dict().items()}
@@ -168,15 +179,15 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
     path = Path(path)
     if path.suffix == '.safetensors':
         from safetensors import SafetensorError, safe_open
+
         if not path.is_file():
-            raise CheckpointError(f"no such backbone file: {path}")
+            raise CheckpointError(f'no such backbone file: {path}')
         try:
             with safe_open(str(path), framework='pt') as f:
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as exn:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({type(exn).__name__}: {exn})") \
-                from exn
+            raise CheckpointError(f'{path} is not a readable safetensors file ({type(exn).__name__}: {exn})') from exn
         try:
             export = ExportMeta.from_metadata(meta, str(path))
         except ArtefactError as exn:
@@ -189,17 +200,26 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
         blob = load_file(folder / MODEL_FILE)
         if which not in ('teacher', 'student'):
             raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-        state = {k[len('backbone.'):]: v for k, v in blob[which].items() if k.startswith('backbone.')}
+        state = {k[len('backbone.') :]: v for k, v in blob[which].items() if k.startswith('backbone.')}
         name, kwargs = blob['model']['name'], blob['model']['kwargs']
         pos = blob['position']
-        meta = {'model_name': name, 'model_kwargs': json.dumps(kwargs, sort_keys=True), 'checkpoint': str(folder),
-                'iteration': record['iteration'], 'epoch': pos['epoch'], 'images_seen': pos.get('images_seen'),
-                'device_hours': pos.get('device_hours'), 'device_hours_unit': pos.get('device_hours_unit'),
-                'sha256': record['files'][MODEL_FILE]['sha256'], 'which': which,
-                **{k: json.dumps(v) for k, v in blob.get('data', {}).items()}}
+        meta = {
+            'model_name': name,
+            'model_kwargs': json.dumps(kwargs, sort_keys=True),
+            'checkpoint': str(folder),
+            'iteration': record['iteration'],
+            'epoch': pos['epoch'],
+            'images_seen': pos.get('images_seen'),
+            'device_hours': pos.get('device_hours'),
+            'device_hours_unit': pos.get('device_hours_unit'),
+            'sha256': record['files'][MODEL_FILE]['sha256'],
+            'which': which,
+            **{k: json.dumps(v) for k, v in blob.get('data', {}).items()},
+        }
     backbone = build_backbone(name, kwargs)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit {name}({kwargs}): missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}")
+        raise CheckpointError(
+            f'{path}: weights do not fit {name}({kwargs}): missing {missing[:5]}, unexpected {unexpected[:5]}'
+        )
     return backbone.eval(), meta

@@ -11,11 +11,13 @@ every rank's tracebacks. Here:
   at once; torchrun's agent and ``srun --kill-on-bad-exit`` end the rest.
 - every rank runs a :class:`FailureWatch` thread that polls the store; when a peer has recorded a failure (or
   the store has been unreachable for ``STORE_LOST_S``), it prints one line, ``rank N: stopping because rank M
-  failed``, and ends its process. This ends ranks stuck where no socket error reaches them (an NCCL kernel, a long step).
+  failed``, and ends its process. This ends ranks stuck where no socket error reaches them (an NCCL kernel, a long
+  step).
 - a rank whose own error is a consequence (a lost connection, :class:`PeerFailed`) prints only that line.
 
 Dependency-light on purpose: training and evaluation both use it, and it imports nothing of either.
 """
+
 import json
 import logging
 import os
@@ -26,18 +28,22 @@ import traceback
 from datetime import timedelta
 from typing import Callable, NoReturn, Optional, Tuple
 
-FAILED_KEY = 'skipssl/failure/rank'     # the rank whose error was printed
-CLAIM_KEY = 'skipssl/failure/claims'    # the first rank to add 1 is the root
-ACK_KEY = 'skipssl/failure/acks'        # peers that have seen it
+FAILED_KEY = 'skipssl/failure/rank'  # the rank whose error was printed
+CLAIM_KEY = 'skipssl/failure/claims'  # the first rank to add 1 is the root
+ACK_KEY = 'skipssl/failure/acks'  # peers that have seen it
 POLL_S = 0.25
-ACK_WAIT_S = 3.0                        # the root waits this long for its peers to print their line
-FOLLOWER_DELAY_S = 1.0                  # a follower outlives the root by this long
-STORE_LOST_S = 30.0                     # a store unreachable this long means the job is gone
-ROOT_WAIT_S = 5.0                       # a peer that lost contact waits this long for the root's record
+ACK_WAIT_S = 3.0  # the root waits this long for its peers to print their line
+FOLLOWER_DELAY_S = 1.0  # a follower outlives the root by this long
+STORE_LOST_S = 30.0  # a store unreachable this long means the job is gone
+ROOT_WAIT_S = 5.0  # a peer that lost contact waits this long for the root's record
 
 # Messages of errors that only say a peer went away (gloo, NCCL, the TCPStore).
-_LOST_PEER = ('connection closed by peer', 'connection reset by peer', 'remote worker crashing',
-              'nccl communicator was aborted')
+_LOST_PEER = (
+    'connection closed by peer',
+    'connection reset by peer',
+    'remote worker crashing',
+    'nccl communicator was aborted',
+)
 
 
 class PeerFailed(RuntimeError):
@@ -52,6 +58,7 @@ def lost_peer(exn: BaseException) -> bool:
             return True
         try:
             import torch.distributed as dist
+
             if isinstance(exn, getattr(dist, 'DistNetworkError', ())):
                 return True
         except ImportError:
@@ -81,10 +88,16 @@ def _store(timeout_s: float = 10.0):
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'MASTER_ADDR' not in os.environ:
         return None
     import torch.distributed as dist
-    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
-                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    store = dist.TCPStore(
+        os.environ['MASTER_ADDR'],
+        int(os.environ['MASTER_PORT']),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
     # torchrun's agent store outlives a restart of the workers (--max-restarts): keys of each attempt apart
-    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f'attempt-{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}', store)
 
 
 def _flush() -> None:
@@ -129,8 +142,7 @@ class FailureWatch:
             return self
         self._store = _store()
         _active = self
-        self._thread = threading.Thread(target=self._poll, args=(_store(),), name='skipssl-failure-watch',
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._poll, args=(_store(),), name='skipssl-failure-watch', daemon=True)
         self._thread.start()
         return self
 
@@ -156,11 +168,14 @@ class FailureWatch:
                 # a passing network hiccup must not end a healthy job: only a store that stays away does
                 if self._stop.is_set() or time.monotonic() - unreachable_since < STORE_LOST_S:
                     continue
-                self._exit(1, f"rank {self.rank}: stopping because the job's rendezvous store has been unreachable "
-                              f"for {STORE_LOST_S:.0f} s (rank 0 or the launcher ended?): {first_line(exn)}")
+                self._exit(
+                    1,
+                    f"rank {self.rank}: stopping because the job's rendezvous store has been unreachable "
+                    f'for {STORE_LOST_S:.0f} s (rank 0 or the launcher ended?): {first_line(exn)}',
+                )
             if root is not None and root != self.rank:
                 self._ack(store)
-                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed", follower=True)
+                self._exit(1, f'rank {self.rank}: stopping because rank {root} failed', follower=True)
 
     # -- the error path ------------------------------------------------------------------------------------
     def fail(self, exn: BaseException, describe: Callable[[BaseException], Tuple[int, Optional[str]]]) -> NoReturn:
@@ -170,18 +185,25 @@ class FailureWatch:
             root = self._wait_for_root()
             if root is not None:
                 self._ack(self._store)
-                self._exit(1, f"rank {self.rank}: stopping because rank {root} failed", follower=True)
-            self._exit(1, f"rank {self.rank}: stopping: lost contact with another rank, which ended without reporting "
-                          f"an error (killed, out of memory, crashed?): {first_line(exn)}")
+                self._exit(1, f'rank {self.rank}: stopping because rank {root} failed', follower=True)
+            self._exit(
+                1,
+                f'rank {self.rank}: stopping: lost contact with another rank, which ended without reporting '
+                f'an error (killed, out of memory, crashed?): {first_line(exn)}',
+            )
         status, line = describe(exn)
-        text = f"{self.prog}: {line}" if line else ''.join(traceback.format_exception(exn)).rstrip()
+        text = f'{self.prog}: {line}' if line else ''.join(traceback.format_exception(exn)).rstrip()
         if self._claim():
             _record_for_torchrun(text)
-            self._exit(status, f"rank {self.rank}: {text}", root=True)
+            self._exit(status, f'rank {self.rank}: {text}', root=True)
         root = self._wait_for_root()
         self._ack(self._store)
-        self._exit(status, f"rank {self.rank}: stopping because rank {root if root is not None else '?'} failed "
-                           f"first (here too: {first_line(exn) if line is None else line})", follower=True)
+        self._exit(
+            status,
+            f'rank {self.rank}: stopping because rank {root if root is not None else "?"} failed '
+            f'first (here too: {first_line(exn) if line is None else line})',
+            follower=True,
+        )
 
     def _claim(self) -> bool:
         try:
@@ -232,8 +254,12 @@ def _record_for_torchrun(text: str) -> None:
     path = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if not path:
         return
-    record = {'message': {'message': text.splitlines()[-1],
-                          'extraInfo': {'py_callstack': text, 'timestamp': str(int(time.time()))}}}
+    record = {
+        'message': {
+            'message': text.splitlines()[-1],
+            'extraInfo': {'py_callstack': text, 'timestamp': str(int(time.time()))},
+        }
+    }
     try:
         with open(path, 'w') as f:
             json.dump(record, f)

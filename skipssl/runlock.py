@@ -1,6 +1,7 @@
 """One writer per run folder: an exclusive ``flock`` on ``{output_dir}/.writer.lock``, held by rank 0 for the
 whole run. The kernel releases it when the process ends however it ends (SIGKILL included), so a requeued or
 restarted job takes it again; a second run started on the same folder meanwhile is refused, naming the holder."""
+
 import errno
 import fcntl
 import logging
@@ -20,8 +21,11 @@ class RunFolderError(RuntimeError):
 
 def _holder() -> str:
     job = os.environ.get('SLURM_JOB_ID')
-    return (f"pid {os.getpid()} on {socket.gethostname()}" + (f", SLURM job {job}" if job else '')
-            + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return (
+        f'pid {os.getpid()} on {socket.gethostname()}'
+        + (f', SLURM job {job}' if job else '')
+        + f', since {time.strftime("%Y-%m-%d %H:%M:%S")}'
+    )
 
 
 class RunLock:
@@ -35,21 +39,27 @@ class RunLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exn:
-            raise RunFolderError(f"experiment.output_dir: cannot write to {self.folder}: "
-                                 f"{exn.strerror or exn}") from exn
+            raise RunFolderError(
+                f'experiment.output_dir: cannot write to {self.folder}: {exn.strerror or exn}'
+            ) from exn
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors='replace').strip() or 'unknown'
             os.close(fd)
-            raise RunFolderError(f"experiment.output_dir: {self.folder} is in use by another run ({holder}); "
-                                 "wait for it to end or use another folder") from None
+            raise RunFolderError(
+                f'experiment.output_dir: {self.folder} is in use by another run ({holder}); '
+                'wait for it to end or use another folder'
+            ) from None
         except OSError as exn:
             if exn.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 os.close(fd)
                 raise
-            log.warning("%s: the file system does not support flock (%s); a second run on this folder would not "
-                        "be refused", path, exn.strerror)
+            log.warning(
+                '%s: the file system does not support flock (%s); a second run on this folder would not be refused',
+                path,
+                exn.strerror,
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_holder() + '\n').encode(), 0)
         self._fd = fd

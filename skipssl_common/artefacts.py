@@ -3,6 +3,7 @@ report, evaluators, demo, launch) and an exported backbone's metadata (trainer -
 names of the shard index. Each record carries its format name; a reader refuses another format (or version) in
 one line, and files written before the name was recorded are read as version 1.
 """
+
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .io import PathLike, atomic_write_json
 
-SHARD_INDEX_FORMAT = 'skipssl-shards/1'      # {prefix}-index.json: make_shards and the synthetic writers
-BACKBONE_FORMAT = 'skipssl-backbone/1'       # safetensors metadata of an exported backbone
-SUMMARY_FORMAT = 'skipssl-run-summary/1'     # {run}/summary.json
+SHARD_INDEX_FORMAT = 'skipssl-shards/1'  # {prefix}-index.json: make_shards and the synthetic writers
+BACKBONE_FORMAT = 'skipssl-backbone/1'  # safetensors metadata of an exported backbone
+SUMMARY_FORMAT = 'skipssl-run-summary/1'  # {run}/summary.json
 SUMMARY_FILE = 'summary.json'
 
 
@@ -23,10 +24,10 @@ class ArtefactError(ValueError):
 def _check(record: Mapping[str, Any], fmt: str, required: List[str], where: str) -> None:
     found = record.get('format', fmt)
     if found != fmt:
-        raise ArtefactError(f"{where} is format {found!r}, expected {fmt!r}")
+        raise ArtefactError(f'{where} is format {found!r}, expected {fmt!r}')
     missing = [k for k in required if k not in record]
     if missing:
-        raise ArtefactError(f"{where} lacks {missing}")
+        raise ArtefactError(f'{where} lacks {missing}')
 
 
 def _known(cls, record: Mapping[str, Any]) -> Dict[str, Any]:
@@ -38,9 +39,10 @@ def _known(cls, record: Mapping[str, Any]) -> Dict[str, Any]:
 @dataclass
 class RunSummary:
     """What a training run did, written by rank 0 when it stops (finished or not)."""
+
     run_name: str
-    model: Dict[str, Any]                   # {'name': timm model name, 'kwargs': {...}}
-    skipat: bool                            # asked of the built model, not guessed from its name
+    model: Dict[str, Any]  # {'name': timm model name, 'kwargs': {...}}
+    skipat: bool  # asked of the built model, not guessed from its name
     config_name: str
     epochs_planned: Optional[int] = None
     epochs_done: Optional[int] = None
@@ -49,12 +51,12 @@ class RunSummary:
     global_batch: Optional[int] = None
     images_seen: Optional[int] = None
     images_per_s: Optional[float] = None
-    device: Dict[str, Any] = field(default_factory=dict)   # kind, world_size, name, threads_per_rank
+    device: Dict[str, Any] = field(default_factory=dict)  # kind, world_size, name, threads_per_rank
     device_hours: Optional[float] = None
     device_hours_unit: Optional[str] = None
-    per_epoch: List[Dict[str, Any]] = field(default_factory=list)   # one record per finished epoch
+    per_epoch: List[Dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     finished: bool = False
-    stopped_by: Optional[str] = None        # the signal that stopped an unfinished run, if any
+    stopped_by: Optional[str] = None  # the signal that stopped an unfinished run, if any
     format: str = SUMMARY_FORMAT
 
     def to_dict(self) -> Dict[str, Any]:
@@ -77,9 +79,9 @@ class RunSummary:
         try:
             record = json.loads(path.read_text())
         except ValueError as exn:
-            raise ArtefactError(f"{path} is unreadable: {exn}") from exn
+            raise ArtefactError(f'{path} is unreadable: {exn}') from exn
         if not isinstance(record, dict):
-            raise ArtefactError(f"{path} is unreadable: not a JSON object")
+            raise ArtefactError(f'{path} is unreadable: not a JSON object')
         return cls.from_dict(record, str(path))
 
 
@@ -91,18 +93,20 @@ _RAW = ('format', 'model_name', 'run_dir', 'device_hours_unit')
 class Provenance:
     """Where in a run a set of weights comes from, and the preprocessing it was trained with (keyword-only, so
     records that add their own positional fields can share it)."""
+
     iteration: Optional[int] = None
     epoch: Optional[int] = None
     images_seen: Optional[int] = None
     device_hours: Optional[float] = None
     device_hours_unit: Optional[str] = None
     run_dir: Optional[str] = None
-    data: Dict[str, Any] = field(default_factory=dict)   # channels, mean, std, eval_resize, eval_crop
+    data: Dict[str, Any] = field(default_factory=dict)  # channels, mean, std, eval_resize, eval_crop
 
 
 @dataclass
 class ExportMeta(Provenance):
     """What rebuilds an exported backbone and places it in its run: stored as the safetensors file's metadata."""
+
     model_name: str
     model_kwargs: Dict[str, Any]
     format: str = BACKBONE_FORMAT
@@ -112,16 +116,21 @@ class ExportMeta(Provenance):
         flat = {k: v for k, v in asdict(self).items() if k != 'data'}
         flat.update(self.data)
         # unknown values are left out (read back as None), not written as the string 'null'
-        return {k: v if k in _RAW else json.dumps(v, sort_keys=k == 'model_kwargs')
-                for k, v in flat.items() if v is not None}
+        return {
+            k: v if k in _RAW else json.dumps(v, sort_keys=k == 'model_kwargs')
+            for k, v in flat.items()
+            if v is not None
+        }
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], where: str) -> 'ExportMeta':
         """Parsed from an export's metadata; ArtefactError naming ``where`` if it is not a skipssl export.
         Keys this version does not know are the data settings (written at the top level)."""
         if metadata.get('format') != BACKBONE_FORMAT:
-            raise ArtefactError(f"{where} is not a skipssl backbone export (metadata format "
-                                f"{metadata.get('format')!r}, expected {BACKBONE_FORMAT!r})")
+            raise ArtefactError(
+                f'{where} is not a skipssl backbone export (metadata format '
+                f'{metadata.get("format")!r}, expected {BACKBONE_FORMAT!r})'
+            )
         _check(metadata, BACKBONE_FORMAT, ['model_name', 'model_kwargs'], where)
         values = {k: v if k in _RAW else _parse(v) for k, v in metadata.items()}
         known = _known(cls, values)

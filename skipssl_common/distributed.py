@@ -3,6 +3,7 @@ plain single process; and the torch.distributed ``env://`` variables that follow
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT: DeepSpeed and ``init_process_group`` read them, and without them
 DeepSpeed falls back to MPI discovery). No torch here, so launch can use it without a heavy import.
 """
+
 import os
 import re
 import socket
@@ -17,7 +18,8 @@ LAUNCHERS = ('torchrun', 'slurm', 'single')
 @dataclass(frozen=True)
 class Placement:
     """This process's rank in the run, read from the launcher's environment before any process group exists."""
-    launcher: str      # one of LAUNCHERS
+
+    launcher: str  # one of LAUNCHERS
     rank: int
     world_size: int
     local_rank: int
@@ -71,8 +73,9 @@ def placement(env: Env = os.environ) -> Placement:
     if launcher == 'torchrun':
         return Placement(launcher, int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', '0')))
     if launcher == 'slurm':
-        return Placement(launcher, int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']),
-                         int(env.get('SLURM_LOCALID', '0')))
+        return Placement(
+            launcher, int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', '0'))
+        )
     return Placement(launcher, 0, 1, int(env.get('LOCAL_RANK', '0')))
 
 

@@ -4,6 +4,7 @@ An atomic write goes to a hidden temporary next to the target (``.{name}.tmp{pid
 renamed over the target with the mode a plainly written file would have: a reader sees the old file or the
 new one, never a torn one, even when the writer is killed or the machine loses power.
 """
+
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ def fsync_dir(path: PathLike) -> None:
 
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under this process's umask (0o644 under umask 022)."""
-    try:   # Linux >= 4.7 reports it; os.umask() can only be read by setting it, which races other threads
+    try:  # Linux >= 4.7 reports it; os.umask() can only be read by setting it, which races other threads
         with open('/proc/self/status') as f:
             umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
     except (OSError, StopIteration, ValueError):
@@ -90,12 +91,12 @@ def atomic_write_json(obj: Any, path: PathLike, **dumps_kwargs: Any) -> None:
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` made atomic (torch imported here: this module stays light for launch)."""
     import torch
+
     with atomic_open(path, 'wb') as f:
         torch.save(obj, f)
 
 
-def deep_merge(base: Dict, over: Dict, whole: Collection[Tuple[str, ...]] = (),
-               _path: Tuple[str, ...] = ()) -> Dict:
+def deep_merge(base: Dict, over: Dict, whole: Collection[Tuple[str, ...]] = (), _path: Tuple[str, ...] = ()) -> Dict:
     """``base`` updated by ``over`` key by key, recursing into mappings both sides hold; a mapping at a key path in
     ``whole`` (e.g. ``('model', 'kwargs')``) replaces the base's instead. Neither input is changed."""
     out = dict(base)

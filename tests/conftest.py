@@ -1,4 +1,5 @@
 """Shared fixtures."""
+
 import os
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def slurm_cluster():
     there is reused and left running.
     """
     from launch import slurm_cluster as sc
+
     yield from _running_cluster(1, Path(os.environ.get('SKIPSSL_SLURM_DIR', sc.DEFAULT_DIR)))
 
 
@@ -51,4 +53,5 @@ def slurm_two_nodes():
     module using it must not use `slurm_cluster` too.
     """
     from launch import slurm_cluster as sc
+
     yield from _running_cluster(2, Path(os.environ.get('SKIPSSL_SLURM_NODES_DIR', sc.MULTI_NODE_DIR)))

@@ -1,5 +1,6 @@
 """Small labelled image shards for training tests: 10 classes of oriented gratings with random phase and
 noise, written as WebDataset tars with a make_shards-style index."""
+
 import io
 import json
 import math
@@ -21,8 +22,9 @@ def pattern(label: int, rng: np.random.Generator, size: int = 28) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_pattern_shards(folder, n: int, n_shards: int = 4, size: int = 28, seed: int = 0,
-                         prefix: str = 'train') -> Path:
+def write_pattern_shards(
+    folder, n: int, n_shards: int = 4, size: int = 28, seed: int = 0, prefix: str = 'train'
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

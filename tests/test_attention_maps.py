@@ -1,5 +1,6 @@
 """DINO-style attention maps: the 60% mass masks against DINO's visualize_attention.py procedure, the maps against
 the model's attention, the rendering, and the command on real image files."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def dino_threshold(attentions: np.ndarray, threshold: float) -> np.ndarray:
 @pytest.mark.parametrize('keep', [0.6, 0.9])
 def test_mass_masks_are_dinos(keep):
     g = torch.Generator().manual_seed(0)
-    maps = torch.rand(3, 6, 7, 5, generator=g) ** 4   # a few strong patches per head, as trained heads have
+    maps = torch.rand(3, 6, 7, 5, generator=g) ** 4  # a few strong patches per head, as trained heads have
     masks = mass_masks(maps, keep)
     for b in range(3):
         expected = dino_threshold(maps[b].flatten(1).numpy().copy(), keep)
@@ -48,13 +49,14 @@ def test_mass_masks_are_dinos(keep):
 
 def test_maps_are_the_class_tokens_attention_and_render_to_the_image():
     torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_skipat_224', depth=4, skip_indices=(2,), num_classes=0,
-                              reg_tokens=1).eval()
+    model = timm.create_model(
+        'vit_tiny_patch16_skipat_224', depth=4, skip_indices=(2,), num_classes=0, reg_tokens=1
+    ).eval()
     x = torch.randn(2, 3, 64, 48)
     maps = cls_attention_maps(model, x)
     attn = get_last_selfattention(model, x)
     assert maps.shape == (2, 3, 4, 3)
-    torch.testing.assert_close(maps.flatten(2), attn[:, :, 0, 2:])   # class token + 1 register left out
+    torch.testing.assert_close(maps.flatten(2), attn[:, :, 0, 2:])  # class token + 1 register left out
     assert (maps.flatten(2).sum(-1) <= 1 + 1e-5).all()
     overlays, masked = render(x.sigmoid(), maps, mass_masks(maps))
     assert overlays.shape == masked.shape == (6, 3, 64, 48)
@@ -73,15 +75,46 @@ def test_command_renders_a_png_per_image(tmp_path):
         images += ['--image', str(path)]
     out = tmp_path / 'attn'
     proc = subprocess.run(
-        [sys.executable, '-m', 'skipssl.analysis.attention', '--checkpoint', 'vit_tiny_patch16_skipat_224',
-         '--model-kwargs', '{"depth": 4, "skip_indices": [2]}', '--resize', '64', '--crop', '64', *images,
-         '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            '-m',
+            'skipssl.analysis.attention',
+            '--checkpoint',
+            'vit_tiny_patch16_skipat_224',
+            '--model-kwargs',
+            '{"depth": 4, "skip_indices": [2]}',
+            '--resize',
+            '64',
+            '--crop',
+            '64',
+            *images,
+            '--out',
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from torchvision.io import read_image
+
     for i in range(2):
         png = read_image(str(out / f'img{i}-attention.png'))
-        assert png.shape == (3, 3 * 64 + 4 * 2, 2 * 64 + 3 * 2)   # 3 heads x (heat map, mask), 2 px padding
-    bad = subprocess.run([sys.executable, '-m', 'skipssl.analysis.attention', '--checkpoint',
-                          'vit_tiny_patch16_skipat_224', '--image', str(tmp_path / 'nope.jpg')], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+        assert png.shape == (3, 3 * 64 + 4 * 2, 2 * 64 + 3 * 2)  # 3 heads x (heat map, mask), 2 px padding
+    bad = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'skipssl.analysis.attention',
+            '--checkpoint',
+            'vit_tiny_patch16_skipat_224',
+            '--image',
+            str(tmp_path / 'nope.jpg'),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr and 'nope.jpg: no such file' in bad.stderr

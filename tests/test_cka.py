@@ -2,6 +2,7 @@
 of the unbiased HSIC, the population CKA of a Gaussian model, Kornblith et al.'s full-batch linear CKA), its
 invariances, the capture hooks against the model's own outputs, the exact skip choice against brute force, a
 planted redundancy, and the command end to end on real shards."""
+
 import itertools
 import json
 
@@ -30,7 +31,7 @@ def streamed_cka(features, batch: int) -> np.ndarray:
     stream = StreamingCKA()
     tensors = [torch.from_numpy(f) for f in features]
     for start in range(0, len(features[0]), batch):
-        stream.update(torch.stack([t[start:start + batch] @ t[start:start + batch].T for t in tensors]))
+        stream.update(torch.stack([t[start : start + batch] @ t[start : start + batch].T for t in tensors]))
     return stream.cka().numpy()
 
 
@@ -40,27 +41,36 @@ def test_unbiased_hsic_is_the_u_statistic():
     rng = np.random.default_rng(0)
     n = 7
     x, y = rng.normal(size=(n, 3)), rng.normal(size=(n, 4)) + rng.normal(size=(n, 1))
-    k, l = x @ x.T, y @ y.T
-    terms = [k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
-             for i, j, q, r in itertools.permutations(range(n), 4)]
+    k, m = x @ x.T, y @ y.T
+    terms = [
+        k[i, j] * m[i, j] + k[i, j] * m[q, r] - 2 * k[i, j] * m[i, q]
+        for i, j, q, r in itertools.permutations(range(n), 4)
+    ]
     expected = np.mean(terms)
-    got = unbiased_hsic(torch.from_numpy(np.stack([k, l]))).numpy()
+    got = unbiased_hsic(torch.from_numpy(np.stack([k, m]))).numpy()
     assert got[0, 1] == pytest.approx(expected, rel=1e-10)
     assert got[1, 0] == pytest.approx(expected, rel=1e-10)
-    assert got[0, 0] == pytest.approx(np.mean([k[i, j] ** 2 + k[i, j] * k[q, r] - 2 * k[i, j] * k[i, q]
-                                               for i, j, q, r in itertools.permutations(range(n), 4)]), rel=1e-10)
+    assert got[0, 0] == pytest.approx(
+        np.mean(
+            [
+                k[i, j] ** 2 + k[i, j] * k[q, r] - 2 * k[i, j] * k[i, q]
+                for i, j, q, r in itertools.permutations(range(n), 4)
+            ]
+        ),
+        rel=1e-10,
+    )
 
 
 def test_cka_is_one_with_itself_and_invariant_to_rotation_and_scale():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(256, 12))
     y = np.tanh(x @ rng.normal(size=(12, 9))) + 0.5 * rng.normal(size=(256, 9))
-    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))            # an orthogonal matrix
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))  # an orthogonal matrix
     m = streamed_cka([x, 3.7 * x @ q, y, 0.01 * y], batch=32)
     assert m[0, 0] == pytest.approx(1.0, abs=1e-12)
-    assert m[0, 1] == pytest.approx(1.0, abs=1e-10)            # rotated and scaled copy of itself
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-10)  # rotated and scaled copy of itself
     assert m[2, 3] == pytest.approx(1.0, abs=1e-10)
-    assert m[1, 2] == pytest.approx(m[0, 2], abs=1e-10)        # CKA(XQs, Y) = CKA(X, Y)
+    assert m[1, 2] == pytest.approx(m[0, 2], abs=1e-10)  # CKA(XQs, Y) = CKA(X, Y)
     assert m[1, 3] == pytest.approx(m[0, 2], abs=1e-10)
     assert 0.1 < m[0, 2] < 0.99
 
@@ -96,7 +106,7 @@ def brute_force_skips(m: np.ndarray, k: int):
 
 def test_exact_skip_choice_matches_brute_force():
     rng = np.random.default_rng(2)
-    for trial in range(5):
+    for _ in range(5):
         a = rng.uniform(0.3, 1.0, size=(8, 8))
         m = (a + a.T) / 2
         np.fill_diagonal(m, 1.0)
@@ -127,7 +137,7 @@ def test_capture_hooks_match_the_models_own_outputs():
         torch.testing.assert_close(capture.attn_grams[5][1], gram(last[:, 1]))
         torch.testing.assert_close(capture.attn_grams[5][2], gram(last.mean(1)))
     assert sorted(capture.attn_grams) == [0, 1, 4, 5]
-    assert not model.blocks[0].attn._forward_hooks                    # hooks removed on exit
+    assert not model.blocks[0].attn._forward_hooks  # hooks removed on exit
 
     plain = timm.create_model('vit_tiny_patch16_224', num_classes=0, **KWARGS).eval()
     with torch.no_grad(), BlockCapture(plain) as capture:
@@ -188,36 +198,66 @@ COMMON = ['--channels', '1', '--resize', '16', '--crop', '16', '--mean', '0.5', 
 def test_command_end_to_end(shards, tmp_path, capsys):
     out = tmp_path / 'cka'
     kwargs = json.dumps({**KWARGS, 'skip_indices': [2, 3]})
-    status = main(['--checkpoint', 'vit_tiny_patch16_skipat_224', '--model-kwargs', kwargs, '--shards', str(shards),
-                   '--images', '40', '--batch-size', '16', '--skips', '2', '--out', str(out), *COMMON])
+    status = main(
+        [
+            '--checkpoint',
+            'vit_tiny_patch16_skipat_224',
+            '--model-kwargs',
+            kwargs,
+            '--shards',
+            str(shards),
+            '--images',
+            '40',
+            '--batch-size',
+            '16',
+            '--skips',
+            '2',
+            '--out',
+            str(out),
+            *COMMON,
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     result = json.loads((out / 'cka.json').read_text())
-    assert result['images'] == 40 and result['batches'] == 3         # 16 + 16 + 8
+    assert result['images'] == 40 and result['batches'] == 3  # 16 + 16 + 8
     assert result['skipped_blocks'] == [2, 3] and result['attention_layers'] == [0, 1, 4, 5]
     assert np.array(result['z']).shape == (6, 6) and np.array(result['attention_mean']).shape == (4, 4)
     assert len(result['attention_heads']) == 2
     suggestion = result['suggestion']
     assert len(suggestion['skip_indices']) == 2 and 0 not in suggestion['skip_indices']
-    assert f"model.kwargs.skip_indices=[{','.join(map(str, suggestion['skip_indices']))}]" in printed
+    assert f'model.kwargs.skip_indices=[{",".join(map(str, suggestion["skip_indices"]))}]' in printed
     assert suggestion['macs_without_skips'] > 0 and 'MACs per image' in printed
     for name in ('cka_z.png', 'cka_attention.png', 'cka_attention_head0.png', 'cka_attention_head1.png'):
         assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.parametrize('extra, message', [
-    (['--batch-size', '2'], '--batch-size 2'),
-    (['--skips', '6'], '--skips 6'),
-    (['--images', '3'], '--images 3'),
-    (['--checkpoint', 'pixels'], 'pixels has no blocks'),
-    (['--checkpoint', 'no_such_model'], 'unknown model'),
-    (['--shards', '/nonexistent/shards'], '/nonexistent/shards does not exist'),
-    (['--channels', '3'], '1-channel images but the evaluation reads 3-channel'),
-    (['--device', 'gpu0'], '--device gpu0: not a device name'),
-])
+@pytest.mark.parametrize(
+    'extra, message',
+    [
+        (['--batch-size', '2'], '--batch-size 2'),
+        (['--skips', '6'], '--skips 6'),
+        (['--images', '3'], '--images 3'),
+        (['--checkpoint', 'pixels'], 'pixels has no blocks'),
+        (['--checkpoint', 'no_such_model'], 'unknown model'),
+        (['--shards', '/nonexistent/shards'], '/nonexistent/shards does not exist'),
+        (['--channels', '3'], '1-channel images but the evaluation reads 3-channel'),
+        (['--device', 'gpu0'], '--device gpu0: not a device name'),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(shards, tmp_path, capsys, extra, message):
-    argv = ['--checkpoint', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(KWARGS), '--shards', str(shards),
-            '--out', str(tmp_path / 'o'), *COMMON, *extra]   # argparse: the last occurrence of an option wins
+    argv = [
+        '--checkpoint',
+        'vit_tiny_patch16_224',
+        '--model-kwargs',
+        json.dumps(KWARGS),
+        '--shards',
+        str(shards),
+        '--out',
+        str(tmp_path / 'o'),
+        *COMMON,
+        *extra,
+    ]  # argparse: the last occurrence of an option wins
     status = main(argv)
     err = capsys.readouterr().err.strip()
     assert status == 2 and message in err and len(err.splitlines()) == 1
@@ -229,23 +269,45 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
     block 3 (its data settings from the export's metadata), default --skips (half the depth: 3)."""
     from skipssl.checkpoint import save_backbone
     from skipssl_common.artefacts import ExportMeta
+
     torch.manual_seed(3)
     backbone = build_backbone('vit_tiny_patch16_224', KWARGS).eval()
     plant_redundancy(backbone, 3)
-    export = save_backbone(backbone, tmp_path / 'run' / 'export' / 'teacher-00000001.safetensors',
-                           ExportMeta('vit_tiny_patch16_224', KWARGS, iteration=1,
-                                      data={'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16,
-                                            'eval_crop': 16}))
+    export = save_backbone(
+        backbone,
+        tmp_path / 'run' / 'export' / 'teacher-00000001.safetensors',
+        ExportMeta(
+            'vit_tiny_patch16_224',
+            KWARGS,
+            iteration=1,
+            data={'channels': 1, 'mean': [0.5], 'std': [0.25], 'eval_resize': 16, 'eval_crop': 16},
+        ),
+    )
     out = tmp_path / 'cka'
-    assert main(['--checkpoint', str(export), '--shards', str(shards), '--batch-size', '15', '--num-workers', '0',
-                 '--out', str(out)]) == 0
+    assert (
+        main(
+            [
+                '--checkpoint',
+                str(export),
+                '--shards',
+                str(shards),
+                '--batch-size',
+                '15',
+                '--num-workers',
+                '0',
+                '--out',
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / 'cka.json').read_text())
     assert result['images'] == 45 and result['model']['kind'] == 'export'
     assert result['skipped_blocks'] == [] and result['attention_layers'] == list(range(6))
     assert result['z'][4][3] > 1 - 1e-6
     assert 4 in result['suggestion']['skip_indices'] and len(result['suggestion']['skip_indices']) == 3
     assert result['suggestion']['macs_with_skips'] != result['suggestion']['macs_without_skips']
-    throughput = result['suggestion']['throughput']   # measured at the default CPU batch
+    throughput = result['suggestion']['throughput']  # measured at the default CPU batch
     assert throughput['batch_size'] == 8 and throughput['device'] == 'cpu'
     assert throughput['img_per_s_without_skips'] > 0 and throughput['img_per_s_with_skips'] > 0
     assert len(throughput['per_repeat']['with_skips']) == 3
@@ -253,6 +315,7 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
     assert 'model.kwargs.skip_indices=[' in printed and 'img/s' in printed
     # the export lies in a run folder: heat maps and neighbour CKAs in the run's TensorBoard at its iteration
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(tmp_path / 'run' / 'tb'), size_guidance={'images': 0, 'scalars': 0}).Reload()
     assert {'analysis/cka_z', 'analysis/cka_attention', 'analysis/cka_attention_head0'} <= set(events.Tags()['images'])
     block4 = events.Scalars('analysis/cka_z_previous_block/4')
@@ -262,10 +325,14 @@ def test_command_reads_an_export_and_planted_weights(shards, tmp_path, capsys):
 def test_interleaved_rates_measure_what_each_step_costs():
     """Two steps of known duration (sleeps, so CPU load does not change them): rates and their paired ratio."""
     import time
+
     from skipssl.models.throughput import interleaved_rates, median_ratio
+
     calls = []
-    steps = {'slow': lambda: (calls.append('slow'), time.sleep(0.04)), 'fast': lambda: (calls.append('fast'),
-                                                                                       time.sleep(0.02))}
+    steps = {
+        'slow': lambda: (calls.append('slow'), time.sleep(0.04)),
+        'fast': lambda: (calls.append('fast'), time.sleep(0.02)),
+    }
     rates = interleaved_rates(steps, images_per_step=4, iters=2, repeats=3, device=torch.device('cpu'), warmup=1)
     assert len(rates['slow']) == len(rates['fast']) == 3
     assert all(80 < r <= 100 for r in rates['slow']) and all(150 < r <= 200 for r in rates['fast'])

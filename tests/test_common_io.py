@@ -1,4 +1,5 @@
 """skipssl_common.io: atomic writes land whole or not at all; deep_merge merges key by key except where told."""
+
 import hashlib
 import json
 
@@ -16,7 +17,7 @@ def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
             f.write('{"x": 2, "trunc')
             raise RuntimeError('killed mid-write')
     assert json.loads(path.read_text()) == {'x': 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.json']   # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.json']  # no temporary left behind
 
 
 def test_atomic_path_for_writers_that_take_a_file_name(tmp_path):
@@ -33,5 +34,7 @@ def test_deep_merge():
     over = {'model': {'kwargs': {'depth': 4}}, 'lr': 2}
     assert io.deep_merge(base, over) == {'model': {'name': 'a', 'kwargs': {'depth': 4, 'heads': 1}}, 'lr': 2}
     assert io.deep_merge(base, over, whole={('model', 'kwargs')}) == {
-        'model': {'name': 'a', 'kwargs': {'depth': 4}}, 'lr': 2}
-    assert base['model']['kwargs'] == {'depth': 2, 'heads': 1}   # inputs unchanged
+        'model': {'name': 'a', 'kwargs': {'depth': 4}},
+        'lr': 2,
+    }
+    assert base['model']['kwargs'] == {'depth': 2, 'heads': 1}  # inputs unchanged

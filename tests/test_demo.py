@@ -1,5 +1,6 @@
 """The README's demo end to end with a reduced budget: every stage produces its files and the report has
 its structure."""
+
 import json
 import subprocess
 import sys
@@ -12,15 +13,16 @@ FMNIST = Path('/usr/share/datasets/fashion-mnist')
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').exists(),
-                    reason=f'needs Fashion-MNIST in {FMNIST} (Debian package dataset-fashion-mnist)')
+@pytest.mark.skipif(
+    not (FMNIST / 'train-images-idx3-ubyte.gz').exists(),
+    reason=f'needs Fashion-MNIST in {FMNIST} (Debian package dataset-fashion-mnist)',
+)
 def test_demo_with_a_reduced_budget(tmp_path):
     out, data = tmp_path / 'demo', tmp_path / 'fmnist'
     cmd = [sys.executable, 'demo.py', '--iterations', '40', '--out', str(out), '--data', str(data)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ('shards', 'pretrain skipat', 'pretrain vit', 'k-NN skipat', 'linear probe vit', 'benchmark',
-                  'total'):
+    for stage in ('shards', 'pretrain skipat', 'pretrain vit', 'k-NN skipat', 'linear probe vit', 'benchmark', 'total'):
         assert stage in proc.stdout, stage
     assert (data / 'train-index.json').is_file() and (data / 'test-index.json').is_file()
     for name in ('skipat', 'vit'):
@@ -62,4 +64,5 @@ def check_report_figures(report):
     assert skipat['compared_with'] == vit['run']
     assert skipat['knn_top1_diff'] == pytest.approx(skipat['knn_top1'] - vit['knn_top1'])
     assert skipat['device_hours_saving_pct'] == pytest.approx(
-        100 * (vit['device_hours'] - skipat['device_hours']) / vit['device_hours'])
+        100 * (vit['device_hours'] - skipat['device_hours']) / vit['device_hours']
+    )

@@ -1,4 +1,5 @@
 """DINO method pieces against plain formulas (Caron et al. 2021 and DINO's main_dino.py / utils.py)."""
+
 import math
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_collapse_monitors_detect_both_collapse_modes():
     assert m['teacher_entropy'] < 1e-3 and collapse_state(m, K) == 'one-hot'
     # healthy: sharp per image, different prototypes across images
     healthy = torch.randn(2 * B, K) * 0.2
-    healthy[torch.arange(2 * B), torch.randperm(K)[:2 * B]] += 1.0
+    healthy[torch.arange(2 * B), torch.randperm(K)[: 2 * B]] += 1.0
     loss_fn = DINOLoss(K)
     loss_fn(torch.randn(4 * B, K), healthy, teacher_temp=0.04)
     m = {k: v.item() for k, v in loss_fn.metrics.items()}
@@ -238,7 +239,8 @@ def test_ema_teacher_momentum_extremes_and_no_drop_path():
     torch.manual_seed(0)
     student = torch.nn.Sequential(
         timm.create_model('vit_tiny_patch16_224', num_classes=0, depth=2, drop_path_rate=0.5),
-        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8))
+        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8),
+    )
     teacher = make_teacher(student)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert not any(type(m).__name__ == 'DropPath' for m in teacher.modules())
@@ -262,8 +264,8 @@ def test_ema_teacher_momentum_extremes_and_no_drop_path():
 def test_per_parameter_gradient_clipping():
     a = torch.nn.Parameter(torch.zeros(3))
     b = torch.nn.Parameter(torch.zeros(2, 2))
-    a.grad = torch.tensor([0.3, 0.4, 0.0])          # norm 0.5: untouched
-    b.grad = torch.full((2, 2), 5.0)                # norm 10: scaled to 3
+    a.grad = torch.tensor([0.3, 0.4, 0.0])  # norm 0.5: untouched
+    b.grad = torch.full((2, 2), 5.0)  # norm 10: scaled to 3
     norms = clip_gradients_per_param([a, b], 3.0)
     torch.testing.assert_close(norms, torch.tensor([0.5, 10.0]))
     torch.testing.assert_close(a.grad, torch.tensor([0.3, 0.4, 0.0]))
@@ -275,7 +277,8 @@ def test_param_groups_weight_decay_and_last_layer_freeze():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         timm.create_model('vit_tiny_patch16_224', num_classes=0, depth=1),
-        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8))
+        DINOHead(192, out_dim=16, hidden_dim=32, bottleneck_dim=8),
+    )
     groups = param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:

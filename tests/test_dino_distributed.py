@@ -1,4 +1,5 @@
 """DINO's centre is averaged over the global batch: 2 gloo processes match one process on the same data."""
+
 import os
 
 import torch
@@ -19,7 +20,7 @@ def global_batch():
 
 def rank_slice(x, rank):
     """The rank's images, every crop of them, crop-major."""
-    part = x[:, rank * B_PER_RANK:(rank + 1) * B_PER_RANK]
+    part = x[:, rank * B_PER_RANK : (rank + 1) * B_PER_RANK]
     return part.reshape(-1, K)
 
 

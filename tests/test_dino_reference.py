@@ -16,6 +16,7 @@ at iteration 3, a teacher-temperature warm-up over 3 epochs, an lr warm-up over 
 from 0.9 and a clip that really clips. A control run with the pre-fix freeze (lr 0 without resetting AdamW's
 state) must fail the same comparison by far, so the tolerances are tight enough to see a drift of that kind.
 """
+
 import copy
 import os
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from skipssl.config import Config, load_config
 from skipssl_common.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-IPE, EPOCHS, GLOBAL_BATCH = 3, 4, 8           # 12 iterations of 8 images
+IPE, EPOCHS, GLOBAL_BATCH = 3, 4, 8  # 12 iterations of 8 images
 N_ITERS = IPE * EPOCHS
 BASE_LR, MIN_LR, WARMUP_EPOCHS = 0.08, 1e-4, 2
 WD, WD_END = 0.04, 0.4
@@ -44,28 +45,49 @@ STUDENT_TEMP, CENTER_MOMENTUM = 0.1, 0.9
 
 def make_config(world: int = 1, accum: int = 1, stage: int = 0, precision: str = 'fp32') -> Config:
     micro = GLOBAL_BATCH // (world * accum)
-    return load_config(ROOT / 'configs' / 'cpu_tiny_skipat.yaml', [
-        'head.out_dim=64', 'head.hidden_dim=32', 'head.bottleneck_dim=16', 'head.norm_last_layer=true',
-        f'loss.warmup_teacher_temp={WARMUP_TEMP}', f'loss.teacher_temp={TEMP}',
-        f'loss.warmup_teacher_temp_epochs={WARMUP_TEMP_EPOCHS}', f'loss.student_temp={STUDENT_TEMP}',
-        f'loss.center_momentum={CENTER_MOMENTUM}', f'teacher.momentum={MOMENTUM}', 'teacher.momentum_end=1.0',
-        f'optim.base_lr={BASE_LR}', f'optim.min_lr={MIN_LR}', f'optim.warmup_epochs={WARMUP_EPOCHS}',
-        f'optim.weight_decay={WD}', f'optim.weight_decay_end={WD_END}', f'optim.clip_grad={CLIP}',
-        f'optim.freeze_last_layer_epochs={FREEZE_EPOCHS}', 'model.drop_path_rate=0.0',
-        f'data.samples_per_epoch={IPE * GLOBAL_BATCH}', f'data.batch_size_per_rank={micro}',
-        f'train.epochs={EPOCHS}', f'train.grad_accum_steps={accum}', f'engine.zero_stage={stage}',
-        f'engine.precision={precision}'])
+    return load_config(
+        ROOT / 'configs' / 'cpu_tiny_skipat.yaml',
+        [
+            'head.out_dim=64',
+            'head.hidden_dim=32',
+            'head.bottleneck_dim=16',
+            'head.norm_last_layer=true',
+            f'loss.warmup_teacher_temp={WARMUP_TEMP}',
+            f'loss.teacher_temp={TEMP}',
+            f'loss.warmup_teacher_temp_epochs={WARMUP_TEMP_EPOCHS}',
+            f'loss.student_temp={STUDENT_TEMP}',
+            f'loss.center_momentum={CENTER_MOMENTUM}',
+            f'teacher.momentum={MOMENTUM}',
+            'teacher.momentum_end=1.0',
+            f'optim.base_lr={BASE_LR}',
+            f'optim.min_lr={MIN_LR}',
+            f'optim.warmup_epochs={WARMUP_EPOCHS}',
+            f'optim.weight_decay={WD}',
+            f'optim.weight_decay_end={WD_END}',
+            f'optim.clip_grad={CLIP}',
+            f'optim.freeze_last_layer_epochs={FREEZE_EPOCHS}',
+            'model.drop_path_rate=0.0',
+            f'data.samples_per_epoch={IPE * GLOBAL_BATCH}',
+            f'data.batch_size_per_rank={micro}',
+            f'train.epochs={EPOCHS}',
+            f'train.grad_accum_steps={accum}',
+            f'engine.zero_stage={stage}',
+            f'engine.precision={precision}',
+        ],
+    )
 
 
 def global_crops(it: int) -> List[torch.Tensor]:
     """The iteration's global batch: 2 global crops of 28 px and 2 local crops of 14 px per image."""
     g = torch.Generator().manual_seed(1000 + it)
-    return ([torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g) for _ in range(2)]
-            + [torch.randn(GLOBAL_BATCH, 1, 14, 14, generator=g) for _ in range(2)])
+    return [torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=g) for _ in range(2)] + [
+        torch.randn(GLOBAL_BATCH, 1, 14, 14, generator=g) for _ in range(2)
+    ]
 
 
 def initial_student(cfg: Config) -> torch.nn.Module:
     from skipssl.train.plan import build_student
+
     torch.manual_seed(cfg.experiment.seed)  # as the trainer does
     return build_student(cfg)
 
@@ -131,12 +153,13 @@ def dino_reference(precision: str) -> Dict[str, list]:
     work = copy.deepcopy(student).bfloat16() if precision == 'bf16' else student
     regularized = [p for n, p in student.named_parameters() if not (n.endswith('.bias') or p.ndim == 1)]
     not_regularized = [p for n, p in student.named_parameters() if n.endswith('.bias') or p.ndim == 1]
-    optimizer = torch.optim.AdamW([{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}])
-    lr_schedule = dino_cosine_scheduler(BASE_LR * GLOBAL_BATCH / 256., MIN_LR, EPOCHS, IPE, WARMUP_EPOCHS)
+    optimizer = torch.optim.AdamW([{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.0}])
+    lr_schedule = dino_cosine_scheduler(BASE_LR * GLOBAL_BATCH / 256.0, MIN_LR, EPOCHS, IPE, WARMUP_EPOCHS)
     wd_schedule = dino_cosine_scheduler(WD, WD_END, EPOCHS, IPE)
     momentum_schedule = dino_cosine_scheduler(MOMENTUM, 1, EPOCHS, IPE)
-    teacher_temp_schedule = np.concatenate((np.linspace(WARMUP_TEMP, TEMP, WARMUP_TEMP_EPOCHS),
-                                            np.ones(EPOCHS - WARMUP_TEMP_EPOCHS) * TEMP))
+    teacher_temp_schedule = np.concatenate(
+        (np.linspace(WARMUP_TEMP, TEMP, WARMUP_TEMP_EPOCHS), np.ones(EPOCHS - WARMUP_TEMP_EPOCHS) * TEMP)
+    )
     center = torch.zeros(1, cfg.head.out_dim)
     out = {k: [] for k in ('loss', 'center', 'student', 'teacher', 'clipped', 'last_layer')}
     for it in range(N_ITERS):
@@ -149,8 +172,9 @@ def dino_reference(precision: str) -> Dict[str, list]:
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
             teacher_output = dino_multicrop_forward(teacher, images[:2])
         student_output = dino_multicrop_forward(work, [x.to(next(work.parameters()).dtype) for x in images])
-        loss, center = dino_loss(student_output.float(), teacher_output.float(), center,
-                                 teacher_temp_schedule[epoch], len(images))
+        loss, center = dino_loss(
+            student_output.float(), teacher_output.float(), center, teacher_temp_schedule[epoch], len(images)
+        )
         optimizer.zero_grad()
         work.zero_grad()
         loss.backward()
@@ -188,26 +212,33 @@ def _flat(params) -> torch.Tensor:
 
 # -- the project's DINOStep on DeepSpeed engines ----------------------------------------------------------
 LAYOUTS_1 = {  # name: (accum, stage, precision)
-    'zero0_fp32': (1, 0, 'fp32'), 'zero1_fp32': (1, 1, 'fp32'), 'zero2_fp32': (1, 2, 'fp32'),
-    'zero0_fp32_accum2': (2, 0, 'fp32'), 'zero0_bf16': (1, 0, 'bf16'), 'zero2_bf16': (1, 2, 'bf16'),
+    'zero0_fp32': (1, 0, 'fp32'),
+    'zero1_fp32': (1, 1, 'fp32'),
+    'zero2_fp32': (1, 2, 'fp32'),
+    'zero0_fp32_accum2': (2, 0, 'fp32'),
+    'zero0_bf16': (1, 0, 'bf16'),
+    'zero2_bf16': (1, 2, 'bf16'),
     'control_freeze_without_state_reset': (1, 0, 'fp32'),
 }
 LAYOUTS_2 = {
-    'zero0_fp32': (1, 0, 'fp32'), 'zero1_fp32': (1, 1, 'fp32'), 'zero2_fp32': (1, 2, 'fp32'),
-    'zero2_fp32_accum2': (2, 2, 'fp32'), 'zero1_bf16': (1, 1, 'bf16'),
+    'zero0_fp32': (1, 0, 'fp32'),
+    'zero1_fp32': (1, 1, 'fp32'),
+    'zero2_fp32': (1, 2, 'fp32'),
+    'zero2_fp32_accum2': (2, 2, 'fp32'),
+    'zero1_bf16': (1, 1, 'bf16'),
 }
 
 
 def _run_layout(world: int, rank: int, accum: int, stage: int, precision: str, reset: bool) -> Dict[str, list]:
-    import torch.distributed as dist
-
     from unittest import mock
+
+    import torch.distributed as dist
 
     import skipssl.train.step as step_module
     from skipssl.dino import DINOLoss, make_teacher
     from skipssl.train.engine import build_engine
-    from skipssl.train.step import DINOStep
     from skipssl.train.plan import make_plan, make_schedules
+    from skipssl.train.step import DINOStep
 
     cfg = make_config(world, accum, stage, precision)
     student = initial_student(cfg)
@@ -227,7 +258,7 @@ def _run_layout(world: int, rank: int, accum: int, stage: int, precision: str, r
         total = torch.zeros(())
         for m in range(accum):
             lo = (rank * accum + m) * micro
-            total += step.micro([x[lo:lo + micro] for x in images], it)
+            total += step.micro([x[lo : lo + micro] for x in images], it)
         step.finish(it)
         if world > 1:
             dist.all_reduce(total)
@@ -236,8 +267,13 @@ def _run_layout(world: int, rank: int, accum: int, stage: int, precision: str, r
         out['student'].append(_flat(step.view.master_params()))
         out['teacher'].append(_flat(step.teacher_params))
         opt = step.view.base_optimizer
-        steps = [float(opt.state[p]['step']) for g in opt.param_groups if g['last_layer'] for p in g['params']
-                 if 'step' in opt.state.get(p, {})]
+        steps = [
+            float(opt.state[p]['step'])
+            for g in opt.param_groups
+            if g['last_layer']
+            for p in g['params']
+            if 'step' in opt.state.get(p, {})
+        ]
         out['last_layer_step'].append(max(steps, default=0.0))
     if not reset:
         control.stop()
@@ -245,15 +281,24 @@ def _run_layout(world: int, rank: int, accum: int, stage: int, precision: str, r
 
 
 def _worker(rank: int, world: int, port: int, layouts: Dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS='1',
+    )
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
+
     deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False, verbose=False)
     try:
-        results = {name: _run_layout(world, rank, *spec, reset=not name.startswith('control'))
-                   for name, spec in layouts.items()}
+        results = {
+            name: _run_layout(world, rank, *spec, reset=not name.startswith('control'))
+            for name, spec in layouts.items()
+        }
         if rank == 0:
             torch.save(results, os.path.join(out_dir, 'results.pt'))
         dist.barrier()
@@ -284,10 +329,10 @@ def two_ranks(tmp_path_factory):
 
 @dataclass(frozen=True)
 class Tolerance:
-    loss: float        # absolute, per iteration
-    center: float      # relative L2
-    weights: float     # relative L2 of all student (fp32 master) or teacher weights
-    element: float     # absolute, any single weight
+    loss: float  # absolute, per iteration
+    center: float  # relative L2
+    weights: float  # relative L2 of all student (fp32 master) or teacher weights
+    element: float  # absolute, any single weight
 
 
 # fp32: the layouts differ from the reference only in summation order (ranks, micro-batches, ZeRO's flat
@@ -307,14 +352,14 @@ BF16_TOL = Tolerance(loss=3e-2, center=8e-3, weights=5e-3, element=float('inf'))
 
 def assert_follows(got: Dict, ref: Dict, tol: Tolerance, what: str, iterations: int = N_ITERS) -> None:
     for it in range(iterations):
-        where = f"{what}, iteration {it}"
+        where = f'{what}, iteration {it}'
         assert abs(got['loss'][it] - ref['loss'][it]) <= tol.loss, (where, got['loss'][it], ref['loss'][it])
         for key, rel in (('center', tol.center), ('student', tol.weights), ('teacher', tol.weights)):
             a, b = got[key][it], ref[key][it]
             diff = ((a - b).norm() / b.norm()).item()
-            assert diff <= rel, f"{where}, {key}: relative L2 difference {diff:.2e} > {rel:.0e}"
+            assert diff <= rel, f'{where}, {key}: relative L2 difference {diff:.2e} > {rel:.0e}'
             worst = (a - b).abs().max().item()
-            assert worst <= tol.element, f"{where}, {key}: a weight differs by {worst:.2e} > {tol.element:.0e}"
+            assert worst <= tol.element, f'{where}, {key}: a weight differs by {worst:.2e} > {tol.element:.0e}'
 
 
 def test_reference_window_exercises_every_schedule(reference):
@@ -326,21 +371,23 @@ def test_reference_window_exercises_every_schedule(reference):
     assert all(torch.equal(w, ref['last_layer'][0]) for w in ref['last_layer'][:frozen])
     assert not torch.equal(ref['last_layer'][frozen], ref['last_layer'][frozen - 1])
     assert len(set(ref['temp'])) == WARMUP_TEMP_EPOCHS and ref['temp'][0] == WARMUP_TEMP and ref['temp'][-1] == TEMP
-    assert ref['lr'][0] == 0 and len(set(ref['lr'][:IPE * WARMUP_EPOCHS])) == IPE * WARMUP_EPOCHS
+    assert ref['lr'][0] == 0 and len(set(ref['lr'][: IPE * WARMUP_EPOCHS])) == IPE * WARMUP_EPOCHS
 
 
 @pytest.mark.parametrize('layout', [k for k in LAYOUTS_1 if not k.startswith('control')])
 def test_one_rank_follows_dino(reference, one_rank, layout):
     precision = LAYOUTS_1[layout][2]
-    assert_follows(one_rank[layout], reference[precision], BF16_TOL if precision == 'bf16' else FP32_TOL,
-                   f'1 rank, {layout}')
+    assert_follows(
+        one_rank[layout], reference[precision], BF16_TOL if precision == 'bf16' else FP32_TOL, f'1 rank, {layout}'
+    )
 
 
 @pytest.mark.parametrize('layout', list(LAYOUTS_2))
 def test_two_ranks_follow_dino(reference, two_ranks, layout):
     precision = LAYOUTS_2[layout][2]
-    assert_follows(two_ranks[layout], reference[precision], BF16_TOL if precision == 'bf16' else FP32_TOL,
-                   f'2 ranks, {layout}')
+    assert_follows(
+        two_ranks[layout], reference[precision], BF16_TOL if precision == 'bf16' else FP32_TOL, f'2 ranks, {layout}'
+    )
 
 
 def test_last_layer_optimizer_state_is_fresh_after_the_freeze(one_rank, two_ranks):

@@ -1,5 +1,6 @@
 """Per-parameter clipping and the fp32 master weights inside real DeepSpeed engines (2 gloo processes),
 checked against DeepSpeed's own full-gradient / full-fp32-parameter accessors."""
+
 import os
 
 import pytest
@@ -20,21 +21,27 @@ def _model():
 
 
 def _worker(rank, port, stage, precision, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from skipssl.dino import param_groups
     from skipssl.train.engine import EngineView
+
     deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False, verbose=False)
     try:
         model = _model()
         opt = torch.optim.AdamW(param_groups(model), lr=1e-2)
-        cfg = {'train_micro_batch_size_per_gpu': 4, 'gradient_accumulation_steps': 1,
-               'zero_optimization': {'stage': stage}, 'zero_allow_untested_optimizer': True,
-               'steps_per_print': 1 << 30}
+        cfg = {
+            'train_micro_batch_size_per_gpu': 4,
+            'gradient_accumulation_steps': 1,
+            'zero_optimization': {'stage': stage},
+            'zero_allow_untested_optimizer': True,
+            'steps_per_print': 1 << 30,
+        }
         if precision == 'bf16':
             cfg['bf16'] = {'enabled': True}
         elif precision == 'fp16':  # dynamic loss scaling: gradients carry the scale until step()
@@ -56,18 +63,27 @@ def _worker(rank, port, stage, precision, out_dir):
             engine.step()
             master = [m.clone() for m in view.master_params()]
             reference = [safe_get_full_fp32_param(p).clone() if view.partitioned else None for p in view.params]
-            out['steps'].append({'full': full, 'norms': norms.clone(), 'clipped': clipped, 'master': master,
-                                 'reference_master': reference,
-                                 'module': [p.detach().float().clone() for p in view.params]})
+            out['steps'].append(
+                {
+                    'full': full,
+                    'norms': norms.clone(),
+                    'clipped': clipped,
+                    'master': master,
+                    'reference_master': reference,
+                    'module': [p.detach().float().clone() for p in view.params],
+                }
+            )
         torch.save(out, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
     finally:
         import torch.distributed as dist
+
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'),
-                                             (2, 'fp16')])
+@pytest.mark.parametrize(
+    'stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'), (2, 'fp16')]
+)
 def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, precision):
     mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]

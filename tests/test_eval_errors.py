@@ -1,4 +1,5 @@
 """Bad input fails at once, before any feature is extracted, with a message saying what is wrong."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,11 @@ def inputs(tmp_path_factory):
     write_shards(root / 'nolabels', 'test', [10], size=16, labels=False)
     write_shards(root / 'noindex', 'train', [12], size=16, index=False)
     torch.manual_seed(0)
-    export = save_backbone(build_backbone(MODEL, KWARGS), root / 'run' / 'export' / 'teacher-00000005.safetensors',
-                           ExportMeta(MODEL, KWARGS, iteration=5, data=DATA))
+    export = save_backbone(
+        build_backbone(MODEL, KWARGS),
+        root / 'run' / 'export' / 'teacher-00000005.safetensors',
+        ExportMeta(MODEL, KWARGS, iteration=5, data=DATA),
+    )
     return root, export
 
 
@@ -36,8 +40,14 @@ def no_features_extracted(root: Path) -> bool:
 
 
 def knn(root, export, **kw):
-    args = dict(checkpoint=str(export), train_shards=str(root / 'train'), test_shards=str(root / 'test'),
-                num_workers=0, batch_size=16, ks=[5])
+    args = dict(
+        checkpoint=str(export),
+        train_shards=str(root / 'train'),
+        test_shards=str(root / 'test'),
+        num_workers=0,
+        batch_size=16,
+        ks=[5],
+    )
     args.update(kw)
     return run_knn(**args)
 
@@ -81,7 +91,7 @@ def test_dataset_without_labels(inputs):
 
 def test_labels_missing_further_into_the_shards(inputs, tmp_path):
     root, export = inputs
-    write_shards(tmp_path / 'mixed', 'a', [6], size=16, index=False)                # read first: labelled
+    write_shards(tmp_path / 'mixed', 'a', [6], size=16, index=False)  # read first: labelled
     write_shards(tmp_path / 'mixed', 'b', [6], size=16, index=False, labels=False)
     with pytest.raises(EvalError, match='test shards .*mixed: .*b-000000.tar key b_000000 has no label'):
         knn(root, export, test_shards=str(tmp_path / 'mixed'), out_dir=str(tmp_path / 'out'))
@@ -90,7 +100,7 @@ def test_labels_missing_further_into_the_shards(inputs, tmp_path):
 def test_k_larger_than_the_training_set(inputs, tmp_path):
     root, export = inputs
     with pytest.raises(EvalError, match=r'k=200 is larger than the training set \(50 samples'):
-        knn(root, export, ks=[10, 200])   # the index says 50: refused before extraction
+        knn(root, export, ks=[10, 200])  # the index says 50: refused before extraction
     assert no_features_extracted(root)
     # no index to count from: the content scan counts them, still before extraction
     with pytest.raises(EvalError, match=r'k=100 is larger than the training set \(12 samples'):
@@ -117,10 +127,25 @@ def test_other_bad_options(inputs):
 
 def test_entry_point_prints_one_line_and_exits_2(inputs):
     root, export = inputs
-    out = subprocess.run([sys.executable, str(ROOT / 'knn_eval.py'), '--checkpoint', str(export), '--train-shards',
-                          str(root / 'missing'), '--test-shards', str(root / 'test')],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / 'knn_eval.py'),
+            '--checkpoint',
+            str(export),
+            '--train-shards',
+            str(root / 'missing'),
+            '--test-shards',
+            str(root / 'test'),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == f'knn_eval.py: error: train shards: {root}/missing does not exist ' \
+    assert (
+        out.stderr.strip().splitlines()[-1] == f'knn_eval.py: error: train shards: {root}/missing does not exist '
         '(expected a folder of shards, a *-index.json file, a .txt list or a brace pattern)'
+    )
     assert 'Traceback' not in out.stderr

@@ -1,5 +1,6 @@
 """Feature extraction: 2 gloo ranks give the same cache as 1 rank; cache reuse; the k-NN columns are the
 backbone's output; a training checkpoint folder and its export give the same features."""
+
 import os
 
 import numpy as np
@@ -29,9 +30,20 @@ def setup(tmp_path_factory):
     write_shards(root / 'shards', 'test', [37, 20, 23], num_classes=4, size=16)
     torch.manual_seed(0)
     backbone = build_backbone(MODEL, KWARGS)
-    export = save_backbone(backbone, root / 'run' / 'export' / 'teacher-00000010.safetensors',
-                           ExportMeta(MODEL, KWARGS, iteration=10, epoch=1, images_seen=640, device_hours=0.5,
-                                      device_hours_unit='core-hours', data=DATA))
+    export = save_backbone(
+        backbone,
+        root / 'run' / 'export' / 'teacher-00000010.safetensors',
+        ExportMeta(
+            MODEL,
+            KWARGS,
+            iteration=10,
+            epoch=1,
+            images_seen=640,
+            device_hours=0.5,
+            device_hours_unit='core-hours',
+            data=DATA,
+        ),
+    )
     return root, export, backbone
 
 
@@ -40,8 +52,9 @@ def _extract(export, shards, cache, ranks, num_workers):
     spec = FeatureSpec.make(4, data_settings(info, {}), 'fp32')
     split = open_split(shards, 'test')
     verify_split(split, cache)
-    return get_features(module, info, split, spec, cache, ranks, batch_size=8,
-                        num_workers=num_workers, log=lambda msg: None), info
+    return get_features(
+        module, info, split, spec, cache, ranks, batch_size=8, num_workers=num_workers, log=lambda msg: None
+    ), info
 
 
 def _worker(rank, init_file, export, shards, cache):
@@ -49,7 +62,7 @@ def _worker(rank, init_file, export, shards, cache):
     try:
         ranks = from_env('cpu')
         assert (ranks.rank, ranks.world_size) == (rank, WORLD)
-        got, _ = _extract(export, shards, cache, ranks, num_workers=0)   # (loader workers would be spawned: slow)
+        got, _ = _extract(export, shards, cache, ranks, num_workers=0)  # (loader workers would be spawned: slow)
         assert (got is None) == (rank != 0)
     finally:
         dist.destroy_process_group()
@@ -58,8 +71,9 @@ def _worker(rank, init_file, export, shards, cache):
 def test_two_ranks_give_the_same_features_as_one(setup, tmp_path):
     root, export, _ = setup
     shards = str(root / 'shards')
-    mp.spawn(_worker, args=(str(tmp_path / 'init'), str(export), shards, str(tmp_path / 'two')), nprocs=WORLD,
-             join=True)
+    mp.spawn(
+        _worker, args=(str(tmp_path / 'init'), str(export), shards, str(tmp_path / 'two')), nprocs=WORLD, join=True
+    )
     one, info = _extract(export, shards, tmp_path / 'one', Ranks(), num_workers=0)
     [two_path] = list((tmp_path / 'two').glob('*.safetensors'))
     two = FeatureFile(two_path)
@@ -76,7 +90,7 @@ def test_loader_workers_reading_every_nth_sample_give_the_same_features(setup, t
     root, export, _ = setup
     shards = str(root / 'shards')
     one, _ = _extract(export, shards, tmp_path / 'a', Ranks(), num_workers=0)
-    four, _ = _extract(export, shards, tmp_path / 'b', Ranks(), num_workers=4)   # 4 slots > 3 shards: stride
+    four, _ = _extract(export, shards, tmp_path / 'b', Ranks(), num_workers=4)  # 4 slots > 3 shards: stride
     assert one.keys() == four.keys()
     np.testing.assert_allclose(one.rows(0, 80), four.rows(0, 80), rtol=0, atol=1e-5)
 
@@ -87,11 +101,14 @@ def test_cache_is_reused_and_knn_columns_are_the_backbone_output(setup, tmp_path
     first, _ = _extract(export, shards, tmp_path, Ranks(), num_workers=0)
     stamp = first.path.stat().st_mtime_ns
     again, _ = _extract(export, shards, tmp_path, Ranks(), num_workers=0)
-    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp   # not extracted twice
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # not extracted twice
     # independent truth: decode each image and run the backbone's forward (CLS after the final norm)
     from skipssl.data import EvalShards, eval_transform
-    samples = sorted(EvalShards(open_split(shards, 'test').urls, eval_transform(16, 16, [0.5], [0.25]),
-                                channels=1), key=lambda s: s[2])
+
+    samples = sorted(
+        EvalShards(open_split(shards, 'test').urls, eval_transform(16, 16, [0.5], [0.25]), channels=1),
+        key=lambda s: s[2],
+    )
     with torch.no_grad():
         expected = backbone.eval()(torch.stack([s[0] for s in samples])).numpy()
     np.testing.assert_allclose(first.rows(0, first.num, knn=True), expected, rtol=0, atol=1e-5)
@@ -106,11 +123,18 @@ def test_checkpoint_folder_and_export_of_the_same_teacher_agree(setup, tmp_path)
     student = {k: v + 1.0 for k, v in teacher.items()}
     tmp = run / 'checkpoints' / '.ckpt-00000010.tmp'
     tmp.mkdir(parents=True)
-    torch.save({'student': student, 'teacher': teacher, 'model': {'name': MODEL, 'kwargs': KWARGS},
-                'position': {'epoch': 1, 'iteration': 10, 'images_seen': 640, 'device_hours': 0.5}, 'data': DATA},
-               tmp / MODEL_FILE)
+    torch.save(
+        {
+            'student': student,
+            'teacher': teacher,
+            'model': {'name': MODEL, 'kwargs': KWARGS},
+            'position': {'epoch': 1, 'iteration': 10, 'images_seen': 640, 'device_hours': 0.5},
+            'data': DATA,
+        },
+        tmp / MODEL_FILE,
+    )
     finalize_checkpoint(tmp, run / 'checkpoints' / 'ckpt-00000010', {'iteration': 10, 'world_size': 1})
-    module, info = load_model(str(run))   # a run folder: its newest complete checkpoint, teacher backbone
+    module, info = load_model(str(run))  # a run folder: its newest complete checkpoint, teacher backbone
     assert (info.kind, info.tag, info.which, info.run_dir) == ('checkpoint', '00000010', 'teacher', str(run.resolve()))
     assert (info.epoch, info.images_seen, info.device_hours, info.data['eval_crop']) == (1, 640, 0.5, 16)
     x = torch.rand(3, 1, 16, 16)
@@ -156,15 +180,21 @@ def test_raw_pixels_take_the_preprocessing_of_the_run_they_belong_to(setup):
     _, of_run = load_model('pixels', run_dir=str(root / 'run'))
     assert of_run.data == DATA
     assert data_settings(of_run, {}) == {**DATA, 'mean': [0.5], 'std': [0.25]}
-    assert data_settings(of_run, {'eval_crop': 12})['eval_crop'] == 12   # the command line still wins
+    assert data_settings(of_run, {'eval_crop': 12})['eval_crop'] == 12  # the command line still wins
 
 
 def _srun_task(rank, port, out):
     """One task as srun starts it without torchrun: SLURM's variables only, no RANK / WORLD_SIZE."""
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         os.environ.pop(key, None)
-    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(WORLD), SLURM_LOCALID=str(rank), SLURM_JOB_ID='7',
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))   # the port a real job derives is shared
+    os.environ.update(
+        SLURM_PROCID=str(rank),
+        SLURM_NTASKS=str(WORLD),
+        SLURM_LOCALID=str(rank),
+        SLURM_JOB_ID='7',
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+    )  # the port a real job derives is shared
     ranks = from_env('cpu')
     try:
         torch.save((ranks.rank, ranks.world_size, gather_objects(rank * 10, ranks)), os.path.join(out, f'{rank}.pt'))

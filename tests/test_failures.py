@@ -2,6 +2,7 @@
 with its error printed once; resumes that are refused change nothing; checkpoints that exist but do not verify
 stop the run; the run folder's lock; pipe: shard specs need an opt-in; impossible config values and user errors
 are one line and exit status 2."""
+
 import os
 import shutil
 import signal
@@ -43,7 +44,7 @@ def short_run(shards, tmp_path_factory):
 
 def _ranks_output(stderr: str) -> str:
     """What the ranks wrote, before torchrun's agent reports the failure (its summary repeats the root error)."""
-    return stderr[:stderr.index('torch/distributed/elastic/multiprocessing/api.py')]
+    return stderr[: stderr.index('torch/distributed/elastic/multiprocessing/api.py')]
 
 
 def _one_error_line(stderr: str, prefix: str = 'pretrain.py: ') -> str:
@@ -68,8 +69,9 @@ def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(sha
     _garble(data / 'train-000001.tar')
     start = time.monotonic()
     # in a data-loader worker, which hands the error to the trainer wrapped in the worker's traceback
-    proc = run(tmp_path / 'run', data, 'data.samples_per_epoch=256', 'data.num_workers=1', nproc=2, timeout=240,
-               check=False)
+    proc = run(
+        tmp_path / 'run', data, 'data.samples_per_epoch=256', 'data.num_workers=1', nproc=2, timeout=240, check=False
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert elapsed < 90, elapsed
@@ -79,7 +81,7 @@ def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(sha
     assert 'train-000001.tar' in err[root:].splitlines()[0]
     assert 'rank 0: stopping because rank 1 failed' in err[root:]
     # torchrun's summary names rank 1 as the root cause, with its message
-    summary = proc.stderr[proc.stderr.index('Root Cause'):]
+    summary = proc.stderr[proc.stderr.index('Root Cause') :]
     assert 'rank      : 1' in summary and 'no readable samples' in summary, summary
     assert not list((tmp_path / 'run' / 'checkpoints').glob('ckpt-*'))
 
@@ -110,8 +112,7 @@ def _corrupt_all(run_dir: Path) -> list:
     return names
 
 
-def test_checkpoints_that_all_fail_verification_stop_the_run_unless_a_restart_is_asked_for(short_run, shards,
-                                                                                           tmp_path):
+def test_checkpoints_that_all_fail_verification_stop_the_run_unless_a_restart_is_asked_for(short_run, shards, tmp_path):
     out = tmp_path / 'run'
     shutil.copytree(short_run, out)
     names = _corrupt_all(out)
@@ -125,7 +126,7 @@ def test_checkpoints_that_all_fail_verification_stop_the_run_unless_a_restart_is
     # the explicit flag starts again and moves the unusable ones aside (so they can never shadow new ones)
     assert train_state.find_resumable(out / 'checkpoints', ONE_RANK, restart_if_none_valid=True) is None
     assert ckpt.list_checkpoints(out / 'checkpoints') == []
-    aside, = (out / 'checkpoints').glob('unusable-*')
+    (aside,) = (out / 'checkpoints').glob('unusable-*')
     assert sorted(p.name for p in aside.iterdir()) == names
 
 
@@ -133,8 +134,9 @@ def test_resume_of_another_model_is_one_line_exit_2_and_changes_nothing(short_ru
     out = tmp_path / 'run'
     shutil.copytree(short_run, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob('*')}
-    proc = run(out, shards, 'data.samples_per_epoch=64', 'model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]',
-               check=False)
+    proc = run(
+        out, shards, 'data.samples_per_epoch=64', 'model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]', check=False
+    )
     line = _one_error_line(proc.stderr)
     assert proc.returncode == 2 and 'the config asks for' in line and 'use a new experiment.output_dir' in line
     after = {p.name: p.stat().st_mtime_ns for p in out.rglob('*') if p.name != '.writer.lock'}
@@ -165,14 +167,23 @@ def test_a_second_writer_is_refused_and_the_lock_dies_with_its_holder(shards, tm
         line = _one_error_line(proc.stderr)
         assert proc.returncode == 2 and 'in use by another run' in line and f'pid {os.getpid()}' in line
         with pytest.raises(RunFolderError, match='in use'):
-            check_free(out)   # what launch.submit checks before submitting
+            check_free(out)  # what launch.submit checks before submitting
     finally:
         lock.release()
     check_free(out)
     # a holder killed with SIGKILL leaves the lock free: the kernel drops a dead process's flock
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from skipssl.runlock import RunLock; '
-                               f'RunLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(60)'],
-                              cwd=ROOT, env={**_env(), 'PYTHONPATH': str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            'import sys, time; from skipssl.runlock import RunLock; '
+            f'RunLock({str(out)!r}).acquire(); print("held", flush=True); time.sleep(60)',
+        ],
+        cwd=ROOT,
+        env={**_env(), 'PYTHONPATH': str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == 'held'
         with pytest.raises(RunFolderError, match=f'pid {holder.pid} '):
@@ -189,12 +200,18 @@ def test_read_only_run_folder_is_one_line_exit_2(short_run, shards, tmp_path):
     out = tmp_path / 'run'
     shutil.copytree(short_run, out)
     cmd = ' '.join(f"'{c}'" for c in command(out, shards, 'data.samples_per_epoch=64'))
-    mount = f"mount --bind {out} {out} && mount -o remount,bind,ro {out}"
+    mount = f'mount --bind {out} {out} && mount -o remount,bind,ro {out}'
     probe = subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', mount], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f'cannot make a read-only bind mount here: {probe.stderr.decode()[-200:]}')
-    proc = subprocess.run(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', f'{mount} && exec {cmd}'],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', f'{mount} && exec {cmd}'],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(proc.stderr)
     assert proc.returncode == 2 and 'experiment.output_dir: cannot write to' in line and str(out) in line
 
@@ -206,39 +223,61 @@ def test_pipe_shard_specs_need_an_opt_in(shards, tmp_path):
     listing = tmp_path / 'list.txt'
     listing.write_text(f'{shards}/train-000001.tar\n{spec}\n')
     for s in (spec, str(listing)):
-        with pytest.raises(ValueError, match=r"is a shell command \(pipe:\), refused without an explicit opt-in"):
+        with pytest.raises(ValueError, match=r'is a shell command \(pipe:\), refused without an explicit opt-in'):
             resolve_shards(s)
     assert resolve_shards(str(listing), allow_pipe=True)[1] == spec
     proc = run(tmp_path / 'run', listing, 'data.samples_per_epoch=64', check=False)
     line = _one_error_line(proc.stderr)
     assert proc.returncode == 2 and 'data.train_shards' in line and spec in line and 'allow_pipe_shards' in line
-    knn = subprocess.run([sys.executable, 'knn_eval.py', '--checkpoint', 'pixels', '--out-dir', str(tmp_path / 'e'),
-                          '--train-shards', spec, '--test-shards', str(shards)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    knn = subprocess.run(
+        [
+            sys.executable,
+            'knn_eval.py',
+            '--checkpoint',
+            'pixels',
+            '--out-dir',
+            str(tmp_path / 'e'),
+            '--train-shards',
+            spec,
+            '--test-shards',
+            str(shards),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(knn.stderr, 'knn_eval.py: ')
     assert knn.returncode == 2 and '--allow-pipe-shards' in line
     assert not marker.exists()
 
 
 # -- impossible values and user errors -------------------------------------------------------------------------
-@pytest.mark.parametrize('override, key', [
-    ('head.bottleneck_dim=0', 'head.bottleneck_dim'),
-    ('model.kwargs.skip_indices="13"', 'model.kwargs.skip_indices'),
-    ('model.kwargs.skip_indices=[1, 1]', 'model.kwargs.skip_indices'),
-    ('train.stop_after_iterations=-1', 'train.stop_after_iterations'),
-    ('data.shuffle_buffer=-5', 'data.shuffle_buffer'),
-    ('data.max_skip_fraction=-0.1', 'data.max_skip_fraction'),
-    ('data.samples_per_epoch=-1', 'data.samples_per_epoch'),
-])
+@pytest.mark.parametrize(
+    'override, key',
+    [
+        ('head.bottleneck_dim=0', 'head.bottleneck_dim'),
+        ('model.kwargs.skip_indices="13"', 'model.kwargs.skip_indices'),
+        ('model.kwargs.skip_indices=[1, 1]', 'model.kwargs.skip_indices'),
+        ('train.stop_after_iterations=-1', 'train.stop_after_iterations'),
+        ('data.shuffle_buffer=-5', 'data.shuffle_buffer'),
+        ('data.max_skip_fraction=-0.1', 'data.max_skip_fraction'),
+        ('data.samples_per_epoch=-1', 'data.samples_per_epoch'),
+    ],
+)
 def test_impossible_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=rf'^{key}: '):
         load_config(TINY, [override])
 
 
-@pytest.mark.parametrize('override, expect', [
-    ('model.kwargs.embed_dim=33', 'model: vit_tiny_patch16_skipat_224 cannot be built'),
-    ('data.samples_per_epoch=16', 'data.samples_per_epoch: an epoch of 16 samples is less than one global batch'),
-])
+@pytest.mark.parametrize(
+    'override, expect',
+    [
+        ('model.kwargs.embed_dim=33', 'model: vit_tiny_patch16_skipat_224 cannot be built'),
+        ('data.samples_per_epoch=16', 'data.samples_per_epoch: an epoch of 16 samples is less than one global batch'),
+    ],
+)
 def test_user_errors_before_the_process_group_are_one_line_exit_2(shards, tmp_path, override, expect):
     proc = run(tmp_path / 'run', shards, override, check=False)
     line = _one_error_line(proc.stderr)
@@ -256,10 +295,22 @@ def test_the_only_shard_unreadable_is_one_line_exit_2(tmp_path):
 
 
 def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
-    base = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'debug', '--config', TINY,
-            f'data.train_shards={shards}', f'experiment.output_dir={tmp_path / "run"}']
-    for extra, expect in ((['model.kwargs.embed_dim=33'], 'cannot be built'),
-                          (['head.bottleneck_dim=0'], 'head.bottleneck_dim')):
+    base = [
+        sys.executable,
+        '-m',
+        'launch.submit',
+        'pretrain',
+        '--cluster',
+        'debug',
+        '--config',
+        TINY,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={tmp_path / "run"}',
+    ]
+    for extra, expect in (
+        (['model.kwargs.embed_dim=33'], 'cannot be built'),
+        (['head.bottleneck_dim=0'], 'head.bottleneck_dim'),
+    ):
         proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
         assert proc.returncode == 2 and expect in line and 'nothing submitted' in line
@@ -275,10 +326,23 @@ def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
 def test_launch_submit_refuses_a_resume_the_job_would_refuse(short_run, shards, tmp_path):
     out = tmp_path / 'run'
     shutil.copytree(short_run, out)
-    base = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'debug', '--config', TINY,
-            f'data.train_shards={shards}', f'experiment.output_dir={out}', 'data.samples_per_epoch=64']
-    for extra, expect in ((['model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]'], 'the config asks for'),
-                          (['--cluster', 'local', '--tasks-per-node', '2'], 'which 2 ranks cannot share equally')):
+    base = [
+        sys.executable,
+        '-m',
+        'launch.submit',
+        'pretrain',
+        '--cluster',
+        'debug',
+        '--config',
+        TINY,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        'data.samples_per_epoch=64',
+    ]
+    for extra, expect in (
+        (['model.kwargs.depth=3', 'model.kwargs.skip_indices=[1]'], 'the config asks for'),
+        (['--cluster', 'local', '--tasks-per-node', '2'], 'which 2 ranks cannot share equally'),
+    ):
         proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
         assert proc.returncode == 2 and expect in line and 'nothing submitted' in line
@@ -294,6 +358,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
     import numpy as np
     import webdataset as wds
     from PIL import Image
+
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
     with wds.TarWriter(str(data / 'train-000001.tar')) as w:
@@ -301,10 +366,36 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
             buf = io.BytesIO()
             Image.fromarray(np.full((28, 28), i, dtype=np.uint8)).save(buf, format='PNG')
             w.write({'__key__': f'nolabel{i:05d}', 'png': buf.getvalue()})
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-           '--master_port', str(free_port()), 'knn_eval.py', '--checkpoint', 'pixels', '--out-dir',
-           str(tmp_path / 'e'), '--train-shards', str(data), '--test-shards', str(shards), '--channels', '1',
-           '--resize', '28', '--crop', '28', '--num-workers', '0', '--k', '1']
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        '2',
+        '--master_addr',
+        '127.0.0.1',
+        '--master_port',
+        str(free_port()),
+        'knn_eval.py',
+        '--checkpoint',
+        'pixels',
+        '--out-dir',
+        str(tmp_path / 'e'),
+        '--train-shards',
+        str(data),
+        '--test-shards',
+        str(shards),
+        '--channels',
+        '1',
+        '--resize',
+        '28',
+        '--crop',
+        '28',
+        '--num-workers',
+        '0',
+        '--k',
+        '1',
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start
@@ -322,9 +413,21 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
     _garble(data / 'train-000001.tar')
-    cmd = [sys.executable, '-m', 'launch.submit', 'pretrain', '--cluster', 'local', '--tasks-per-node', '2',
-           '--config', TINY, f'data.train_shards={data}', f'experiment.output_dir={tmp_path / "run"}',
-           'data.samples_per_epoch=256']
+    cmd = [
+        sys.executable,
+        '-m',
+        'launch.submit',
+        'pretrain',
+        '--cluster',
+        'local',
+        '--tasks-per-node',
+        '2',
+        '--config',
+        TINY,
+        f'data.train_shards={data}',
+        f'experiment.output_dir={tmp_path / "run"}',
+        'data.samples_per_epoch=256',
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start
@@ -333,7 +436,7 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     assert 'failed: rank 1: pretrain.py: no readable samples in shards' in line and 'train-000001.tar' in line
 
 
-WATCH_PROBE = '''
+WATCH_PROBE = """
 import sys, time
 import torch.distributed as dist
 from skipssl.failure import FailureWatch
@@ -346,7 +449,7 @@ if rank == int(sys.argv[1]):
     except ValueError as exn:
         watch.fail(exn, lambda e: (2, str(e)))
 time.sleep(120)   # in no collective: only the watch can end this rank
-'''
+"""
 
 
 @pytest.mark.parametrize('failing', [0, 1])
@@ -355,10 +458,23 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
     the store): the rank that is not failing sleeps outside any collective, as one stuck in an NCCL kernel or a
     long step would, and still ends within seconds."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, '-c', WATCH_PROBE, str(failing)], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True, env={**_env(), 'PYTHONPATH': str(ROOT), 'RANK': str(r), 'WORLD_SIZE': '2',
-                                              'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)})
-             for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-c', WATCH_PROBE, str(failing)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **_env(),
+                'PYTHONPATH': str(ROOT),
+                'RANK': str(r),
+                'WORLD_SIZE': '2',
+                'MASTER_ADDR': '127.0.0.1',
+                'MASTER_PORT': str(port),
+            },
+        )
+        for r in (0, 1)
+    ]
     start = time.monotonic()
     errs = [p.communicate(timeout=60)[1] for p in procs]
     assert time.monotonic() - start < 30
@@ -372,13 +488,24 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
 def test_a_failing_task_of_a_slurm_job_ends_the_job_within_seconds(slurm_cluster, shards, tmp_path):
     """The same one-rank failure as a 2-task SLURM job (srun, env:// rendezvous hosted by rank 0)."""
     from .test_launch_helpers import CPU2, in_queue, job_logs, submit_cli, submitted, wait_until
+
     data = tmp_path / 'data'
     shutil.copytree(shards, data)
     _garble(data / 'train-000001.tar')
     out = tmp_path / 'run'
     start = time.monotonic()
-    proc = submit_cli('pretrain', '--config', TINY, *CPU2, '--time', '10', f'data.train_shards={data}',
-                      f'experiment.output_dir={out}', 'data.samples_per_epoch=256', 'engine.device=cpu')
+    proc = submit_cli(
+        'pretrain',
+        '--config',
+        TINY,
+        *CPU2,
+        '--time',
+        '10',
+        f'data.train_shards={data}',
+        f'experiment.output_dir={out}',
+        'data.samples_per_epoch=256',
+        'engine.device=cpu',
+    )
     job_id, folder = submitted(proc)
     wait_until(lambda: not in_queue(job_id), 90, f'job {job_id} leaving the queue', lambda: job_logs(folder, job_id))
     elapsed = time.monotonic() - start

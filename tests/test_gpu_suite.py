@@ -1,6 +1,7 @@
 """The prepared GPU suite (bench.gpu_suite) in its --dry-run mode: every stage on the CPU with tiny sizes,
 through the same code as on the GPU, so that the suite cannot rot between GPU runs; and the runner's
 time caps and budget."""
+
 import json
 import subprocess
 import sys
@@ -18,8 +19,13 @@ STAGES = [n for n in STAGE_SECONDS if n != 'prepare']
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_ok(tmp_path):
     out = tmp_path / 'out'
-    proc = subprocess.run([sys.executable, '-m', 'bench.gpu_suite', '--dry-run', '--out', str(out), '--work',
-                           str(tmp_path / 'work')], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'bench.gpu_suite', '--dry-run', '--out', str(out), '--work', str(tmp_path / 'work')],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     results = {n: json.loads((out / f'{n}.json').read_text()) for n in STAGES}
     failed = {n: (r['status'], r['error'], r['log_tail'][-2000:]) for n, r in results.items() if r['status'] != 'ok'}
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-2000:], proc.stderr[-2000:])
@@ -32,7 +38,7 @@ def test_dry_run_runs_every_stage_ok(tmp_path):
     m = {n: r['measurements'] for n, r in results.items()}
     assert m['env']['torch'] and m['env']['packages']['deepspeed']
     trainer = m['trainer']
-    assert trainer['resume']['bit_identical'] and trainer['resume']['ok']   # CPU, fp32: exact
+    assert trainer['resume']['bit_identical'] and trainer['resume']['ok']  # CPU, fp32: exact
     assert trainer['sigterm']['checkpoint_at'] < trainer['resume']['iterations']
     assert trainer['zero2_cut']['finished'] and trainer['zero0_compiled']['finished']
     freeze = trainer['zero0_compiled_freeze']
@@ -52,7 +58,7 @@ def test_dry_run_runs_every_stage_ok(tmp_path):
 def test_a_stage_past_its_cap_is_killed_and_recorded_as_timeout(tmp_path):
     out, work = tmp_path / 'out', tmp_path / 'work'
     work.mkdir()
-    result = run_stage('env', 'dry', 0.5, work, out)   # importing torch alone takes longer
+    result = run_stage('env', 'dry', 0.5, work, out)  # importing torch alone takes longer
     assert result['status'] == 'timeout' and 'time cap of 0 s' in result['error']
     assert result['returncode'] is None and result['wall_s'] < 15
 

@@ -1,5 +1,6 @@
 """Shared helpers of the launch tests (no tests here): run `python -m launch.submit`, read what it printed,
 wait for jobs (bounded), read their results and logs."""
+
 import json
 import os
 import re
@@ -26,38 +27,63 @@ def make_pretrain_shards(out: Path) -> Path:
     if (FMNIST / 't10k-images-idx3-ubyte.gz').exists():
         from skipssl.data.make_shards import write_shards
         from skipssl.data.sources import open_source
-        write_shards(open_source('fashion-mnist', FMNIST, 'test'), out, 'train', max_samples=2500, workers=1,
-                     progress=False)
+
+        write_shards(
+            open_source('fashion-mnist', FMNIST, 'test'), out, 'train', max_samples=2500, workers=1, progress=False
+        )
         return out
     from .image_shards import write_pattern_shards
+
     return write_pattern_shards(out, n=1024, n_shards=4)
 
 
 def client_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_JOB', 'SLURM_STEP', 'SLURM_PROCID', 'SLURM_NTASKS', 'SUBMITIT_', 'RANK',
-                                'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            (
+                'SLURM_JOB',
+                'SLURM_STEP',
+                'SLURM_PROCID',
+                'SLURM_NTASKS',
+                'SUBMITIT_',
+                'RANK',
+                'WORLD_SIZE',
+                'LOCAL_RANK',
+                'MASTER_',
+                'TORCHELASTIC',
+            )
+        )
+    }
     env.update(PYTHONUNBUFFERED='1', **extra)
     return env
 
 
 def submit_cli(*args, timeout=180, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'launch.submit', *map(str, args)], cwd=ROOT,
-                          env=env or client_env(OMP_NUM_THREADS='1'), capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-m', 'launch.submit', *map(str, args)],
+        cwd=ROOT,
+        env=env or client_env(OMP_NUM_THREADS='1'),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def submitted(proc: subprocess.CompletedProcess, kind: str = 'pretrain'):
     """(job id, log folder) of the job of `kind` the CLI printed."""
-    assert proc.returncode == 0, f"launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f'launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
     m = re.search(rf'^{kind} job (\S+) submitted .*\n\s+logs: (\S+)', proc.stdout, re.M)
     assert m, proc.stdout
     return m.group(1), Path(m.group(2))
 
 
 def scontrol_job(job_id: str) -> dict:
-    out = subprocess.run(['scontrol', 'show', 'job', '-o', job_id], capture_output=True, text=True, timeout=30,
-                         check=False).stdout
+    out = subprocess.run(
+        ['scontrol', 'show', 'job', '-o', job_id], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
     return dict(item.split('=', 1) for item in out.split() if '=' in item)
 
 
@@ -78,18 +104,24 @@ def wait_until(predicate, timeout, what, logs=lambda: ''):
 
 
 def in_queue(job_id: str) -> bool:
-    out = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True, text=True, timeout=30,
-                         check=False)
+    out = subprocess.run(
+        ['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True, text=True, timeout=30, check=False
+    )
     return bool(out.stdout.strip())
 
 
 def wait_results(folder: Path, job_id: str, ntasks: int, timeout: float, allow_error: bool = False):
     """Every task's submitit result (outcome, value), once all are written and the job has left the queue."""
     from submitit.core.utils import pickle_load
+
     paths = [Path(folder) / f'{job_id}_{t}_result.pkl' for t in range(ntasks)]
     logs = lambda: job_logs(folder, job_id)  # noqa: E731
-    wait_until(lambda: all(p.exists() for p in paths) or (not in_queue(job_id) and any(p.exists() for p in paths)),
-               timeout, f'results of job {job_id}', logs)
+    wait_until(
+        lambda: all(p.exists() for p in paths) or (not in_queue(job_id) and any(p.exists() for p in paths)),
+        timeout,
+        f'results of job {job_id}',
+        logs,
+    )
     wait_until(lambda: not in_queue(job_id), 60, f'job {job_id} leaving the queue', logs)
     results = [pickle_load(p) if p.exists() else ('missing', None) for p in paths]
     if not allow_error:

@@ -1,6 +1,7 @@
 """`python -m launch.submit` against the real one-node SLURM cluster (tests/conftest.py::slurm_cluster): 2-task
 CPU pretraining jobs with real DeepSpeed processes; preemption, `scontrol requeue` and the time-limit signal
 requeue the job, which resumes exactly; evaluation jobs wait for the pretraining (afterok)."""
+
 import json
 import math
 import re
@@ -13,9 +14,22 @@ import pytest
 
 from skipssl import checkpoint as ckpt
 
-from .test_launch_helpers import (CPU2, SMALL, TINY, assert_same_training, in_queue, job_logs, last_iteration,
-                                  log_records, make_pretrain_shards, scontrol_job, submit_cli, submitted, wait_results,
-                                  wait_until)
+from .test_launch_helpers import (
+    CPU2,
+    SMALL,
+    TINY,
+    assert_same_training,
+    in_queue,
+    job_logs,
+    last_iteration,
+    log_records,
+    make_pretrain_shards,
+    scontrol_job,
+    submit_cli,
+    submitted,
+    wait_results,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.filterwarnings('ignore::DeprecationWarning')]
 
@@ -26,8 +40,18 @@ def shards(tmp_path_factory):
 
 
 def pretrain_args(shards, out, *extra, time_limit='10'):
-    return ['pretrain', '--config', TINY, *CPU2, '--time', time_limit, *extra, f'data.train_shards={shards}',
-            f'experiment.output_dir={out}', *SMALL]
+    return [
+        'pretrain',
+        '--config',
+        TINY,
+        *CPU2,
+        '--time',
+        time_limit,
+        *extra,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        *SMALL,
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -52,8 +76,9 @@ def test_pretrain_job_runs_two_tasks_and_writes_checkpoints_and_tensorboard(refe
     assert f'tensorboard --logdir {out / "tb"}' in proc.stdout
     # one task per rank, env:// rendezvous from SLURM's environment, both return the summary
     summaries = [value for _, value in results]
-    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [(True, 24, s['device_hours'])
-                                                                                       for s in summaries[:1]] * 2
+    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [
+        (True, 24, s['device_hours']) for s in summaries[:1]
+    ] * 2
     s = summaries[0]
     assert s['finished'] and s['iterations'] == 24 and s['device']['world_size'] == 2 and s['global_batch'] == 64
     assert json.loads((out / 'summary.json').read_text()) == s
@@ -61,13 +86,19 @@ def test_pretrain_job_runs_two_tasks_and_writes_checkpoints_and_tensorboard(refe
     assert record['world_size'] == 2 and {'rank-00000.pt', 'rank-00001.pt', 'model.pt'} <= set(record['files'])
     assert (out / 'export' / 'teacher.safetensors').is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(out / 'tb'), size_guidance={'scalars': 0})
     acc.Reload()
     assert len(acc.Scalars('train/loss')) == 24 and 'cost/core_hours' in acc.Tags()['scalars']
     # the sbatch script: the time-out signal, requeueable, one thread per CPU task
     script = (folder / f'{job_id}_submission.sh').read_text()
-    for line in ('#SBATCH --signal=USR2@120', '#SBATCH --requeue', '#SBATCH --ntasks-per-node=2',
-                 '#SBATCH --cpus-per-task=1', 'export OMP_NUM_THREADS=1'):
+    for line in (
+        '#SBATCH --signal=USR2@120',
+        '#SBATCH --requeue',
+        '#SBATCH --ntasks-per-node=2',
+        '#SBATCH --cpus-per-task=1',
+        'export OMP_NUM_THREADS=1',
+    ):
         assert line in script, line
     assert 'gpus' not in script
     assert 'launcher: torchrun' in (folder / f'{job_id}_0_log.err').read_text()  # the env:// code path
@@ -139,11 +170,19 @@ def test_signal_before_training_requeues_at_once(reference, shards, tmp_path):
     out = tmp_path / 'run'
     job_id, folder = submitted(submit_cli(*pretrain_args(shards, out)))
     out0 = folder / f'{job_id}_0_log.out'
-    wait_until(lambda: out0.exists() and 'Loading pickle' in out0.read_text(), 120, 'job start',
-               lambda: job_logs(folder, job_id))
-    err0 = folder / f'{job_id}_0_log.err'   # logged once the job's handler replaced submitit's, before torch loads
-    wait_until(lambda: err0.exists() and 'rank 0 of 2 on node' in err0.read_text(), 120, 'job handler installed',
-               lambda: job_logs(folder, job_id))
+    wait_until(
+        lambda: out0.exists() and 'Loading pickle' in out0.read_text(),
+        120,
+        'job start',
+        lambda: job_logs(folder, job_id),
+    )
+    err0 = folder / f'{job_id}_0_log.err'  # logged once the job's handler replaced submitit's, before torch loads
+    wait_until(
+        lambda: err0.exists() and 'rank 0 of 2 on node' in err0.read_text(),
+        120,
+        'job handler installed',
+        lambda: job_logs(folder, job_id),
+    )
     assert not (out / 'log.jsonl').exists()
     scancel_signal(job_id, 'USR2')
     results = wait_results(folder, job_id, 2, timeout=240)
@@ -161,9 +200,23 @@ def test_requeue_limit_fails_the_job_and_cancels_its_dependents(slurm_cluster, s
     requeueing, and the evaluation jobs waiting on it (afterok) are cancelled, not left pending."""
     out = tmp_path / 'run'
     evals = make_eval_shards(tmp_path / 'eval')
-    proc = submit_cli('pipeline', '--config', TINY, *CPU2, '--time', '10', '--max-requeues', '0',
-                      '--eval-train-shards', evals['train'], '--eval-test-shards', evals['test'],
-                      f'data.train_shards={shards}', f'experiment.output_dir={out}', *SMALL)
+    proc = submit_cli(
+        'pipeline',
+        '--config',
+        TINY,
+        *CPU2,
+        '--time',
+        '10',
+        '--max-requeues',
+        '0',
+        '--eval-train-shards',
+        evals['train'],
+        '--eval-test-shards',
+        evals['test'],
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        *SMALL,
+    )
     job_id, folder = submitted(proc)
     dependents = [submitted(proc, kind)[0] for kind in ('knn', 'linear', 'report')]
     wait_until(lambda: last_iteration(out) >= 3, 180, 'iteration 3', lambda: job_logs(folder, job_id))
@@ -182,17 +235,35 @@ def test_requeue_limit_fails_the_job_and_cancels_its_dependents(slurm_cluster, s
 
 def make_eval_shards(folder: Path) -> dict:
     from .image_shards import write_pattern_shards
-    return {'train': write_pattern_shards(folder / 'train', n=384, n_shards=2, prefix='train'),
-            'test': write_pattern_shards(folder / 'test', n=128, n_shards=1, seed=1, prefix='test')}
+
+    return {
+        'train': write_pattern_shards(folder / 'train', n=384, n_shards=2, prefix='train'),
+        'test': write_pattern_shards(folder / 'test', n=128, n_shards=1, seed=1, prefix='test'),
+    }
 
 
 def test_pipeline_evaluation_jobs_wait_for_pretraining(slurm_cluster, shards, tmp_path):
     out = tmp_path / 'run'
     evals = make_eval_shards(tmp_path / 'eval')
-    proc = submit_cli('pipeline', '--config', TINY, *CPU2, '--time', '10', '--eval-train-shards', evals['train'],
-                      '--eval-test-shards', evals['test'], '--knn-args', '--k 5 10 --batch-size 64 --num-workers 0',
-                      '--linear-args', '--epochs 3 --batch-size 64 --num-workers 0',
-                      f'data.train_shards={shards}', f'experiment.output_dir={out}', *SMALL)
+    proc = submit_cli(
+        'pipeline',
+        '--config',
+        TINY,
+        *CPU2,
+        '--time',
+        '10',
+        '--eval-train-shards',
+        evals['train'],
+        '--eval-test-shards',
+        evals['test'],
+        '--knn-args',
+        '--k 5 10 --batch-size 64 --num-workers 0',
+        '--linear-args',
+        '--epochs 3 --batch-size 64 --num-workers 0',
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        *SMALL,
+    )
     pre, folder = submitted(proc)
     knn, knn_folder = submitted(proc, 'knn')
     linear, _ = submitted(proc, 'linear')

@@ -1,6 +1,7 @@
 """launch.submit without a SLURM cluster: argument and config checks before submission, the sbatch script it
 asks for, and the same jobs through submitit's local executor (tasks as processes here, time-out signal and
 requeue included) and debug executor (in this process)."""
+
 import json
 import os
 import re
@@ -16,8 +17,17 @@ from launch import executor as ex
 from launch import submit
 from launch.jobs import available_entry_points
 
-from .test_launch_helpers import (ROOT, SMALL, TINY, client_env, last_iteration, log_records, make_pretrain_shards,
-                                  submit_cli, wait_until)
+from .test_launch_helpers import (
+    ROOT,
+    SMALL,
+    TINY,
+    client_env,
+    last_iteration,
+    log_records,
+    make_pretrain_shards,
+    submit_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -29,7 +39,13 @@ def shards(tmp_path_factory):
 
 def test_time_and_memory_in_slurm_formats():
     assert [ex.parse_time(t) for t in ('90', '10:30', '1:30:00', '2-00:00:00', '1-12', '0-00:00:01')] == [
-        90, 11, 90, 2880, 2160, 1]
+        90,
+        11,
+        90,
+        2880,
+        2160,
+        1,
+    ]
     for bad in ('1h', '', '-5', '0'):
         with pytest.raises(ex.SubmitError, match='--time'):
             ex.parse_time(bad)
@@ -56,15 +72,41 @@ def test_resources_one_task_per_gpu_and_cluster_limits():
 @pytest.mark.skipif(shutil.which('srun') is None, reason='submitit builds SLURM scripts only where srun exists')
 def test_sbatch_script_asks_for_what_the_command_line_says(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
-    res = ex.Resources(nodes=2, gpus_per_node=8, time_min=2880, mem_gb=480, partition='gpu', account='proj',
-                       qos='high', constraint='a100', exclude='node[1-2]', max_requeues=5).check()
+
+    res = ex.Resources(
+        nodes=2,
+        gpus_per_node=8,
+        time_min=2880,
+        mem_gb=480,
+        partition='gpu',
+        account='proj',
+        qos='high',
+        constraint='a100',
+        exclude='node[1-2]',
+        max_requeues=5,
+    ).check()
     executor = ex.make_executor(res, tmp_path / '%j', 'skipssl-pretrain', dependency='afterok:41')
-    script = _make_sbatch_string(command='python -m submitit.core._submit x', folder=tmp_path / '%j',
-                                 **executor.parameters)
-    for flag in ('--nodes=2', '--ntasks-per-node=8', '--gpus-per-node=8', '--cpus-per-task=10', '--time=2880',
-                 '--mem=491520M', '--partition=gpu', '--account=proj', '--qos=high', '--constraint=a100',
-                 "--exclude='node[1-2]'", '--job-name=skipssl-pretrain', '--signal=USR2@120', '--requeue',
-                 '--dependency=afterok:41', '--kill-on-invalid-dep=yes'):
+    script = _make_sbatch_string(
+        command='python -m submitit.core._submit x', folder=tmp_path / '%j', **executor.parameters
+    )
+    for flag in (
+        '--nodes=2',
+        '--ntasks-per-node=8',
+        '--gpus-per-node=8',
+        '--cpus-per-task=10',
+        '--time=2880',
+        '--mem=491520M',
+        '--partition=gpu',
+        '--account=proj',
+        '--qos=high',
+        '--constraint=a100',
+        "--exclude='node[1-2]'",
+        '--job-name=skipssl-pretrain',
+        '--signal=USR2@120',
+        '--requeue',
+        '--dependency=afterok:41',
+        '--kill-on-invalid-dep=yes',
+    ):
         assert f'#SBATCH {flag}' in script, flag
     assert 'export OMP_NUM_THREADS=10' in script and executor.max_num_timeout == 5
     # a task that fails ends the others at once (skipssl.failure), as torchrun's agent does
@@ -73,24 +115,61 @@ def test_sbatch_script_asks_for_what_the_command_line_says(tmp_path):
 
 def test_bad_config_and_arguments_are_refused_before_anything_runs(shards, tmp_path, capsys):
     run = tmp_path / 'run'
-    base = ['pretrain', '--config', TINY, '--cluster', 'local', f'data.train_shards={shards}',
-            f'experiment.output_dir={run}', *SMALL]
-    for extra, message in ((['train.epoch=3'], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
-                           (['optim.base_lr=fast'], 'optim.base_lr: expected a number'),
-                           (['engine.device=cuda'], 'engine.device: cuda, but the job asks for no GPU'),
-                           (['data.batch_size_per_rank=4096'], 'less than one global batch'),
-                           (['--nodes', '2'], '--nodes must be 1'),
-                           (['--cluster', 'debug', '--tasks-per-node', '2'], 'use --cluster local for 2 tasks'),
-                           (['--time', '1h'], "--time '1h'")):
+    base = [
+        'pretrain',
+        '--config',
+        TINY,
+        '--cluster',
+        'local',
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={run}',
+        *SMALL,
+    ]
+    for extra, message in (
+        (['train.epoch=3'], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
+        (['optim.base_lr=fast'], 'optim.base_lr: expected a number'),
+        (['engine.device=cuda'], 'engine.device: cuda, but the job asks for no GPU'),
+        (['data.batch_size_per_rank=4096'], 'less than one global batch'),
+        (['--nodes', '2'], '--nodes must be 1'),
+        (['--cluster', 'debug', '--tasks-per-node', '2'], 'use --cluster local for 2 tasks'),
+        (['--time', '1h'], "--time '1h'"),
+    ):
         assert submit.main(base + extra) == 2, extra
         captured = capsys.readouterr()
         assert 'nothing submitted' in captured.err and message in captured.err, captured.err
         assert 'submitted' not in captured.out
-    assert submit.main(['knn', '--checkpoint', str(tmp_path / 'nothing'), '--train-shards', str(shards),
-                        '--test-shards', str(shards), '--cluster', 'local']) == 2
+    assert (
+        submit.main(
+            [
+                'knn',
+                '--checkpoint',
+                str(tmp_path / 'nothing'),
+                '--train-shards',
+                str(shards),
+                '--test-shards',
+                str(shards),
+                '--cluster',
+                'local',
+            ]
+        )
+        == 2
+    )
     assert 'does not exist' in capsys.readouterr().err
-    assert submit.main(['pipeline', '--config', TINY, '--cluster', 'local', f'data.train_shards={shards}',
-                        f'experiment.output_dir={run}', *SMALL]) == 2
+    assert (
+        submit.main(
+            [
+                'pipeline',
+                '--config',
+                TINY,
+                '--cluster',
+                'local',
+                f'data.train_shards={shards}',
+                f'experiment.output_dir={run}',
+                *SMALL,
+            ]
+        )
+        == 2
+    )
     assert '--eval-train-shards and --eval-test-shards' in capsys.readouterr().err
     assert not run.exists()
     # the real command line: exit status 2, one line naming the key, nothing started
@@ -102,9 +181,19 @@ def test_bad_config_and_arguments_are_refused_before_anything_runs(shards, tmp_p
 
 def test_debug_cluster_runs_the_job_in_this_process(shards, tmp_path):
     out = tmp_path / 'run'
-    proc = submit_cli('pretrain', '--config', TINY, '--cluster', 'debug', f'data.train_shards={shards}',
-                      f'experiment.output_dir={out}', 'data.samples_per_epoch=256', 'train.epochs=1',
-                      'engine.device=cpu', timeout=240)
+    proc = submit_cli(
+        'pretrain',
+        '--config',
+        TINY,
+        '--cluster',
+        'debug',
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        'data.samples_per_epoch=256',
+        'train.epochs=1',
+        'engine.device=cpu',
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert re.search(r'^pretrain job DEBUG_\d+ submitted \(debug: 1 node\(s\) x 1 task\(s\)', proc.stdout, re.M)
     assert 'pretrain: finished at iteration 8' in proc.stdout
@@ -142,10 +231,22 @@ def test_local_cluster_requeues_on_the_preemption_signal_and_finishes(shards, tm
     saves at the next iteration boundary, the tasks exit with submitit's requeue code, the controller restarts
     them, they resume, and every iteration is trained exactly once."""
     out = tmp_path / 'run'
-    cmd = [sys.executable, '-m', 'launch.submit', 'pretrain', '--config', TINY, '--cluster', 'local',
-           '--tasks-per-node', '2', f'data.train_shards={shards}', f'experiment.output_dir={out}', *SMALL]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        '-m',
+        'launch.submit',
+        'pretrain',
+        '--config',
+        TINY,
+        '--cluster',
+        'local',
+        '--tasks-per-node',
+        '2',
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        *SMALL,
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: last_iteration(out) >= 5, 180, 'iteration 5')
         # the local job id is the controller's pid (or its shell's): the prefix of the job's files
@@ -171,14 +272,31 @@ def test_local_cluster_requeues_on_the_preemption_signal_and_finishes(shards, tm
 @pytest.mark.skipif(not {'knn', 'linear', 'report'} <= set(available_entry_points()), reason='evaluators missing')
 def test_debug_pipeline_runs_pretraining_then_evaluations_then_the_report(shards, tmp_path):
     from .image_shards import write_pattern_shards
+
     train = write_pattern_shards(tmp_path / 'eval_train', n=256, n_shards=1, prefix='train')
     test = write_pattern_shards(tmp_path / 'eval_test', n=128, n_shards=1, seed=1, prefix='test')
     out = tmp_path / 'run'
-    proc = submit_cli('pipeline', '--config', TINY, '--cluster', 'debug', '--eval-train-shards', train,
-                      '--eval-test-shards', test, '--knn-args', '--k 5 10 --num-workers 0',
-                      '--linear-args', '--epochs 3 --num-workers 0', f'data.train_shards={shards}',
-                      f'experiment.output_dir={out}', 'data.samples_per_epoch=256', 'train.epochs=1',
-                      'engine.device=cpu', timeout=400)
+    proc = submit_cli(
+        'pipeline',
+        '--config',
+        TINY,
+        '--cluster',
+        'debug',
+        '--eval-train-shards',
+        train,
+        '--eval-test-shards',
+        test,
+        '--knn-args',
+        '--k 5 10 --num-workers 0',
+        '--linear-args',
+        '--epochs 3 --num-workers 0',
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        'data.samples_per_epoch=256',
+        'train.epochs=1',
+        'engine.device=cpu',
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     order = [m.group(1) for m in re.finditer(r'^(\w+) job DEBUG_\d+ submitted', proc.stdout, re.M)]
     assert order == ['pretrain', 'knn', 'linear', 'report']

@@ -1,5 +1,6 @@
 """The shard writer: round trips read back with plain tarfile (not the writer's code), determinism, the
 byte bound, resuming, refusing a mismatched out_dir, Fashion-MNIST from its IDX files, and bad inputs."""
+
 import gzip
 import hashlib
 import io
@@ -67,10 +68,30 @@ def write(root, out_dir, **kw):
 def test_round_trip_as_is(tree, tmp_path):
     out = tmp_path / 'out'
     index = write(tree, out)
-    assert {k: index[k] for k in ('format', 'prefix', 'split', 'source', 'num_samples', 'num_classes', 'classes',
-                                  'seed', 'image_format')} == {
-        'format': 'skipssl-shards/1', 'prefix': 'train', 'split': 'train', 'source': 'imagefolder',
-        'num_samples': 25, 'num_classes': 3, 'classes': CLASSES, 'seed': 0, 'image_format': 'as-is'}
+    assert {
+        k: index[k]
+        for k in (
+            'format',
+            'prefix',
+            'split',
+            'source',
+            'num_samples',
+            'num_classes',
+            'classes',
+            'seed',
+            'image_format',
+        )
+    } == {
+        'format': 'skipssl-shards/1',
+        'prefix': 'train',
+        'split': 'train',
+        'source': 'imagefolder',
+        'num_samples': 25,
+        'num_classes': 3,
+        'classes': CLASSES,
+        'seed': 0,
+        'image_format': 'as-is',
+    }
     assert [s['name'] for s in index['shards']] == [f'train-{n:06d}.tar' for n in range(7)]
     assert json.loads((out / 'train-index.json').read_text()) == index
 
@@ -91,11 +112,15 @@ def test_round_trip_as_is(tree, tmp_path):
         label = CLASSES.index(path.parent.name)
         assert members['cls'] == str(label).encode()
         assert json.loads(members['json'].decode('utf-8')) == {
-            'label': label, 'class_name': CLASSES[label], 'source': path.relative_to(tree).as_posix()}
+            'label': label,
+            'class_name': CLASSES[label],
+            'source': path.relative_to(tree).as_posix(),
+        }
     listing_order = [expected_key(s.source) for s in ImageFolderSource(tree).samples]
     assert [key for _, key, _ in samples] != listing_order
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [s['name'] for s in index['shards']] + ['train-index.json', 'train-plan.json'])
+        [s['name'] for s in index['shards']] + ['train-index.json', 'train-plan.json']
+    )
 
 
 def test_png_reencode_keeps_pixels(tree, tmp_path):
@@ -208,15 +233,24 @@ def read_idx_gz(path):
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-@pytest.mark.skipif(not (FMNIST / 't10k-images-idx3-ubyte.gz').exists(),
-                    reason=f'Fashion-MNIST IDX files not installed in {FMNIST} (Debian package dataset-fashion-mnist)')
+@pytest.mark.skipif(
+    not (FMNIST / 't10k-images-idx3-ubyte.gz').exists(),
+    reason=f'Fashion-MNIST IDX files not installed in {FMNIST} (Debian package dataset-fashion-mnist)',
+)
 def test_fashion_mnist_test_split(tmp_path):
     index = M.write_shards(FashionMNISTSource(FMNIST, 'test'), tmp_path, max_samples=3000, workers=2, **QUIET)
     assert (index['split'], index['prefix'], index['source'], index['image_format']) == (
-        'test', 'test', 'fashion-mnist', 'png')
+        'test',
+        'test',
+        'fashion-mnist',
+        'png',
+    )
     assert index['num_samples'] == 10000 and index['num_classes'] == 10
-    assert index['classes'] == list(FASHION_MNIST_CLASSES) == [
-        'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+    assert (
+        index['classes']
+        == list(FASHION_MNIST_CLASSES)
+        == ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+    )
     assert [s['num_samples'] for s in index['shards']] == [3000, 3000, 3000, 1000]
 
     samples = {key: members for _, key, members in read_samples(tmp_path, index)}
@@ -232,12 +266,15 @@ def test_fashion_mnist_test_split(tmp_path):
         decoded = Image.open(io.BytesIO(members['png']))
         assert decoded.mode == 'L'
         np.testing.assert_array_equal(np.asarray(decoded), images[i])
-        assert json.loads(members['json']) == {'label': int(idx_labels[i]),
-                                               'class_name': FASHION_MNIST_CLASSES[idx_labels[i]],
-                                               'source': f'fashion-mnist/test/{i}'}
+        assert json.loads(members['json']) == {
+            'label': int(idx_labels[i]),
+            'class_name': FASHION_MNIST_CLASSES[idx_labels[i]],
+            'source': f'fashion-mnist/test/{i}',
+        }
 
     # the project's reader gets the same pixels and labels back from the folder
     from skipssl.data import EvalShards, resolve_shards
+
     read = {key: (image, label) for image, label, key in EvalShards(resolve_shards(str(tmp_path)), channels=1)}
     assert len(read) == 10000
     for i in (0, 4321, 9999):
@@ -316,11 +353,31 @@ def test_options_that_do_not_fit_the_source(tree, tmp_path):
 
 def test_cli(tree, tmp_path, capsys):
     out = tmp_path / 'out'
-    assert M.main(['--source', 'imagefolder', '--root', str(tree), '--out-dir', str(out), '--max-samples', '10',
-                   '--workers', '2', '--seed', '3', '--no-progress']) == 0
+    assert (
+        M.main(
+            [
+                '--source',
+                'imagefolder',
+                '--root',
+                str(tree),
+                '--out-dir',
+                str(out),
+                '--max-samples',
+                '10',
+                '--workers',
+                '2',
+                '--seed',
+                '3',
+                '--no-progress',
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / 'train-index.json').read_text())
     assert index['seed'] == 3 and [s['num_samples'] for s in index['shards']] == [10, 10, 5]
     assert f'25 samples in 3 shards: {out}/train-index.json' in capsys.readouterr().err
     assert M.main(['--source', 'imagefolder', '--root', str(tmp_path / 'nowhere'), '--out-dir', str(out)]) == 2
-    assert f'make_shards: error: image folder root not found (or not a directory): {tmp_path}/nowhere' in \
-        capsys.readouterr().err
+    assert (
+        f'make_shards: error: image folder root not found (or not a directory): {tmp_path}/nowhere'
+        in capsys.readouterr().err
+    )

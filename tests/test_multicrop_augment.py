@@ -1,4 +1,5 @@
 """Multi-crop augmentation: all paths follow DINO's recipe, and agree with each other and torchvision."""
+
 import math
 
 import pytest
@@ -39,8 +40,9 @@ def test_default_config_is_dinos_recipe():
 def test_output_shapes_dtype_and_range(path):
     cfg = MultiCropConfig(**SMALL)
     imgs = smooth_images(4)
-    crops = (BatchedMultiCrop(cfg)(imgs) if path == 'batched'
-             else stack_crops([MultiCropTransform(cfg)(im) for im in imgs]))
+    crops = (
+        BatchedMultiCrop(cfg)(imgs) if path == 'batched' else stack_crops([MultiCropTransform(cfg)(im) for im in imgs])
+    )
     assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
     lo, hi = value_bounds(cfg)
     for c in crops:
@@ -64,12 +66,15 @@ def test_paths_agree_in_distribution():
         torch.testing.assert_close(b.std(dim=(0, 2, 3)), a.std(dim=(0, 2, 3)), atol=0.03, rtol=0, msg=f'crop {k}')
 
 
-@pytest.mark.parametrize('op, ref, factors', [
-    (M._adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4]),
-    (M._adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4]),
-    (M._adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2]),
-    (M._adjust_hue, TF.adjust_hue, [-0.1, 0.0, 0.07]),
-])
+@pytest.mark.parametrize(
+    'op, ref, factors',
+    [
+        (M._adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4]),
+        (M._adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4]),
+        (M._adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2]),
+        (M._adjust_hue, TF.adjust_hue, [-0.1, 0.0, 0.07]),
+    ],
+)
 def test_per_sample_colour_ops_match_torchvision(op, ref, factors):
     x = torch.rand(3, 3, 12, 10)
     got = op(x, torch.tensor(factors))
@@ -77,7 +82,7 @@ def test_per_sample_colour_ops_match_torchvision(op, ref, factors):
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
     # one image with a Python float factor (the CPU path's call)
     for i, f in enumerate(factors):
-        torch.testing.assert_close(op(x[i:i + 1], f), expected[i:i + 1], atol=2e-6, rtol=0)
+        torch.testing.assert_close(op(x[i : i + 1], f), expected[i : i + 1], atol=2e-6, rtol=0)
 
 
 def test_batched_blur_matches_torchvision_gaussian_blur():
@@ -107,9 +112,21 @@ def test_batched_crop_boxes_follow_random_resized_crop():
 
 
 def test_batched_full_crop_without_flip_is_the_image():
-    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                          flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0,
-                          solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    cfg = MultiCropConfig(
+        global_size=16,
+        local_size=8,
+        n_local=0,
+        global_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p_global1=0.0,
+        blur_p_global2=0.0,
+        solarize_p=0.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
     imgs = smooth_images(2, size=16)
     out = BatchedMultiCrop(cfg)(imgs)
     torch.testing.assert_close(out[0], imgs.float() / 255, atol=1e-5, rtol=0)
@@ -118,10 +135,23 @@ def test_batched_full_crop_without_flip_is_the_image():
 
 
 def test_solarisation_only_on_second_global_crop():
-    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=2, jitter_p=0.0, grayscale_p=0.0,
-                          blur_p_global1=0.0, blur_p_global2=0.0, blur_p_local=0.0, solarize_p=1.0,
-                          global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
-                          mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    cfg = MultiCropConfig(
+        global_size=16,
+        local_size=8,
+        n_local=2,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p_global1=0.0,
+        blur_p_global2=0.0,
+        blur_p_local=0.0,
+        solarize_p=1.0,
+        global_scale=(1.0, 1.0),
+        local_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
     imgs = torch.full((2, 3, 16, 16), 230, dtype=torch.uint8)  # bright: solarised to dark
     out = BatchedMultiCrop(cfg)(imgs)
     assert out[0].mean() > 0.85 and out[1].mean() < 0.15 and all(o.mean() > 0.85 for o in out[2:])
@@ -144,8 +174,11 @@ def test_single_channel_images():
     imgs = smooth_images(4, size=28, channels=1)
     batched = BatchedMultiCrop(cfg)(imgs)
     cpu = stack_crops([MultiCropTransform(cfg)(im) for im in imgs])
-    assert [c.shape for c in batched] == [c.shape for c in cpu] == [torch.Size([4, 1, 28, 28])] * 2 + \
-        [torch.Size([4, 1, 14, 14])] * 2
+    assert (
+        [c.shape for c in batched]
+        == [c.shape for c in cpu]
+        == [torch.Size([4, 1, 28, 28])] * 2 + [torch.Size([4, 1, 14, 14])] * 2
+    )
 
 
 def test_bad_config_and_input_fail_clearly():
@@ -167,7 +200,10 @@ def test_bad_config_and_input_fail_clearly():
 # -- the fast CPU path (cpu_multicrop) against torchvision's own samplers and ops ----------------------------
 def ks_distance(a, b) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of a and b."""
-    a, b = torch.sort(torch.as_tensor(a, dtype=torch.float64))[0], torch.sort(torch.as_tensor(b, dtype=torch.float64))[0]
+    a, b = (
+        torch.sort(torch.as_tensor(a, dtype=torch.float64))[0],
+        torch.sort(torch.as_tensor(b, dtype=torch.float64))[0],
+    )
     grid = torch.cat([a, b])
     cdf_a = torch.searchsorted(a, grid, right=True) / len(a)
     cdf_b = torch.searchsorted(b, grid, right=True) / len(b)
@@ -183,7 +219,9 @@ def test_crop_plans_follow_torchvisions_samplers():
     """Boxes, jitter factors, blur sigmas and every probability are distributed as torchvision draws them:
     RandomResizedCrop.get_params, v2.ColorJitter and v2.GaussianBlur's make_params, one KS test each."""
     from torchvision.transforms import RandomResizedCrop, v2
+
     from skipssl.data.cpu_multicrop import sample_plans
+
     cfg, n, (H, W) = MultiCropConfig(), 3000, (375, 500)
     torch.manual_seed(0)
     plans = [sample_plans(cfg, H, W) for _ in range(n)]
@@ -207,9 +245,11 @@ def test_crop_plans_follow_torchvisions_samplers():
     blur = v2.GaussianBlur(cfg.kernel_size, sigma=cfg.blur_sigma)
     ref = [blur.make_params([])['sigma'][0] for _ in range(n)]
     assert ks_distance([p[0].sigma for p in plans], ref) < crit
+
     # probabilities: flip, jitter, gray, blur per crop kind, solarisation on global crop 2 only
     def rate(pred, k):
         return sum(pred(p[k]) for p in plans) / n
+
     tol = 4.5 * math.sqrt(0.25 / n)
     for k, blur_p, sol_p in ((0, 1.0, 0.0), (1, 0.1, 0.2), (5, 0.5, 0.0)):
         assert abs(rate(lambda p: p.flip, k) - cfg.flip_p) < tol
@@ -227,17 +267,27 @@ def test_fast_transform_matches_the_torchvision_reference_on_a_fixed_image():
     jitter, blur, grayscale or solarisation from the fast path moves some statistic by 7 to 12 standard errors;
     saturation's +-0.2 is too small to see here (its factors and op are tested against torchvision above)."""
     cfg = MultiCropConfig(global_size=32, local_size=16, n_local=2)
-    image = smooth_images(1, size=64, seed=3)[0][:, :, :48]   # 64 x 48: not square
+    image = smooth_images(1, size=64, seed=3)[0][:, :, :48]  # 64 x 48: not square
     n = 1200
 
     def draws(transform, seed):
         torch.manual_seed(seed)
         crops = stack_crops([transform(image) for _ in range(n)])
-        return [torch.cat([c.mean(dim=(2, 3)), c.std(dim=(2, 3)), c.mean(dim=(2, 3)) ** 2,
-                           (c[..., 1:] - c[..., :-1]).abs().mean(dim=(2, 3))], dim=1) for c in crops]   # (n, 4C)
+        return [
+            torch.cat(
+                [
+                    c.mean(dim=(2, 3)),
+                    c.std(dim=(2, 3)),
+                    c.mean(dim=(2, 3)) ** 2,
+                    (c[..., 1:] - c[..., :-1]).abs().mean(dim=(2, 3)),
+                ],
+                dim=1,
+            )
+            for c in crops
+        ]  # (n, 4C)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as in a loader worker; small ops on a busy machine crawl with more threads
+    torch.set_num_threads(1)  # as in a loader worker; small ops on a busy machine crawl with more threads
     try:
         fast, ref = draws(MultiCropTransform(cfg), 0), draws(M.TorchvisionMultiCrop(cfg), 1)
     finally:
@@ -250,6 +300,7 @@ def test_fast_transform_matches_the_torchvision_reference_on_a_fixed_image():
 
 def test_fast_transform_is_seeded_by_torch_and_takes_pil_or_tensor():
     from PIL import Image
+
     cfg = MultiCropConfig(**SMALL)
     img = smooth_images(1, size=40)[0]
     t = MultiCropTransform(cfg)
@@ -265,9 +316,21 @@ def test_fast_transform_is_seeded_by_torch_and_takes_pil_or_tensor():
 def test_fast_transform_geometry_is_torchvisions():
     """With every random choice fixed (whole-image scale at ratio 1 falls back to the centre square; flip
     always; no photometric op), both paths give the same pixels: the boxes and the resize are torchvision's."""
-    cfg = MultiCropConfig(global_size=20, local_size=12, n_local=1, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
-                          ratio=(1.0, 1.0), flip_p=1.0, jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0,
-                          blur_p_global2=0.0, blur_p_local=0.0, solarize_p=0.0)
+    cfg = MultiCropConfig(
+        global_size=20,
+        local_size=12,
+        n_local=1,
+        global_scale=(1.0, 1.0),
+        local_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=1.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p_global1=0.0,
+        blur_p_global2=0.0,
+        blur_p_local=0.0,
+        solarize_p=0.0,
+    )
     image = smooth_images(1, size=64, seed=4)[0][:, :, 5:53]
     for got, want in zip(MultiCropTransform(cfg)(image), M.TorchvisionMultiCrop(cfg)(image)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -275,11 +338,13 @@ def test_fast_transform_geometry_is_torchvisions():
 
 def test_fast_blur_and_solarize_match_torchvision():
     from skipssl.data.cpu_multicrop import _blur, _solarize
+
     x = torch.rand(3, 30, 26)
     for sigma in (0.1, 0.7, 1.3, 2.0):
         # taps beyond 4 sigma (under 1e-4 of the kernel's mass) are dropped
-        torch.testing.assert_close(_blur(x.clone(), sigma, 13), TF.gaussian_blur(x, [13, 13], [sigma, sigma]),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            _blur(x.clone(), sigma, 13), TF.gaussian_blur(x, [13, 13], [sigma, sigma]), atol=1e-4, rtol=0
+        )
     torch.testing.assert_close(_solarize(x.clone(), 0.5), TF.solarize(x, 0.5), atol=0, rtol=0)
 
 

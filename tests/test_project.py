@@ -1,4 +1,5 @@
 """The project's promises about itself: CI runs the README's test command; the core package name."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -10,36 +11,59 @@ def readme_commands():
     lines = (ROOT / 'README.md').read_text().splitlines()
     start = lines.index('```bash')
     end = lines.index('```', start)
-    return [line for line in lines[start + 1:end] if line and not line.startswith('#')]
+    return [line for line in lines[start + 1 : end] if line and not line.startswith('#')]
 
 
 def test_ci_runs_the_readme_test_command():
     main_cmd, test_cmd = readme_commands()[:2]
-    ci_lines = [line for line in (ROOT / '.ci' / 'run').read_text().splitlines()
-                if line and not line.startswith(('#', 'set ', 'cd '))]
+    ci_lines = [
+        line
+        for line in (ROOT / '.ci' / 'run').read_text().splitlines()
+        if line and not line.startswith(('#', 'set ', 'cd '))
+    ]
     assert ci_lines == [test_cmd]
     assert main_cmd.startswith('bash scripts/setup.sh && ')
 
 
 def test_skipssl_does_not_shadow_the_standard_ssl_module():
-    out = subprocess.run([sys.executable, '-c', 'import skipssl, ssl; print(ssl.__file__)'],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, '-c', 'import skipssl, ssl; print(ssl.__file__)'],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     assert 'site-packages' not in out.stdout and str(ROOT) not in out.stdout
 
 
 def test_console_scripts_are_installed_and_report_errors_under_their_own_name(tmp_path):
     """Every [project.scripts] entry resolves to a callable; skipssl-knn runs and names itself in its one-line
     error, as knn_eval.py does."""
-    import tomllib
     from importlib.metadata import entry_points
+
+    import tomllib
+
     declared = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
     installed = {ep.name: ep for ep in entry_points(group='console_scripts') if ep.name.startswith('skipssl-')}
     assert set(installed) == set(declared)
     for ep in installed.values():
         assert callable(ep.load()), ep.name
     script = Path(sys.executable).parent / 'skipssl-knn'
-    out = subprocess.run([str(script), '--checkpoint', 'pixels', '--train-shards', str(tmp_path / 'missing'),
-                          '--test-shards', str(tmp_path / 'missing'), '--out-dir', str(tmp_path / 'out')],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            str(script),
+            '--checkpoint',
+            'pixels',
+            '--train-shards',
+            str(tmp_path / 'missing'),
+            '--test-shards',
+            str(tmp_path / 'missing'),
+            '--out-dir',
+            str(tmp_path / 'out'),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith('skipssl-knn: error: train shards: ')

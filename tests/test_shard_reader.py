@@ -1,4 +1,5 @@
 """WebDataset reader: round trip, node/worker split, fixed-length epochs, exact resume, bad input."""
+
 import io
 import json
 import os
@@ -50,8 +51,12 @@ def write_shards(folder, counts, corrupt=(), missing_image=(), prefix='train'):
                 w.write(sample)
                 i += 1
         names.append(name)
-    index = {'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'num_samples': i,
-             'shards': [{'name': n, 'num_samples': c} for n, c in zip(names, counts)]}
+    index = {
+        'format': SHARD_INDEX_FORMAT,
+        'prefix': prefix,
+        'num_samples': i,
+        'shards': [{'name': n, 'num_samples': c} for n, c in zip(names, counts)],
+    }
     (folder / f'{prefix}-index.json').write_text(json.dumps(index))
     return [str(folder / n) for n in names]
 
@@ -104,14 +109,25 @@ def test_pretrain_split_is_disjoint_and_covers_the_data_in_one_pass(tmp_path, wo
         total = sum(counts)
         slots = []
         for rank in range(world):
-            ds = PretrainShards(urls, batch_size=1, samples_per_epoch=total, transform=keys_transform,
-                                rank=rank, world_size=world, num_workers=2, shuffle_buffer=0)
+            ds = PretrainShards(
+                urls,
+                batch_size=1,
+                samples_per_epoch=total,
+                transform=keys_transform,
+                rank=rank,
+                world_size=world,
+                num_workers=2,
+                shuffle_buffer=0,
+            )
             n_slots = world * 2
             for wid in range(2):
                 slot = rank * 2 + wid
                 shard_urls, stride = slot_share(urls, slot, n_slots)
-                n = (sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls) if stride is None
-                     else len(range(slot, total, stride)))
+                n = (
+                    sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls)
+                    if stride is None
+                    else len(range(slot, total, stride))
+                )
                 stream = ds.raw_stream(0, slot, n_slots, ReadCounter())
                 slots.append([next(stream)['__key__'] for _ in range(n)])
         keys = [k for s in slots for k in s]
@@ -122,8 +138,16 @@ def test_every_rank_runs_the_same_number_of_steps_with_uneven_shards(tmp_path):
     urls = write_shards(tmp_path, [11, 2, 7, 1, 5])  # 26 samples, very uneven
     steps = []
     for rank in range(3):
-        ds = PretrainShards(urls, batch_size=4, samples_per_epoch=26, transform=keys_transform,
-                            rank=rank, world_size=3, num_workers=2, shuffle_buffer=8)
+        ds = PretrainShards(
+            urls,
+            batch_size=4,
+            samples_per_epoch=26,
+            transform=keys_transform,
+            rank=rank,
+            world_size=3,
+            num_workers=2,
+            shuffle_buffer=8,
+        )
         batches = run_epoch(ds, 2)
         assert all(b['images'].shape[0] == 4 for b in batches)
         assert [b['step'] for b in batches] == list(range(len(batches)))
@@ -135,8 +159,16 @@ def test_resume_mid_epoch_yields_exactly_the_unseen_samples(tmp_path):
     urls = write_shards(tmp_path, [9, 8, 7, 6], corrupt={5, 17})
 
     def make():
-        return PretrainShards(urls, batch_size=3, samples_per_epoch=30, transform=keys_transform,
-                              num_workers=2, seed=3, shuffle_buffer=6, max_skip_fraction=0.5)
+        return PretrainShards(
+            urls,
+            batch_size=3,
+            samples_per_epoch=30,
+            transform=keys_transform,
+            num_workers=2,
+            seed=3,
+            shuffle_buffer=6,
+            max_skip_fraction=0.5,
+        )
 
     def keys(batch):
         # the 1x1 top-left pixel identifies the sample
@@ -167,13 +199,21 @@ def test_corrupt_and_missing_images_and_truncated_shard_are_skipped_and_counted(
     urls = write_shards(tmp_path, [6, 6, 6], corrupt={2}, missing_image={8})
     with open(urls[2], 'r+b') as f:  # truncate the last shard mid-way
         f.truncate(os.path.getsize(urls[2]) // 2)
-    ds = PretrainShards(urls, batch_size=2, samples_per_epoch=16, transform=keys_transform,
-                        num_workers=0, shuffle_buffer=0, max_skip_fraction=0.5, min_samples_before_skip_check=1000)
+    ds = PretrainShards(
+        urls,
+        batch_size=2,
+        samples_per_epoch=16,
+        transform=keys_transform,
+        num_workers=0,
+        shuffle_buffer=0,
+        max_skip_fraction=0.5,
+        min_samples_before_skip_check=1000,
+    )
     state = ReaderState()
     for b in run_epoch(ds, 0):
         state.update(b)
-    assert state.skipped[0] >= 2           # the corrupt and the image-less sample (again when cycling)
-    assert state.unreadable[0] >= 1       # the truncated shard
+    assert state.skipped[0] >= 2  # the corrupt and the image-less sample (again when cycling)
+    assert state.unreadable[0] >= 1  # the truncated shard
     assert state.total_skipped >= 3
     text = caplog.text
     assert 'sample00002' in text and 'sample00008' in text and urls[0] in text
@@ -183,8 +223,15 @@ def test_corrupt_and_missing_images_and_truncated_shard_are_skipped_and_counted(
 
 def test_too_many_bad_samples_stop_the_run(tmp_path):
     urls = write_shards(tmp_path, [20], corrupt=set(range(0, 20, 2)))
-    ds = PretrainShards(urls, batch_size=2, samples_per_epoch=8, transform=keys_transform,
-                        shuffle_buffer=0, max_skip_fraction=0.1, min_samples_before_skip_check=5)
+    ds = PretrainShards(
+        urls,
+        batch_size=2,
+        samples_per_epoch=8,
+        transform=keys_transform,
+        shuffle_buffer=0,
+        max_skip_fraction=0.1,
+        min_samples_before_skip_check=5,
+    )
     with pytest.raises(TooManyBadSamples, match='max_skip_fraction'):
         run_epoch(ds, 0)
 
@@ -218,7 +265,8 @@ def test_device_path_batches_raw_images_on_a_canvas(tmp_path):
     batches = run_epoch(ds, 0)
     assert batches[0]['images'].shape == (4, 3, 16, 16) and batches[0]['images'].dtype == torch.uint8
     assert Counter(tuple(s.tolist()) for b in batches for s in b['sizes']) == Counter(
-        tuple(image_for(i).shape[:2]) for i in range(8))
+        tuple(image_for(i).shape[:2]) for i in range(8)
+    )
 
 
 def test_decode_sample_reads_labels_from_json_too():

@@ -1,4 +1,5 @@
 """SkipAt-ViT backbones: structure, counts, shapes and equivalences, against independent truths."""
+
 import pytest
 import timm
 import torch
@@ -7,9 +8,9 @@ from timm.models.vision_transformer import Block
 
 import skipssl  # noqa: F401  (registers the models)
 from skipssl.models import (
-    SkipAtVisionTransformer,
     SkipAttentionBlock,
     SkipAttentionPhi,
+    SkipAtVisionTransformer,
     convert_to_skipat,
     count_macs,
     count_params,
@@ -17,7 +18,8 @@ from skipssl.models import (
     last_cls_tokens,
 )
 
-# SkipAt's structure (paper section 3) counted at 224 px, 197 tokens: (ViT params, SkipAt params, ViT MACs, SkipAt MACs) at 224 px.
+# SkipAt's structure (paper section 3) counted at 224 px, 197 tokens:
+# (ViT params, SkipAt params, ViT MACs, SkipAt MACs).
 REFERENCE_COUNTS = {
     'tiny': (5.72e6, 5.77e6, 1.25e9, 1.18e9),
     'small': (22.05e6, 22.16e6, 4.60e9, 4.44e9),
@@ -64,7 +66,7 @@ def test_every_parameter_gets_a_gradient_with_global_and_local_crops():
     out = model(torch.randn(2, 3, 224, 224)).sum() + model(torch.randn(3, 3, 96, 96)).sum()
     out.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing, f"parameters without gradient: {missing}"
+    assert not missing, f'parameters without gradient: {missing}'
 
 
 @pytest.mark.parametrize('hw', [(224, 224), (96, 96), (160, 224)])
@@ -82,15 +84,15 @@ def reference_phi(phi: SkipAttentionPhi, x, grid):
     """Phi written out from the paper's description with plain tensor ops (unfold for the conv)."""
     B, N, _ = x.shape
     H, W = grid
-    h = F.gelu(x @ phi.fc1.weight.T + phi.fc1.bias)          # (B, N, 2d)
+    h = F.gelu(x @ phi.fc1.weight.T + phi.fc1.bias)  # (B, N, 2d)
     C = h.shape[-1]
-    img = h.transpose(1, 2).reshape(B, C, H, W)              # row-major token grid
+    img = h.transpose(1, 2).reshape(B, C, H, W)  # row-major token grid
     k = phi.dwconv.kernel_size[0]
     patches = F.unfold(img, k, padding=k // 2).view(B, C, k * k, H * W)
     conv = (patches * phi.dwconv.weight.view(C, k * k, 1)).sum(2) + phi.dwconv.bias.view(C, 1)
-    h = F.gelu(conv).transpose(1, 2)                         # (B, N, 2d)
+    h = F.gelu(conv).transpose(1, 2)  # (B, N, 2d)
     y = h @ phi.fc2.weight.T + phi.fc2.bias
-    m = y.mean(1)                                            # (B, d)
+    m = y.mean(1)  # (B, d)
     w = phi.eca.conv.weight.view(-1)
     padded = F.pad(m, (1, 1))
     gate = torch.sigmoid(w[0] * padded[:, :-2] + w[1] * padded[:, 1:-1] + w[2] * padded[:, 2:])
@@ -106,7 +108,8 @@ def test_phi_matches_written_out_reference(grid):
     x = torch.randn(2, grid[0] * grid[1], 16)
     torch.testing.assert_close(phi(x, grid), reference_phi(phi, x, grid))
     assert sum(p.numel() for p in SkipAttentionPhi(384).parameters()) == (
-        384 * 768 + 768 + 768 * 25 + 768 + 768 * 384 + 384 + 3)
+        384 * 768 + 768 + 768 * 25 + 768 + 768 * 384 + 384 + 3
+    )
     with pytest.raises(ValueError, match='grid'):
         phi(x, (grid[0] + 1, grid[1]))
 
@@ -188,15 +191,18 @@ def test_exported_teacher_loads_through_timms_local_weight_conventions(tmp_path)
     pretrained_cfg_overlay=dict(file=...), and checkpoint_path=, give the exported weights exactly."""
     from skipssl.checkpoint import save_backbone
     from skipssl_common.artefacts import ExportMeta
+
     kwargs = dict(img_size=32, depth=4, embed_dim=48, num_heads=2, skip_indices=(1, 2))
     torch.manual_seed(0)
     teacher = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, **kwargs).eval()
-    path = save_backbone(teacher, tmp_path / 'teacher.safetensors',
-                         ExportMeta('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=[1, 2]), iteration=1))
+    path = save_backbone(
+        teacher,
+        tmp_path / 'teacher.safetensors',
+        ExportMeta('vit_tiny_patch16_skipat_224', dict(kwargs, skip_indices=[1, 2]), iteration=1),
+    )
     x = torch.randn(2, 3, 32, 32)
-    for extra in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
-                  dict(checkpoint_path=str(path))):
-        torch.manual_seed(1)   # other random weights, unless the file's are loaded
+    for extra in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))), dict(checkpoint_path=str(path))):
+        torch.manual_seed(1)  # other random weights, unless the file's are loaded
         model = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, **kwargs, **extra).eval()
         assert model.state_dict().keys() == teacher.state_dict().keys()
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
@@ -205,7 +211,8 @@ def test_exported_teacher_loads_through_timms_local_weight_conventions(tmp_path)
 
 def test_registry_passes_timm_kwargs_through():
     model = timm.create_model(
-        'vit_small_patch16_skipat_224', skip_indices=(4, 5), drop_path_rate=0.2, num_classes=7, img_size=96)
+        'vit_small_patch16_skipat_224', skip_indices=(4, 5), drop_path_rate=0.2, num_classes=7, img_size=96
+    )
     assert model.skip_indices == (4, 5)
     assert model.patch_embed.img_size == (96, 96)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
@@ -221,8 +228,10 @@ def test_last_cls_tokens_are_normed_cls_of_last_blocks():
     assert feats.shape == (2, 4 * 64)
     # independent route: collect block outputs by hooks on a plain forward
     outs = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-             for blk in model.blocks]
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for blk in model.blocks
+    ]
     with torch.no_grad():
         model.forward_features(x)
     for h in hooks:
@@ -241,8 +250,9 @@ def test_last_selfattention_reconstructs_the_attention_output():
         assert attn.shape == (2, 4, n_tok, n_tok)
         torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, n_tok))
         # attn @ v then proj must equal the last block's (fused) attention output on the same input
-        inp = model.forward_intermediates(x, indices=[4], output_fmt='NLC', return_prefix_tokens=True,
-                                          intermediates_only=True)[0]
+        inp = model.forward_intermediates(
+            x, indices=[4], output_fmt='NLC', return_prefix_tokens=True, intermediates_only=True
+        )[0]
         h = torch.cat([inp[1], inp[0]], dim=1)
         last = model.blocks[-1]
         y = last.norm1(h)
@@ -278,17 +288,19 @@ def _fx_model(model, train=False):
     """timm's FX set-up for its model tests: the graph's output node as a feature extractor."""
     from timm.models import get_notrace_functions, get_notrace_modules
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                  param_shapes_constant=True)
+
+    tracer = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=tracer).train(train)
+    return create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer
+    ).train(train)
 
 
 def _contract_models():
     torch.manual_seed(0)
-    registered = timm.create_model('vit_tiny_patch16_skipat_224', depth=6, skip_indices=(2, 3, 4),
-                                   num_classes=7).eval()
+    registered = timm.create_model('vit_tiny_patch16_skipat_224', depth=6, skip_indices=(2, 3, 4), num_classes=7).eval()
     converted = convert_to_skipat(tiny_vit(num_classes=7, reg_tokens=2), skip_indices=(1, 2)).eval()
     return {'registered': registered, 'converted': converted}
 
@@ -304,7 +316,7 @@ def test_scripted_and_traced_models_equal_eager(which):
         fx = next(iter(traced(x).values()))
         fx_scripted = next(iter(torch.jit.script(traced)(x).values()))
     for name, out in (('script', scripted), ('fx', fx), ('fx+script', fx_scripted)):
-        torch.testing.assert_close(out, eager, rtol=0, atol=0, msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(out, eager, rtol=0, atol=0, msg=lambda m, name=name: f'{name}: {m}')
 
 
 @pytest.mark.parametrize('which', ['registered', 'converted'])
@@ -320,7 +332,7 @@ def test_fx_backward_reaches_every_parameter_as_eager(which):
     model(x).mean().backward()
     assert fx_grads.keys() == {n for n, _ in model.named_parameters()}
     for n, p in model.named_parameters():
-        torch.testing.assert_close(fx_grads[n], p.grad, msg=lambda m: f'{n}: {m}')
+        torch.testing.assert_close(fx_grads[n], p.grad, msg=lambda m, n=n: f'{n}: {m}')
 
 
 def test_features_only_reset_classifier_and_causal_refusal():

@@ -2,6 +2,7 @@
 
 Real cluster, no mocks: the `slurm_cluster` fixture (conftest.py) brings it up once per session.
 """
+
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 # ---------------------------------------------------------------- helpers
 
+
 def wait_until(predicate, timeout, what, logs=lambda: ''):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -35,7 +37,8 @@ def job_logs(job):
     """Every task's stdout/stderr tail and SLURM's view of the job, for failure messages."""
     parts = []
     for path in sorted(job.paths.folder.glob(f'{job.job_id}_*.out')) + sorted(
-            job.paths.folder.glob(f'{job.job_id}_*.err')):
+        job.paths.folder.glob(f'{job.job_id}_*.err')
+    ):
         parts.append(f'--- {path.name}\n' + '\n'.join(path.read_text(errors='replace').splitlines()[-20:]))
     show = subprocess.run(['scontrol', 'show', 'job', job.job_id], capture_output=True, text=True, check=False)
     return '\n'.join(parts + ['--- scontrol show job', show.stdout + show.stderr])
@@ -58,6 +61,7 @@ def restart_count():
 
 
 # ---------------------------------------------------------------- job bodies (run inside SLURM)
+
 
 def rank_report():
     env = submitit.JobEnvironment()
@@ -117,6 +121,7 @@ def cooperative_train(run_dir, total_steps):
 
 # ---------------------------------------------------------------- tests without a cluster
 
+
 def test_missing_packages_are_named():
     reason = sc.unavailable_reason(search_path='/nonexistent')
     assert 'slurmctld' in reason and sc.PACKAGES in reason
@@ -124,11 +129,18 @@ def test_missing_packages_are_named():
 
 # ---------------------------------------------------------------- tests on the cluster
 
+
 @pytest.mark.slurm
 def test_cli_reports_the_running_cluster(slurm_cluster):
     def run(command):
-        return subprocess.run([sys.executable, '-m', 'launch.slurm_cluster', command, '--dir', str(slurm_cluster.dir)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, '-m', 'launch.slurm_cluster', command, '--dir', str(slurm_cluster.dir)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
 
     status = run('status')
     assert status.returncode == 0 and status.stdout.startswith('up'), status.stdout + status.stderr
@@ -140,16 +152,22 @@ def test_cli_reports_the_running_cluster(slurm_cluster):
 @pytest.mark.slurm
 def test_sbatch_runs_a_script(slurm_cluster, tmp_path):
     out = tmp_path / 'hello.out'
-    job_id = subprocess.run(['sbatch', '--parsable', f'--output={out}', '--wrap', 'echo hello from $SLURM_JOB_ID'],
-                            capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    job_id = subprocess.run(
+        ['sbatch', '--parsable', f'--output={out}', '--wrap', 'echo hello from $SLURM_JOB_ID'],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     wait_until(lambda: out.exists() and out.read_text().strip(), 30, f'output of sbatch job {job_id}')
     assert out.read_text().strip() == f'hello from {job_id}'
 
 
 @pytest.mark.slurm
 def test_srun_runs_two_tasks(slurm_cluster):
-    out = subprocess.run(['srun', '-n', '2', 'bash', '-c', 'echo $SLURM_PROCID'],
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        ['srun', '-n', '2', 'bash', '-c', 'echo $SLURM_PROCID'], capture_output=True, text=True, check=True, timeout=60
+    )
     assert sorted(out.stdout.split()) == ['0', '1']
 
 
@@ -164,8 +182,12 @@ def test_submitit_two_tasks_return_both_results(slurm_cluster, tmp_path):
 def test_checkpointable_resumes_after_preemption_signal(slurm_cluster, tmp_path):
     progress = tmp_path / 'progress'
     job = executor(tmp_path / 'logs').submit(Counter(), 5, str(progress))
-    wait_until(lambda: progress.exists() and int(progress.read_text() or 0) >= 5, 60, 'first run progress',
-               lambda: job_logs(job))
+    wait_until(
+        lambda: progress.exists() and int(progress.read_text() or 0) >= 5,
+        60,
+        'first run progress',
+        lambda: job_logs(job),
+    )
     # What SLURM preemption looks like to submitit (as its job._interrupt() does): SIGTERM, which its handler
     # ignores, then the preemption signal, on which it pickles Counter.checkpoint() and requeues the job.
     for sig in ('TERM', 'USR2'):
@@ -194,8 +216,12 @@ def test_cooperative_trainer_finishes_its_iteration_then_resumes(slurm_cluster, 
     run_dir.mkdir()
     job = executor(tmp_path / 'logs', tasks_per_node=2).submit(cooperative_train, str(run_dir), 20)
     rank0_log = run_dir / 'rank0.log'
-    wait_until(lambda: rank0_log.exists() and rank0_log.read_text().count('end') >= 3, 60, 'first run progress',
-               lambda: job_logs(job))
+    wait_until(
+        lambda: rank0_log.exists() and rank0_log.read_text().count('end') >= 3,
+        60,
+        'first run progress',
+        lambda: job_logs(job),
+    )
     subprocess.run(['scancel', '--signal=USR2', job.job_id], check=True, timeout=30)
     results = sorted(wait_results(job, 90), key=lambda r: r['rank'])
     saved = json.loads((run_dir / 'ckpt.json').read_text())['step']

@@ -4,6 +4,7 @@ one DeepSpeed rank per node, its rendezvous at the first node of the job's node 
 
 No mocks: the `slurm_two_nodes` fixture (conftest.py) brings the daemons up for this module.
 """
+
 import json
 import re
 import subprocess
@@ -42,11 +43,15 @@ def test_cluster_folder_ports_and_names_stay_off_the_one_node_cluster(tmp_path):
     cluster = sc.Cluster(tmp_path, 2, sc.MULTI_NODE_CTLD_PORT)
     conf = sc._slurm_conf(cluster, cpus=1, memory_mb=1000)
     assert sc.MULTI_NODE_DIR != sc.DEFAULT_DIR and cluster.node_names == ('n1', 'n2')
-    for line in (f'SlurmctldPort={sc.MULTI_NODE_CTLD_PORT}', f'FirstJobId={sc.MULTI_NODE_FIRST_JOB_ID}',
-                 f'NodeName=n1 NodeAddr=127.0.0.1 Port={sc.MULTI_NODE_CTLD_PORT + 1} CPUs=1 RealMemory=1000',
-                 f'NodeName=n2 NodeAddr=127.0.0.1 Port={sc.MULTI_NODE_CTLD_PORT + 2} CPUs=1 RealMemory=1000',
-                 'PartitionName=debug Nodes=n1,n2 ', f'SlurmdPidFile={tmp_path}/slurmd.%n.pid',
-                 f'SlurmdSpoolDir={tmp_path}/spool/%n'):
+    for line in (
+        f'SlurmctldPort={sc.MULTI_NODE_CTLD_PORT}',
+        f'FirstJobId={sc.MULTI_NODE_FIRST_JOB_ID}',
+        f'NodeName=n1 NodeAddr=127.0.0.1 Port={sc.MULTI_NODE_CTLD_PORT + 1} CPUs=1 RealMemory=1000',
+        f'NodeName=n2 NodeAddr=127.0.0.1 Port={sc.MULTI_NODE_CTLD_PORT + 2} CPUs=1 RealMemory=1000',
+        'PartitionName=debug Nodes=n1,n2 ',
+        f'SlurmdPidFile={tmp_path}/slurmd.%n.pid',
+        f'SlurmdSpoolDir={tmp_path}/spool/%n',
+    ):
         assert line in conf, line
     one = sc._slurm_conf(sc.Cluster(tmp_path), cpus=1, memory_mb=1000)
     assert 'SlurmctldPort' not in one and 'FirstJobId' not in one and f'SlurmdPidFile={tmp_path}/slurmd.pid' in one
@@ -65,8 +70,14 @@ def test_missing_namespace_tools_are_named_for_several_nodes_only(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'launch.slurm_cluster', *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, '-m', 'launch.slurm_cluster', *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_status_names_both_nodes(slurm_two_nodes):
@@ -81,8 +92,9 @@ def test_status_names_both_nodes(slurm_two_nodes):
 def test_srun_places_one_task_on_each_node(slurm_two_nodes):
     """Each task reports the node slurmd ran it on, and that node names resolve inside the job (not outside)."""
     script = 'echo $SLURM_PROCID $SLURM_NODEID $SLURMD_NODENAME $(getent hosts n1 n2 | wc -l)'
-    out = subprocess.run(['srun', '-N', '2', '-n', '2', 'bash', '-c', script],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        ['srun', '-N', '2', '-n', '2', 'bash', '-c', script], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ['0 0 n1 2', '1 1 n2 2']
     assert subprocess.run(['getent', 'hosts', 'n1'], capture_output=True, check=False).returncode != 0
@@ -90,20 +102,42 @@ def test_srun_places_one_task_on_each_node(slurm_two_nodes):
 
 # ---------------------------------------------------------------- DeepSpeed pretraining on two nodes
 
+
 def pretrain_args(shards: Path, out: Path, *extra: str) -> list[str]:
     """2 nodes x 1 CPU rank of the tiny preset: 24 iterations of 2 x 32 images (two epochs of 768 samples)."""
-    return ['pretrain', '--config', TINY, '--nodes', '2', '--tasks-per-node', '1', '--gpus-per-node', '0',
-            '--cpus-per-task', '1', '--partition', 'debug', '--time', '10', *extra, f'data.train_shards={shards}',
-            f'experiment.output_dir={out}', 'data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1',
-            'engine.device=cpu']
+    return [
+        'pretrain',
+        '--config',
+        TINY,
+        '--nodes',
+        '2',
+        '--tasks-per-node',
+        '1',
+        '--gpus-per-node',
+        '0',
+        '--cpus-per-task',
+        '1',
+        '--partition',
+        'debug',
+        '--time',
+        '10',
+        *extra,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out}',
+        'data.samples_per_epoch=768',
+        'train.epochs=2',
+        'train.log_every=1',
+        'engine.device=cpu',
+    ]
 
 
 def rank_placement(folder: Path, job_id: str) -> dict[int, tuple[str, str]]:
     """rank -> (node, MASTER_ADDR) from the line launch.jobs logs in each task's .err log before training."""
     placement = {}
     for path in Path(folder).glob(f'{job_id}_*_log.err'):
-        for rank, node, addr in re.findall(r'rank (\d+) of 2 on node (\S+), rendezvous ([^:\s]+):\d+',
-                                           path.read_text(errors='replace')):
+        for rank, node, addr in re.findall(
+            r'rank (\d+) of 2 on node (\S+), rendezvous ([^:\s]+):\d+', path.read_text(errors='replace')
+        ):
             placement[int(rank)] = (node, addr)
     return placement
 
@@ -128,13 +162,15 @@ def test_pretraining_runs_one_rank_on_each_node_with_the_rendezvous_on_the_first
     out, job_id, folder, results = two_node_run
     job = scontrol_job(job_id)
     assert job['NumNodes'] == '2' and job['NumTasks'] == '2', job
-    first_node = subprocess.run(['scontrol', 'show', 'hostnames', job['NodeList']], capture_output=True, text=True,
-                                check=True, timeout=30).stdout.split()[0]
+    first_node = subprocess.run(
+        ['scontrol', 'show', 'hostnames', job['NodeList']], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()[0]
     assert first_node == 'n1'
     assert rank_placement(folder, job_id) == {0: ('n1', first_node), 1: ('n2', first_node)}, job_logs(folder, job_id)
     summaries = [value for _, value in results]
-    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [(True, 24, s['device_hours'])
-                                                                                       for s in summaries[:1]] * 2
+    assert [(v['finished'], v['iterations'], v['device_hours']) for v in summaries] == [
+        (True, 24, s['device_hours']) for s in summaries[:1]
+    ] * 2
     s = summaries[0]
     assert s['finished'] and s['iterations'] == 24 and s['device']['world_size'] == 2 and s['global_batch'] == 64
     assert json.loads((out / 'summary.json').read_text()) == s
@@ -177,7 +213,7 @@ def test_two_node_run_continues_on_one_node_as_the_same_run(two_node_run, shards
     [(_, first)] = wait_results(folder, job_id, 2, timeout=300)[:1]
     assert first['iterations'] == 10 and not first['finished']
     one_node = pretrain_args(shards, out)
-    one_node[one_node.index('--nodes') + 1] = '1'   # the same command on the new allocation
+    one_node[one_node.index('--nodes') + 1] = '1'  # the same command on the new allocation
     job_id, folder = submitted(submit_cli(*one_node))
     [(_, summary)] = wait_results(folder, job_id, 1, timeout=300)
     assert summary['finished'] and summary['iterations'] == 24 and summary['device']['world_size'] == 1

@@ -6,6 +6,7 @@ distribution on PyPI; ``scripts/setup.sh`` unpacks the one of the installed timm
 ``.venv/timm-src/`` (``SKIPSSL_TIMM_SRC`` points elsewhere). The suite imports the module named in
 ``TORCH_BACKEND`` before collecting models, which registers ours; ``-k skipat`` selects them.
 """
+
 import os
 import re
 import subprocess
@@ -18,9 +19,15 @@ import timm
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ('vit_tiny_patch16_skipat_224', 'vit_small_patch16_skipat_224', 'vit_base_patch16_skipat_224')
 # the contract the issue names, for each model: config and shapes, scripting, tracing and its backward
-MUST_RUN = ('test_model_default_cfgs_non_std', 'test_model_forward_torchscript', 'test_model_forward_fx',
-            'test_model_backward_fx', 'test_model_forward_fx_torchscript', 'test_model_forward',
-            'test_model_backward')
+MUST_RUN = (
+    'test_model_default_cfgs_non_std',
+    'test_model_forward_torchscript',
+    'test_model_forward_fx',
+    'test_model_backward_fx',
+    'test_model_forward_fx_torchscript',
+    'test_model_forward',
+    'test_model_backward',
+)
 
 
 def timm_source() -> Path:
@@ -39,9 +46,27 @@ def test_timm_model_suite_passes_for_the_skipat_models():
     env = dict(os.environ, TORCH_BACKEND='skipssl', OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'))
     env.pop('GITHUB_ACTIONS', None)  # the suite's full settings, not its reduced CI ones
     proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', 'skipat', '-q', '-rA', '-p', 'no:cacheprovider',
-         '-W', 'ignore', '--tb=short'],
-        cwd=src, env=env, capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            '-m',
+            'pytest',
+            'tests/test_models.py',
+            '-k',
+            'skipat',
+            '-q',
+            '-rA',
+            '-p',
+            'no:cacheprovider',
+            '-W',
+            'ignore',
+            '--tb=short',
+        ],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = set(re.findall(r'^PASSED tests/test_models\.py::(\w+)\[[^\]]*?-(\S+?)\]$', out, re.M))

@@ -1,6 +1,7 @@
 """The training job, really run: pretrain.py as one process and under torchrun with 2 gloo processes,
 DeepSpeed engines, real image shards; exact resume after SIGKILL, SIGTERM checkpoint-and-exit, corrupt
 checkpoints, config errors, non-finite loss."""
+
 import json
 import os
 import shutil
@@ -16,8 +17,8 @@ import torch
 
 from skipssl import checkpoint as ckpt
 from skipssl.config import ConfigError, load_config
-from skipssl.train.distributed import DistInfo
 from skipssl.train import state as train_state
+from skipssl.train.distributed import DistInfo
 from skipssl_common.distributed import free_port
 
 from .image_shards import write_pattern_shards
@@ -39,33 +40,60 @@ def shards(tmp_path_factory):
     if HAVE_FMNIST:
         from skipssl.data.make_shards import write_shards
         from skipssl.data.sources import open_source
-        write_shards(open_source('fashion-mnist', FMNIST, 'test'), out, 'train', max_samples=2500, workers=1,
-                     progress=False)
+
+        write_shards(
+            open_source('fashion-mnist', FMNIST, 'test'), out, 'train', max_samples=2500, workers=1, progress=False
+        )
         return out
     return write_pattern_shards(out, n=1024, n_shards=4)
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(('SLURM_', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))
+    }
     env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return env
 
 
 def command(out_dir, shards, *overrides, nproc=1):
-    args = ['pretrain.py', '--config', TINY, f'data.train_shards={shards}', f'experiment.output_dir={out_dir}',
-            *overrides]
+    args = [
+        'pretrain.py',
+        '--config',
+        TINY,
+        f'data.train_shards={shards}',
+        f'experiment.output_dir={out_dir}',
+        *overrides,
+    ]
     if nproc == 1:
         return [sys.executable, *args]
-    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_addr',
-            '127.0.0.1', '--master_port', str(free_port()), *args]
+    return [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        str(nproc),
+        '--master_addr',
+        '127.0.0.1',
+        '--master_port',
+        str(free_port()),
+        *args,
+    ]
 
 
 def run(out_dir, shards, *overrides, nproc=1, timeout=300, check=True):
-    proc = subprocess.run(command(out_dir, shards, *overrides, nproc=nproc), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        command(out_dir, shards, *overrides, nproc=nproc),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f'pretrain.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
     return proc
 
 
@@ -84,15 +112,29 @@ def final_weights(run_dir):
 
 # 2 ranks x 32 images = 64 per iteration; 768 samples per epoch = 12 iterations per epoch; a constant teacher
 # temperature, so that the loss values of the two epochs compare (the CE includes the teacher's entropy)
-SMALL = ['data.samples_per_epoch=768', 'train.epochs=2', 'train.log_every=1', 'loss.warmup_teacher_temp=0.04',
-         'loss.teacher_temp=0.04', 'loss.warmup_teacher_temp_epochs=0']
+SMALL = [
+    'data.samples_per_epoch=768',
+    'train.epochs=2',
+    'train.log_every=1',
+    'loss.warmup_teacher_temp=0.04',
+    'loss.teacher_temp=0.04',
+    'loss.warmup_teacher_temp_epochs=0',
+]
 
 
 @pytest.fixture(scope='module')
 def single_run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp('single') / 'run'
-    proc = run(out, shards, 'data.samples_per_epoch=256', 'train.epochs=2', 'train.log_every=1',
-               'train.checkpoint_every=3', 'train.keep_checkpoints=6', 'data.num_workers=1')
+    proc = run(
+        out,
+        shards,
+        'data.samples_per_epoch=256',
+        'train.epochs=2',
+        'train.log_every=1',
+        'train.checkpoint_every=3',
+        'train.keep_checkpoints=6',
+        'data.num_workers=1',
+    )
     return out, proc
 
 
@@ -110,24 +152,28 @@ def test_config_rejects_unknown_keys_and_wrong_types_naming_the_key(tmp_path):
         load_config(TINY, ['train.epoch=3'])
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 'ten'"):
         load_config(TINY, ['train.epochs=ten'])
-    with pytest.raises(ConfigError, match=r"augment.global_scale: expected 2 values"):
+    with pytest.raises(ConfigError, match=r'augment.global_scale: expected 2 values'):
         load_config(TINY, ['augment.global_scale=[0.1]'])
-    with pytest.raises(ConfigError, match=r"engine.zero_stage: 0, 1 or 2"):
+    with pytest.raises(ConfigError, match=r'engine.zero_stage: 0, 1 or 2'):
         load_config(TINY, ['engine.zero_stage=3'])
     bad = tmp_path / 'bad.yaml'
     bad.write_text('base: ' + TINY + '\noptim: {lr: 0.1}\n')
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lr'"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="not of the form"):
+    with pytest.raises(ConfigError, match='not of the form'):
         load_config(TINY, ['train.epochs'])
-    with pytest.raises(ConfigError, match=r"engine.precision: fp16 needs engine.zero_stage 1 or 2"):
+    with pytest.raises(ConfigError, match=r'engine.precision: fp16 needs engine.zero_stage 1 or 2'):
         load_config(TINY, ['engine.precision=fp16'])
-    with pytest.raises(ConfigError, match=r"loss.warmup_teacher_temp_epochs: a whole number of epochs"):
+    with pytest.raises(ConfigError, match=r'loss.warmup_teacher_temp_epochs: a whole number of epochs'):
         load_config(TINY, ['loss.warmup_teacher_temp_epochs=1.5'])
-    with pytest.raises(ConfigError, match=r"loss.teacher_temp_schedule: per_epoch or per_iteration"):
+    with pytest.raises(ConfigError, match=r'loss.teacher_temp_schedule: per_epoch or per_iteration'):
         load_config(TINY, ['loss.teacher_temp_schedule=daily'])
-    assert load_config(TINY, ['loss.warmup_teacher_temp_epochs=1.5',
-                              'loss.teacher_temp_schedule=per_iteration']).loss.warmup_teacher_temp_epochs == 1.5
+    assert (
+        load_config(
+            TINY, ['loss.warmup_teacher_temp_epochs=1.5', 'loss.teacher_temp_schedule=per_iteration']
+        ).loss.warmup_teacher_temp_epochs
+        == 1.5
+    )
 
 
 def test_config_overrides_inheritance_and_reference_presets():
@@ -186,6 +232,7 @@ def test_logged_schedules_follow_dino_formulas(single_run):
     what the optimizer applied, group by group, follow DINO's formulas (DINO's own cosine_scheduler, the
     teacher temperature per epoch) at every iteration."""
     from .test_dino_reference import dino_cosine_scheduler
+
     out, _ = single_run
     lines = log_lines(out)
     assert sorted(lines) == list(range(1, 17))
@@ -203,7 +250,11 @@ def test_logged_schedules_follow_dino_formulas(single_run):
         # applied: lr on every group but the frozen last layer, decay on the decay groups only
         assert rec['optim/lr/decay'] == rec['optim/lr/no_decay'] == pytest.approx(lr[i], rel=1e-6, abs=1e-12), i
         assert rec['optim/lr/decay_last_layer'] == (0.0 if frozen else pytest.approx(lr[i], rel=1e-6)), i
-        assert rec['optim/weight_decay/decay'] == rec['optim/weight_decay/decay_last_layer'] == pytest.approx(wd[i], rel=1e-6)
+        assert (
+            rec['optim/weight_decay/decay']
+            == rec['optim/weight_decay/decay_last_layer']
+            == pytest.approx(wd[i], rel=1e-6)
+        )
         assert rec['optim/weight_decay/no_decay'] == 0.0
         assert 0 < rec['optim/clipped_fraction'] < 1, (i, rec['optim/clipped_fraction'])  # the clip really clips
         assert np.isfinite(rec['train/loss']) and rec['perf/images_per_s'] > 0
@@ -218,6 +269,7 @@ def test_last_layer_is_frozen_during_the_first_epoch_only(single_run):
     at iterations 6 and 8) and moves at the first step after it (9), while the rest of the network moves from
     the start."""
     from skipssl.train.plan import build_student
+
     out, _ = single_run
     cfg = load_config(out / 'config.yaml')
     torch.manual_seed(cfg.experiment.seed)  # as the trainer builds the student
@@ -233,13 +285,26 @@ def test_last_layer_is_frozen_during_the_first_epoch_only(single_run):
 
 def test_tensorboard_has_scalars_attention_maps_and_config(single_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out, _ = single_run
     acc = EventAccumulator(str(out / 'tb'), size_guidance={'images': 0, 'scalars': 0, 'tensors': 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ('train/loss', 'train/lr', 'train/weight_decay', 'train/teacher_momentum', 'train/teacher_temp',
-                'collapse/teacher_entropy', 'collapse/kl', 'collapse/center_norm', 'perf/images_per_s',
-                'perf/data_wait_s', 'perf/compute_s', 'data/skipped_samples', 'cost/core_hours'):
+    for tag in (
+        'train/loss',
+        'train/lr',
+        'train/weight_decay',
+        'train/teacher_momentum',
+        'train/teacher_temp',
+        'collapse/teacher_entropy',
+        'collapse/kl',
+        'collapse/center_norm',
+        'perf/images_per_s',
+        'perf/data_wait_s',
+        'perf/compute_s',
+        'data/skipped_samples',
+        'cost/core_hours',
+    ):
         assert tag in tags['scalars'], tag
     assert len(acc.Scalars('train/loss')) == 16
     assert {'attention/images', 'attention/last_layer_cls', 'attention/last_layer_cls_mask60'} <= set(tags['images'])
@@ -268,9 +333,9 @@ def _wait_for(predicate, proc, timeout, what):
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(f'process ended ({proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}')
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f'timed out waiting for {what}')
 
 
 def _descendants(pid: int) -> list:
@@ -318,12 +383,20 @@ def test_resume_after_sigkill_is_exact(torchrun_run, shards, tmp_path):
     12 iterations per epoch): the same losses and the same final weights as the uninterrupted run."""
     out = tmp_path / 'run'
     cmd = command(out, shards, *SMALL, 'engine.zero_stage=1', 'train.checkpoint_every=5', nproc=2)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        _wait_for(lambda: (out / 'checkpoints' / 'ckpt-00000010' / ckpt.COMPLETE).exists()
-                  and (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 12, proc, 240,
-                  "iteration 12")
+        _wait_for(
+            lambda: (
+                (out / 'checkpoints' / 'ckpt-00000010' / ckpt.COMPLETE).exists()
+                and (out / 'log.jsonl').exists()
+                and max(log_lines(out), default=0) >= 12
+            ),
+            proc,
+            240,
+            'iteration 12',
+        )
     finally:
         _kill_all(proc)
     killed_at = max(log_lines(out))
@@ -352,8 +425,9 @@ def test_sigterm_writes_a_checkpoint_at_the_next_iteration_and_exits_cleanly(sha
     cmd = command(out, shards, 'data.samples_per_epoch=4096', 'train.epochs=1', 'train.log_every=1')
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 3, proc, 180,
-                  "iteration 3")
+        _wait_for(
+            lambda: (out / 'log.jsonl').exists() and max(log_lines(out), default=0) >= 3, proc, 180, 'iteration 3'
+        )
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -392,8 +466,17 @@ def test_checkpoints_load_weights_only():
 
 def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_path):
     out = tmp_path / 'run'
-    proc = run(out, shards, 'data.samples_per_epoch=128', 'train.epochs=1', 'optim.base_lr=1e30',
-               'optim.clip_grad=0', 'optim.warmup_epochs=0', 'train.log_every=1', check=False)
+    proc = run(
+        out,
+        shards,
+        'data.samples_per_epoch=128',
+        'train.epochs=1',
+        'optim.base_lr=1e30',
+        'optim.clip_grad=0',
+        'optim.warmup_epochs=0',
+        'train.log_every=1',
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     # the first step's loss is finite, the huge update makes the second one non-finite; counted from 1 as the
     # console's "it 1/4" is
@@ -404,9 +487,17 @@ def test_non_finite_loss_stops_naming_the_iteration_without_saving(shards, tmp_p
 
 # bf16, ZeRO-2 over 2 ranks, 2 micro-batches per step, multi-crop on the training device from raw uint8
 # batches: 2 x 2 x 16 = 64 images per step, 256 per epoch = 4 iterations per epoch, 2 epochs
-OTHER_PATHS = ['data.samples_per_epoch=256', 'train.epochs=2', 'train.log_every=1', 'engine.precision=bf16',
-               'engine.zero_stage=2', 'train.grad_accum_steps=2', 'data.batch_size_per_rank=16',
-               'data.augment_on=device', 'data.canvas_size=32']
+OTHER_PATHS = [
+    'data.samples_per_epoch=256',
+    'train.epochs=2',
+    'train.log_every=1',
+    'engine.precision=bf16',
+    'engine.zero_stage=2',
+    'train.grad_accum_steps=2',
+    'data.batch_size_per_rank=16',
+    'data.augment_on=device',
+    'data.canvas_size=32',
+]
 
 
 def test_bf16_zero2_gradient_accumulation_and_device_augmentation_resume_exactly(shards, tmp_path):

@@ -15,7 +15,8 @@ measurements, the end of its log) and ``{out}/summary.json``:
   prepare       synthetic labelled ImageNet-size JPEG shards, written by the project's shard writer there
   env           (a) GPU, driver, CUDA, torch and package versions, the bf16 peak used for MFU
   trainer       (b) pretrain.py on 1 GPU, nccl: bf16 ZeRO-2 device augmentation; SIGTERM, checkpoint,
-                    resume against the uninterrupted run; ZeRO-0 compiled; fp16 at ZeRO-1 (loss scaling, last-layer freeze)
+                    resume against the uninterrupted run; ZeRO-0 compiled; fp16 at ZeRO-1 (loss scaling,
+                    last-layer freeze)
   backbone      (c) ViT-S/16 vs SkipAt-S/16 at 224 px, bf16, batch 256 and 1024, eager and compiled, inference
                     and training (bench.backbone_throughput)
   step          (d) the DINO step, 2x224 + 10x96, batch 64 and 128: images/s, model FLOPs, MFU

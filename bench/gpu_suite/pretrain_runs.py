@@ -1,5 +1,6 @@
 """``pretrain.py`` as the suite runs it: one process each (nccl on CUDA, gloo on CPU), a log file, the
 per-iteration losses from its log.jsonl, a SIGTERM once it reaches an iteration."""
+
 import json
 import os
 import signal
@@ -18,8 +19,11 @@ CONFIG_DIR = ROOT / 'configs'
 def child_env(threads: int) -> Dict[str, str]:
     """This environment without any launcher's variables (each run is its own one-process world, on a free
     port), the checkout first on the path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(('SLURM_', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_', 'TORCHELASTIC'))
+    }
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
     env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
     return env
@@ -30,8 +34,14 @@ class PretrainRun:
         self.name, self.env = name, env
         self.dir = Path(work) / name
         self.log = Path(work) / f'{name}.log'
-        self.cmd = [sys.executable, 'pretrain.py', '--config', str(CONFIG_DIR / config), *overrides,
-                    f'experiment.output_dir={self.dir}']
+        self.cmd = [
+            sys.executable,
+            'pretrain.py',
+            '--config',
+            str(CONFIG_DIR / config),
+            *overrides,
+            f'experiment.output_dir={self.dir}',
+        ]
         self.proc: Optional[subprocess.Popen] = None
         self.seconds = 0.0
         self._t0 = 0.0
@@ -39,7 +49,7 @@ class PretrainRun:
     def start(self) -> 'PretrainRun':
         self._t0 = time.perf_counter()
         with open(self.log, 'a') as log:
-            log.write(f"$ {' '.join(self.cmd)}\n")
+            log.write(f'$ {" ".join(self.cmd)}\n')
             log.flush()
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
@@ -79,8 +89,10 @@ class PretrainRun:
                 self.proc.send_signal(signal.SIGTERM)
                 return done
             time.sleep(poll)
-        raise RuntimeError(f"run '{self.name}' ended (status {self.proc.returncode}) before iteration {iteration}, "
-                           f"so it could not be interrupted:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"run '{self.name}' ended (status {self.proc.returncode}) before iteration {iteration}, "
+            f'so it could not be interrupted:\n{self.log_tail()}'
+        )
 
 
 def compare_losses(reference: Dict[int, float], resumed: Dict[int, float], stopped_at: int) -> Dict:
@@ -95,17 +107,23 @@ def compare_losses(reference: Dict[int, float], resumed: Dict[int, float], stopp
     moments, the teacher or the centre shifts the loss by far more than that at the first resumed step.
     """
     if sorted(reference) != sorted(resumed):
-        raise RuntimeError(f"iterations differ: uninterrupted {sorted(reference)}, resumed {sorted(resumed)}")
+        raise RuntimeError(f'iterations differ: uninterrupted {sorted(reference)}, resumed {sorted(resumed)}')
 
     def rel(i):
         return abs(resumed[i] - reference[i]) / max(abs(reference[i]), 1e-12)
+
     before = [rel(i) for i in reference if i <= stopped_at]
     after = [rel(i) for i in reference if i > stopped_at]
     noise = max(before, default=0.0)
     tolerance = 0.0 if noise == 0.0 else max(10 * noise, 2e-3)
     worst = max(after, default=0.0)
-    return {'iterations': len(reference), 'stopped_at': stopped_at,
-            'bit_identical': all(resumed[i] == reference[i] for i in reference),
-            'max_rel_diff_before_stop': noise, 'max_rel_diff_after_resume': worst,
-            'first_resumed_rel_diff': after[0] if after else None, 'tolerance': tolerance,
-            'ok': worst <= tolerance and bool(after)}
+    return {
+        'iterations': len(reference),
+        'stopped_at': stopped_at,
+        'bit_identical': all(resumed[i] == reference[i] for i in reference),
+        'max_rel_diff_before_stop': noise,
+        'max_rel_diff_after_resume': worst,
+        'first_resumed_rel_diff': after[0] if after else None,
+        'tolerance': tolerance,
+        'ok': worst <= tolerance and bool(after),
+    }

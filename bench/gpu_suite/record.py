@@ -1,5 +1,6 @@
 """A stage's measurements, rewritten to disk after each one, so a stage killed at its time cap still leaves
 what it had measured."""
+
 import json
 from pathlib import Path
 from typing import Any, Dict

@@ -1,31 +1,40 @@
 """Sizes per mode: 'gpu' (one H100, the whole suite in 8 minutes) and 'dry' (every stage on the CPU in a
 minute or two, for CI). One place, so a stage's code is the same in both modes."""
+
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 # the stages in order, with their share of the budget in seconds for the default 480 s (they sum to it, the
 # data preparation's share included); unused time flows on to the next stages
-STAGE_SECONDS: Dict[str, float] = {'prepare': 40, 'env': 15, 'trainer': 125, 'backbone': 70, 'step': 70,
-                                   'augment': 25, 'knn': 40, 'equal_images': 95}
-MIN_STAGE_SECONDS = 10.0   # a stage with less left than this is skipped, not started
+STAGE_SECONDS: Dict[str, float] = {
+    'prepare': 40,
+    'env': 15,
+    'trainer': 125,
+    'backbone': 70,
+    'step': 70,
+    'augment': 25,
+    'knn': 40,
+    'equal_images': 95,
+}
+MIN_STAGE_SECONDS = 10.0  # a stage with less left than this is skipped, not started
 
 
 @dataclass(frozen=True)
 class Sizes:
     mode: str
     device: str
-    workers: int                         # data-loader / shard-writer processes
+    workers: int  # data-loader / shard-writer processes
     # synthetic JPEG shards
     train_images: int
     test_images: int
-    image_size: Tuple[int, int]          # (w, h): ImageNet-size on the GPU
+    image_size: Tuple[int, int]  # (w, h): ImageNet-size on the GPU
     # (b) trainer: config and overrides shared by its runs; iterations = epochs x iterations_per_epoch
     trainer_config: str
     trainer_overrides: Tuple[str, ...]
     trainer_batch: int
     trainer_ipe: int
     trainer_epochs: int
-    sigterm_after: int                   # SIGTERM once the log shows this iteration
+    sigterm_after: int  # SIGTERM once the log shows this iteration
     # (c) backbone throughput (bench.backbone_throughput arguments)
     backbone_args: Tuple[str, ...]
     backbone_batches: Tuple[int, ...]
@@ -43,7 +52,7 @@ class Sizes:
     knn_test: int
     knn_dim: int
     knn_classes: int
-    extract_model: str                   # random init: extraction speed does not depend on the weights
+    extract_model: str  # random init: extraction speed does not depend on the weights
     extract_kwargs: Dict
     extract_resize: int
     extract_crop: int
@@ -56,48 +65,112 @@ class Sizes:
 
     @property
     def compile(self) -> bool:
-        return self.device == 'cuda'   # inductor on the CPU needs minutes and a C++ toolchain: GPU only
+        return self.device == 'cuda'  # inductor on the CPU needs minutes and a C++ toolchain: GPU only
 
 
 _S16 = ('model.drop_path_rate=0.1', 'data.augment_on=device', 'engine.device=cuda')
 GPU = Sizes(
-    mode='gpu', device='cuda', workers=12,
-    train_images=4096, test_images=1024, image_size=(500, 375),
+    mode='gpu',
+    device='cuda',
+    workers=12,
+    train_images=4096,
+    test_images=1024,
+    image_size=(500, 375),
     trainer_config='dino_skipat_vit_s16_100ep.yaml',
     trainer_overrides=_S16 + ('data.num_workers=3',),
-    trainer_batch=32, trainer_ipe=25, trainer_epochs=2, sigterm_after=15,
+    trainer_batch=32,
+    trainer_ipe=25,
+    trainer_epochs=2,
+    sigterm_after=15,
     backbone_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '2'),
     backbone_batches=(256, 1024),
     step_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '3'),
     step_batches=(64, 128),
-    aug_batch=128, aug_canvas=256, aug_n_local=10, decode_batch=256, repeats=5,
-    knn_train=200_000, knn_test=10_000, knn_dim=384, knn_classes=1000,
-    extract_model='vit_small_patch16_skipat_224', extract_kwargs={}, extract_resize=256, extract_crop=224,
+    aug_batch=128,
+    aug_canvas=256,
+    aug_n_local=10,
+    decode_batch=256,
+    repeats=5,
+    knn_train=200_000,
+    knn_test=10_000,
+    knn_dim=384,
+    knn_classes=1000,
+    extract_model='vit_small_patch16_skipat_224',
+    extract_kwargs={},
+    extract_resize=256,
+    extract_crop=224,
     equal_configs={'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'},
     equal_overrides=_S16 + ('data.num_workers=12',),
-    equal_batch=64, equal_iterations=64, knn_ks=(10, 20),
+    equal_batch=64,
+    equal_iterations=64,
+    knn_ks=(10, 20),
 )
 
-_TINY = ('data.channels=3', 'model.kwargs.in_chans=3', 'augment.mean=[0.485,0.456,0.406]',
-         'augment.std=[0.229,0.224,0.225]', 'data.augment_on=device', 'data.canvas_size=40', 'data.eval_resize=32',
-         'data.eval_crop=28', 'engine.device=cpu', 'data.num_workers=0', 'train.attention_images=1')
+_TINY = (
+    'data.channels=3',
+    'model.kwargs.in_chans=3',
+    'augment.mean=[0.485,0.456,0.406]',
+    'augment.std=[0.229,0.224,0.225]',
+    'data.augment_on=device',
+    'data.canvas_size=40',
+    'data.eval_resize=32',
+    'data.eval_crop=28',
+    'engine.device=cpu',
+    'data.num_workers=0',
+    'train.attention_images=1',
+)
 DRY = Sizes(
-    mode='dry', device='cpu', workers=2,
-    train_images=96, test_images=48, image_size=(64, 48),
-    trainer_config='cpu_tiny_skipat.yaml', trainer_overrides=_TINY,
-    trainer_batch=8, trainer_ipe=8, trainer_epochs=3, sigterm_after=4,
+    mode='dry',
+    device='cpu',
+    workers=2,
+    train_images=96,
+    test_images=48,
+    image_size=(64, 48),
+    trainer_config='cpu_tiny_skipat.yaml',
+    trainer_overrides=_TINY,
+    trainer_batch=8,
+    trainer_ipe=8,
+    trainer_epochs=3,
+    sigterm_after=4,
     backbone_args=('--size', 'tiny', '--img-size', '64', '--repeats', '1', '--iters', '1', '--warmup', '1'),
     backbone_batches=(2,),
-    step_args=('--size', 'tiny', '--global-size', '32', '--local-size', '16', '--n-local', '2', '--head-out-dim',
-               '1024', '--repeats', '1', '--iters', '1', '--warmup', '1'),
+    step_args=(
+        '--size',
+        'tiny',
+        '--global-size',
+        '32',
+        '--local-size',
+        '16',
+        '--n-local',
+        '2',
+        '--head-out-dim',
+        '1024',
+        '--repeats',
+        '1',
+        '--iters',
+        '1',
+        '--warmup',
+        '1',
+    ),
     step_batches=(2,),
-    aug_batch=4, aug_canvas=48, aug_n_local=2, decode_batch=16, repeats=2,
-    knn_train=4000, knn_test=300, knn_dim=32, knn_classes=10,
+    aug_batch=4,
+    aug_canvas=48,
+    aug_n_local=2,
+    decode_batch=16,
+    repeats=2,
+    knn_train=4000,
+    knn_test=300,
+    knn_dim=32,
+    knn_classes=10,
     extract_model='vit_tiny_patch16_skipat_224',
-    extract_kwargs={'img_size': 32, 'patch_size': 8, 'depth': 4, 'skip_indices': [1, 2]}, extract_resize=36,
+    extract_kwargs={'img_size': 32, 'patch_size': 8, 'depth': 4, 'skip_indices': [1, 2]},
+    extract_resize=36,
     extract_crop=32,
     equal_configs={'vit': 'cpu_tiny_vit.yaml', 'skipat': 'cpu_tiny_skipat.yaml'},
-    equal_overrides=_TINY, equal_batch=8, equal_iterations=6, knn_ks=(5, 10),
+    equal_overrides=_TINY,
+    equal_batch=8,
+    equal_iterations=6,
+    knn_ks=(5, 10),
 )
 
 MODES = {'gpu': GPU, 'dry': DRY}

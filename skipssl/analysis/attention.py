@@ -9,6 +9,7 @@ Used by the trainer's TensorBoard images and by the command::
 which takes what the evaluators take (a run, a checkpoint folder, an exported ``.safetensors``, a timm name)
 and writes one PNG per image: a row per head, the heat map over the image and the 60% mask.
 """
+
 import argparse
 import json
 import sys
@@ -34,7 +35,7 @@ def cls_attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, heads, h, w): the last block's attention of the class token to each patch (prefix tokens left out)."""
     attn = get_last_selfattention(model, x)
     h, w = token_grid(model, x)
-    return attn[:, :, 0, model.num_prefix_tokens:].reshape(attn.shape[0], attn.shape[1], h, w).float()
+    return attn[:, :, 0, model.num_prefix_tokens :].reshape(attn.shape[0], attn.shape[1], h, w).float()
 
 
 def mass_masks(maps: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
@@ -58,7 +59,9 @@ def render(images: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> Tup
     up = F.interpolate(maps.reshape(B * heads, 1, *maps.shape[-2:]), size=size, mode='nearest')
     lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
     heat = (up - lo) / (hi - lo).clamp_min(1e-12)
-    colour = torch.cat([heat.clamp(max=0.5) * 2, (heat - 0.5).clamp(min=0) * 2, 1 - heat], dim=1)  # blue -> red -> yellow
+    colour = torch.cat(
+        [heat.clamp(max=0.5) * 2, (heat - 0.5).clamp(min=0) * 2, 1 - heat], dim=1
+    )  # blue -> red -> yellow
     overlays = 0.5 * rgb + 0.5 * colour
     inside = F.interpolate(masks.reshape(B * heads, 1, *masks.shape[-2:]).float(), size=size, mode='nearest')
     masked = rgb * (0.2 + 0.8 * inside)
@@ -91,17 +94,25 @@ def render_files(args: argparse.Namespace) -> None:
     from skipssl.data import eval_transform
 
     if not 0 < args.keep < 1:
-        raise EvalError(f"--keep {args.keep}: a share of the attention mass, in (0, 1)")
+        raise EvalError(f'--keep {args.keep}: a share of the attention mass, in (0, 1)')
     missing = [p for p in args.image if not Path(p).is_file()]
     if missing:
-        raise EvalError(f"--image {missing[0]}: no such file")
+        raise EvalError(f'--image {missing[0]}: no such file')
     if args.checkpoint == PIXELS:
-        raise EvalError("--checkpoint pixels has no attention; give a ViT")
+        raise EvalError('--checkpoint pixels has no attention; give a ViT')
     module, info = load_model(args.checkpoint, which=args.which, seed=args.seed, model_kwargs=args.model_kwargs)
     if not getattr(module, 'has_class_token', False):
-        raise EvalError(f"{args.checkpoint}: the model has no class token to take attention maps from")
-    data = data_settings(info, {'channels': args.channels, 'eval_resize': args.resize, 'eval_crop': args.crop,
-                                'mean': args.mean, 'std': args.std})
+        raise EvalError(f'{args.checkpoint}: the model has no class token to take attention maps from')
+    data = data_settings(
+        info,
+        {
+            'channels': args.channels,
+            'eval_resize': args.resize,
+            'eval_crop': args.crop,
+            'mean': args.mean,
+            'std': args.std,
+        },
+    )
     check_channels(module, info, data['channels'])
     mode = ImageReadMode.GRAY if data['channels'] == 1 else ImageReadMode.RGB
     tf = eval_transform(data['eval_resize'], data['eval_crop'], data['mean'], data['std'])
@@ -114,18 +125,19 @@ def render_files(args: argparse.Namespace) -> None:
         try:
             image = decode_image(str(path), mode=mode)
         except RuntimeError as exn:
-            raise EvalError(f"--image {path}: cannot decode it ({exn})") from exn
+            raise EvalError(f'--image {path}: cannot decode it ({exn})') from exn
         x = tf(image).unsqueeze(0)
         maps = cls_attention_maps(module, x)
         overlays, masked = render(x * std + mean, maps, mass_masks(maps, args.keep))
-        grid = torch.stack([overlays, masked], dim=1).flatten(0, 1)   # per head: heat map, mask
+        grid = torch.stack([overlays, masked], dim=1).flatten(0, 1)  # per head: heat map, mask
         target = out / f'{Path(path).stem}-attention.png'
         save_image(grid, target, nrow=2, padding=2)
-        print(f"{path}: {maps.shape[1]} heads, {int(args.keep * 100)}% mass masks -> {target}")
+        print(f'{path}: {maps.shape[1]} heads, {int(args.keep * 100)}% mass masks -> {target}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from eval.cli import run
+
     return run('skipssl.analysis.attention', render_files, {'args': parse_args(argv)})
 
 

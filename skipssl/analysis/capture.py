@@ -9,6 +9,7 @@ block that produced it.
   block has none.
 The model code is untouched: hooks only.
 """
+
 from typing import Dict, List
 
 import torch
@@ -28,9 +29,9 @@ def block_kinds(model: nn.Module) -> List[str]:
         elif isinstance(getattr(block, 'attn', None), nn.Module) and hasattr(block.attn, 'qkv'):
             kinds.append(COMPUTED)
         else:
-            raise ValueError(f"block {i} ({type(block).__name__}) has neither a timm attention nor a SkipAt Phi")
+            raise ValueError(f'block {i} ({type(block).__name__}) has neither a timm attention nor a SkipAt Phi')
     if not kinds:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks to analyse")
+        raise ValueError(f'{type(model).__name__} has no transformer blocks to analyse')
     return kinds
 
 
@@ -79,20 +80,22 @@ class BlockCapture:
     def _skipped_hook(self, i: int):
         def hook(module: nn.Module, args, output) -> None:
             self.z_grams[i] = gram(output[1])
+
         return hook
 
     def _attention_hook(self, i: int):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
             self.z_grams[i] = gram(output)
             if self.with_attention:
-                rows = cls_attention(module, args[0]).float()           # (B, heads, N)
+                rows = cls_attention(module, args[0]).float()  # (B, heads, N)
                 per_head = torch.stack([gram(rows[:, h]) for h in range(rows.shape[1])])
                 self.attn_grams[i] = torch.cat([per_head, gram(rows.mean(1))[None]])
+
         return hook
 
     def stacked(self, grams: Dict[int, torch.Tensor], layers: List[int]) -> torch.Tensor:
         """Grams of ``layers`` in order as one tensor; RuntimeError when a hook did not fire (e.g. stop_early)."""
         missing = [i for i in layers if i not in grams]
         if missing:
-            raise RuntimeError(f"blocks {missing} produced no output in the last forward pass")
+            raise RuntimeError(f'blocks {missing} produced no output in the last forward pass')
         return torch.stack([grams[i] for i in layers])

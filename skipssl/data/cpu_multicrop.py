@@ -12,6 +12,7 @@ executed the cheap way:
 - all random numbers of an image from one ``torch.rand`` call on torch's default generator, so the reader's
   ``torch.manual_seed`` fixes the crops.
 """
+
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -21,32 +22,40 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .multicrop import (MultiCropConfig, _adjust_brightness, _adjust_contrast, _adjust_hue, _adjust_saturation,
-                        _gray)
+from .multicrop import MultiCropConfig, _adjust_brightness, _adjust_contrast, _adjust_hue, _adjust_saturation, _gray
 
 # uniforms per crop: 10 (area, log-ratio) attempts, top, left, flip, jitter, 4 order keys, 4 factors, gray,
 # blur, sigma, solarize
 _ATTEMPTS = 10
 _N_UNIFORM = 2 * _ATTEMPTS + 16
-_BLUR_TAIL = 4.0   # taps beyond 4 sigma hold under 1e-4 of the kernel's mass: dropped
+_BLUR_TAIL = 4.0  # taps beyond 4 sigma hold under 1e-4 of the kernel's mass: dropped
 
 
 @dataclass
 class CropPlan:
     """Every random choice for one crop: box (top, left, h, w) in source pixels, flip, colour-jitter factors and
     order (None: no jitter), grayscale, blur sigma (None: no blur), solarisation."""
+
     size: int
     box: Tuple[int, int, int, int]
     flip: bool
-    jitter: Optional[Tuple[float, float, float, float]]   # brightness, contrast, saturation, hue
+    jitter: Optional[Tuple[float, float, float, float]]  # brightness, contrast, saturation, hue
     order: Tuple[int, ...]
     gray: bool
     sigma: Optional[float]
     solarize: bool
 
 
-def random_box(u_area: Sequence[float], u_ratio: Sequence[float], u_top: float, u_left: float, height: int,
-               width: int, scale: Tuple[float, float], ratio: Tuple[float, float]) -> Tuple[int, int, int, int]:
+def random_box(
+    u_area: Sequence[float],
+    u_ratio: Sequence[float],
+    u_top: float,
+    u_left: float,
+    height: int,
+    width: int,
+    scale: Tuple[float, float],
+    ratio: Tuple[float, float],
+) -> Tuple[int, int, int, int]:
     """RandomResizedCrop.get_params from given uniforms: up to 10 (area, log aspect) tries, then a centre crop."""
     area = height * width
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
@@ -79,17 +88,30 @@ def sample_plans(cfg: MultiCropConfig, height: int, width: int) -> List[CropPlan
     for spec, u in zip(cfg.crop_specs(), torch.rand(cfg.n_crops, _N_UNIFORM, dtype=torch.float64).tolist()):
         a = 2 * _ATTEMPTS
         box = random_box(u[:_ATTEMPTS], u[_ATTEMPTS:a], u[a], u[a + 1], height, width, spec['scale'], cfg.ratio)
-        keys = u[a + 4:a + 8]
+        keys = u[a + 4 : a + 8]
         jitter = None
         if u[a + 3] < cfg.jitter_p:
-            jitter = (_span(u[a + 8], cfg.brightness, 1.0), _span(u[a + 9], cfg.contrast, 1.0),
-                      _span(u[a + 10], cfg.saturation, 1.0), _span(u[a + 11], cfg.hue, 0.0))
+            jitter = (
+                _span(u[a + 8], cfg.brightness, 1.0),
+                _span(u[a + 9], cfg.contrast, 1.0),
+                _span(u[a + 10], cfg.saturation, 1.0),
+                _span(u[a + 11], cfg.hue, 0.0),
+            )
         sigma = None
         if u[a + 13] < spec['blur_p']:
             sigma = cfg.blur_sigma[0] + u[a + 14] * (cfg.blur_sigma[1] - cfg.blur_sigma[0])
-        plans.append(CropPlan(size=spec['size'], box=box, flip=u[a + 2] < cfg.flip_p, jitter=jitter,
-                              order=tuple(sorted(range(4), key=keys.__getitem__)), gray=u[a + 12] < cfg.grayscale_p,
-                              sigma=sigma, solarize=u[a + 15] < spec['solarize_p']))
+        plans.append(
+            CropPlan(
+                size=spec['size'],
+                box=box,
+                flip=u[a + 2] < cfg.flip_p,
+                jitter=jitter,
+                order=tuple(sorted(range(4), key=keys.__getitem__)),
+                gray=u[a + 12] < cfg.grayscale_p,
+                sigma=sigma,
+                solarize=u[a + 15] < spec['solarize_p'],
+            )
+        )
     return plans
 
 
@@ -100,21 +122,21 @@ def _as_hwc(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
         array = np.array(image)
         return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
-        what = f"{image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image)
-        raise ValueError(f"MultiCropTransform takes a PIL image or a uint8 C x H x W tensor, got {what}")
+        what = f'{image.dtype} tensor of shape {tuple(image.shape)}' if isinstance(image, torch.Tensor) else type(image)
+        raise ValueError(f'MultiCropTransform takes a PIL image or a uint8 C x H x W tensor, got {what}')
     return image.permute(1, 2, 0)
 
 
 def _resized_crop(hwc: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     top, left, h, w = plan.box
     # a dense channels-last copy of the box first: the resize kernel reads it a quarter faster than the strided view
-    crop = hwc[top:top + h, left:left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    crop = hwc[top : top + h, left : left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
     out = F.interpolate(crop, size=(plan.size, plan.size), mode='bicubic', antialias=True)[0]
     return out.flip(-1) if plan.flip else out
 
 
 _JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
-_IDENTITY = (1.0, 1.0, 1.0, 0.0)   # factors that leave the image as it is (a jitter amount of 0 always draws them)
+_IDENTITY = (1.0, 1.0, 1.0, 0.0)  # factors that leave the image as it is (a jitter amount of 0 always draws them)
 
 
 def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -122,7 +144,7 @@ def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.T
     if len(idx) == x.shape[0]:
         return fn(x)
     if idx[-1] - idx[0] == len(idx) - 1:
-        x[idx[0]:idx[-1] + 1] = fn(x[idx[0]:idx[-1] + 1])
+        x[idx[0] : idx[-1] + 1] = fn(x[idx[0] : idx[-1] + 1])
     else:
         x[idx] = fn(x[idx])
     return x
@@ -134,11 +156,11 @@ def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
     for i, plan in enumerate(plans):
         if plan.jitter is None:
             continue
-        v = x[i:i + 1]
+        v = x[i : i + 1]
         for op_id in plan.order:
             if plan.jitter[op_id] != _IDENTITY[op_id]:
                 v = _JITTER_OPS[op_id](v, plan.jitter[op_id])
-        x[i:i + 1] = v
+        x[i : i + 1] = v
     return x
 
 
@@ -148,7 +170,7 @@ def blur_kernels(sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
     half = (kernel_size - 1) / 2
     rows = []
     for sigma in sigmas:
-        w = [math.exp(-((i - half) ** 2) / (2 * sigma ** 2)) for i in range(kernel_size)]
+        w = [math.exp(-((i - half) ** 2) / (2 * sigma**2)) for i in range(kernel_size)]
         total = sum(w)
         rows.append([v / total for v in w])
     return torch.tensor(rows, dtype=torch.float32)
@@ -160,11 +182,11 @@ def _blur(x: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
     C, H, W = x.shape
     half = kernel_size // 2
     radius = min(half, math.ceil(_BLUR_TAIL * sigma))
-    taps = blur_kernels([sigma], kernel_size)[0, half - radius:half + radius + 1].tolist()
+    taps = blur_kernels([sigma], kernel_size)[0, half - radius : half + radius + 1].tolist()
     if radius == 0:
         return x * taps[0]
     if radius >= min(H, W):
-        raise ValueError(f"blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)")
+        raise ValueError(f'blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)')
     # rows: shifts of the flattened padded image are contiguous; each shifted sum runs into the next row only in
     # the 2 * radius padding columns, which are dropped
     flat = F.pad(x, (radius, radius, 0, 0), mode='reflect').view(-1)
@@ -172,12 +194,12 @@ def _blur(x: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
     rows = torch.empty_like(flat)
     torch.mul(flat[:length], taps[0], out=rows[:length])
     for k in range(1, len(taps)):
-        rows[:length].add_(flat[k:k + length], alpha=taps[k])
+        rows[:length].add_(flat[k : k + length], alpha=taps[k])
     y = F.pad(rows.view(C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect').view(C, -1)
     length = H * W
     z = y[:, :length] * taps[0]
     for k in range(1, len(taps)):
-        z.add_(y[:, k * W:k * W + length], alpha=taps[k])
+        z.add_(y[:, k * W : k * W + length], alpha=taps[k])
     return z.view(C, H, W)
 
 
@@ -201,17 +223,17 @@ class MultiCropTransform:
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> List[torch.Tensor]:
         hwc = _as_hwc(image)
         if hwc.shape[-1] != len(self.cfg.mean):
-            raise ValueError(f"image has {hwc.shape[-1]} channels, the config normalises {len(self.cfg.mean)}")
+            raise ValueError(f'image has {hwc.shape[-1]} channels, the config normalises {len(self.cfg.mean)}')
         plans = sample_plans(self.cfg, hwc.shape[0], hwc.shape[1])
         out: List[torch.Tensor] = []
-        for size in dict.fromkeys(p.size for p in plans):   # globals, then locals (crop_specs' order)
+        for size in dict.fromkeys(p.size for p in plans):  # globals, then locals (crop_specs' order)
             group = [p for p in plans if p.size == size]
             out.extend(self._photometric(torch.stack([_resized_crop(hwc, p) for p in group]), group).unbind(0))
         return out
 
     def _photometric(self, crops: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
         c = self.cfg
-        x = _jitter(crops * (1 / 255), plans)   # uint8 times a float: float32 in one pass
+        x = _jitter(crops * (1 / 255), plans)  # uint8 times a float: float32 in one pass
         gray = [i for i, p in enumerate(plans) if p.gray]
         if gray and x.shape[1] > 1:
             x = _apply(x, gray, lambda v: _gray(v).expand_as(v).contiguous())

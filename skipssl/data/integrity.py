@@ -16,6 +16,7 @@ count and SHA-256. Two levels of checking use it:
 At run time the readers compare what each shard yielded with its index count (``index_counts``) and count
 the missing samples as skipped.
 """
+
 import hashlib
 import json
 import os
@@ -45,11 +46,12 @@ class ShardIntegrityError(ValueError):
 @dataclass(frozen=True)
 class IndexedShard:
     """A shard's entry in the index that lists it."""
+
     index: str
     num_samples: Optional[int]
     num_bytes: Optional[int]
     sha256: Optional[str]
-    index_problem: Optional[str] = None   # the index contradicts itself (refused where its shards are used)
+    index_problem: Optional[str] = None  # the index contradicts itself (refused where its shards are used)
 
 
 def _folder_entries(folder: Path) -> Dict[str, IndexedShard]:
@@ -59,19 +61,23 @@ def _folder_entries(folder: Path) -> Dict[str, IndexedShard]:
         try:
             index = read_index(path)
         except (OSError, ValueError) as exn:
-            raise ShardIntegrityError(f"shard index {path} is unreadable: {exn}") from exn
+            raise ShardIntegrityError(f'shard index {path} is unreadable: {exn}') from exn
         problem = _totals_problem(path, index)
         for s in index['shards']:
-            entries.setdefault(os.path.realpath(folder / s['name']), IndexedShard(
-                str(path), s.get('num_samples'), s.get('num_bytes'), s.get('sha256'), problem))
+            entries.setdefault(
+                os.path.realpath(folder / s['name']),
+                IndexedShard(str(path), s.get('num_samples'), s.get('num_bytes'), s.get('sha256'), problem),
+            )
     return entries
 
 
 def _totals_problem(path: Path, index: dict) -> Optional[str]:
     counts = [s.get('num_samples') for s in index['shards']]
     if 'num_samples' in index and None not in counts and sum(counts) != index['num_samples']:
-        return (f"shard index {path} says num_samples {index['num_samples']} but its shards' counts add up to "
-                f"{sum(counts)}: rebuild it with make_shards")
+        return (
+            f"shard index {path} says num_samples {index['num_samples']} but its shards' counts add up to "
+            f'{sum(counts)}: rebuild it with make_shards'
+        )
     return None
 
 
@@ -105,13 +111,15 @@ def check_against_index(urls: Sequence[str]) -> None:
         size = os.path.getsize(url)
         if entry.num_bytes is not None and size != entry.num_bytes:
             raise ShardIntegrityError(
-                f"shard {url} is {size} bytes but its index {entry.index} records {entry.num_bytes} "
-                f"({'truncated' if size < entry.num_bytes else 'replaced or appended to'}): rebuild the shards "
-                "with make_shards, or restore the file")
+                f'shard {url} is {size} bytes but its index {entry.index} records {entry.num_bytes} '
+                f'({"truncated" if size < entry.num_bytes else "replaced or appended to"}): rebuild the shards '
+                'with make_shards, or restore the file'
+            )
         if entry.num_samples is not None and entry.num_samples * MIN_SAMPLE_BYTES + _END_BYTES > size:
             raise ShardIntegrityError(
-                f"shard {url}: its index {entry.index} records {entry.num_samples} samples, more than its "
-                f"{size} bytes can hold (at least {MIN_SAMPLE_BYTES} bytes each): the index overstates its counts")
+                f'shard {url}: its index {entry.index} records {entry.num_samples} samples, more than its '
+                f'{size} bytes can hold (at least {MIN_SAMPLE_BYTES} bytes each): the index overstates its counts'
+            )
 
 
 # -- content scans -----------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def check_against_index(urls: Sequence[str]) -> None:
 class ShardScan:
     sha256: str
     num_bytes: int
-    num_samples: int            # as the readers group members into samples
+    num_samples: int  # as the readers group members into samples
     error: Optional[str] = None  # why the tar could not be read to its end
 
 
@@ -146,7 +154,7 @@ def scan_shard(path: str) -> ShardScan:
 
     def handler(exn: Exception) -> bool:
         errors.append(exn)
-        return False   # stop at the first error: nothing after it is a reliable count
+        return False  # stop at the first error: nothing after it is a reliable count
 
     with open(path, 'rb') as f:
         reader = _HashingReader(f)
@@ -157,7 +165,7 @@ def scan_shard(path: str) -> ShardScan:
     error = None
     if errors:
         message = str(errors[0].args[0]) if errors[0].args else ''
-        error = f"{type(errors[0]).__name__}: {message.split(' @ ')[0]}"
+        error = f'{type(errors[0]).__name__}: {message.split(" @ ")[0]}'
     return ShardScan(reader.digest.hexdigest(), reader.size, count, error)
 
 
@@ -167,8 +175,9 @@ def _stat_key(st: os.stat_result) -> List[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def scan_shards(paths: Sequence[str], memo: Optional[os.PathLike] = None,
-                workers: Optional[int] = None) -> Dict[str, ShardScan]:
+def scan_shards(
+    paths: Sequence[str], memo: Optional[os.PathLike] = None, workers: Optional[int] = None
+) -> Dict[str, ShardScan]:
     """path -> ShardScan; scans are reused from, and added to, the JSON file ``memo`` while the file's
     stat is unchanged. Shards not in the memo are read by ``workers`` threads (default: up to 8): SHA-256
     and file reads release the GIL, which is where the time goes for shards of full-size images (only
@@ -186,7 +195,7 @@ def scan_shards(paths: Sequence[str], memo: Optional[os.PathLike] = None,
     for path, scan in zip(todo, _map(scan_shard, [real for real, _ in todo.values()], workers)):
         real, before = todo[path]
         if _stat_key(os.stat(real)) != before:
-            raise ShardIntegrityError(f"shard {path} changed while it was being read: is it still being written?")
+            raise ShardIntegrityError(f'shard {path} changed while it was being read: is it still being written?')
         out[path] = scan
         known[real] = {'stat': before, 'scan': asdict(scan)}
     if memo is not None and todo:
@@ -207,7 +216,7 @@ def _read_memo(memo: Optional[os.PathLike]) -> Dict[str, dict]:
     try:
         data = json.loads(Path(memo).read_text()) if memo is not None else {}
     except (OSError, ValueError):
-        return {}   # absent or damaged: scan again
+        return {}  # absent or damaged: scan again
     return data.get('shards', {}) if data.get('format') == MEMO_FORMAT else {}
 
 
@@ -220,21 +229,28 @@ def verify_content(urls: Sequence[str], memo: Optional[os.PathLike] = None) -> D
     for url in local:
         scan, entry = scans[url], entries.get(url)
         if scan.error:
-            raise ShardIntegrityError(f"shard {url} is not a complete tar after {scan.num_samples} samples "
-                                      f"({scan.error}): truncated? rebuild it with make_shards")
+            raise ShardIntegrityError(
+                f'shard {url} is not a complete tar after {scan.num_samples} samples '
+                f'({scan.error}): truncated? rebuild it with make_shards'
+            )
         if entry is None:
             continue
         if entry.num_bytes is not None and scan.num_bytes != entry.num_bytes:
-            raise ShardIntegrityError(f"shard {url} is {scan.num_bytes} bytes but its index {entry.index} records "
-                                      f"{entry.num_bytes}")
+            raise ShardIntegrityError(
+                f'shard {url} is {scan.num_bytes} bytes but its index {entry.index} records {entry.num_bytes}'
+            )
         if entry.sha256 is not None and scan.sha256 != entry.sha256:
-            raise ShardIntegrityError(f"shard {url}: its bytes differ from the SHA-256 its index {entry.index} "
-                                      "records (replaced after the index was written?)")
+            raise ShardIntegrityError(
+                f'shard {url}: its bytes differ from the SHA-256 its index {entry.index} '
+                'records (replaced after the index was written?)'
+            )
         if entry.num_samples is not None and scan.num_samples != entry.num_samples:
             raise ShardIntegrityError(
-                f"shard {url} holds {scan.num_samples} samples but its index {entry.index} records "
-                f"{entry.num_samples}: the index {'overstates' if entry.num_samples > scan.num_samples else 'understates'}"
-                " its counts")
+                f'shard {url} holds {scan.num_samples} samples but its index {entry.index} records '
+                f'{entry.num_samples}: the index '
+                f'{"overstates" if entry.num_samples > scan.num_samples else "understates"}'
+                ' its counts'
+            )
     return scans
 
 

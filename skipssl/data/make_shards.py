@@ -39,6 +39,7 @@ the same parameters keeps every finished shard whose file still has its recorded
 rest; with other parameters it refuses to touch an out_dir that holds shards unless --overwrite. Shards
 are written to hidden temporary files and os.replace()d into place; the index is written last.
 """
+
 import argparse
 import io
 import json
@@ -70,10 +71,11 @@ _JPEG_MAGIC, _PNG_MAGIC = b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n'
 
 # ----------------------------------------------------------------------------------------------- encoding
 
+
 @dataclass(frozen=True)
 class Encoding:
-    image_format: str                     # 'as-is', 'jpeg' or 'png'
-    quality: int = 90                     # JPEG only
+    image_format: str  # 'as-is', 'jpeg' or 'png'
+    quality: int = 90  # JPEG only
     resize_shorter: Optional[int] = None  # shorter side in pixels, re-encoding only
 
 
@@ -123,6 +125,7 @@ def _metadata(source: Source, index: int) -> Dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------------ planning
 
+
 def _member_bytes(size: int) -> int:
     """A tar member's bytes: one 512-byte header, the data padded to 512-byte blocks."""
     return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -141,8 +144,13 @@ def _measure_image(source: Source, index: int, encoding: Encoding) -> Tuple[int,
     return index, len(encode_image(source, index, encoding)[1])
 
 
-def plan_shards(order: Iterable[int], max_samples: int, sizes: Optional[Sequence[int]] = None,
-                max_bytes: Optional[int] = None, locate: Callable[[int], str] = str) -> List[List[int]]:
+def plan_shards(
+    order: Iterable[int],
+    max_samples: int,
+    sizes: Optional[Sequence[int]] = None,
+    max_bytes: Optional[int] = None,
+    locate: Callable[[int], str] = str,
+) -> List[List[int]]:
     """Cut `order` greedily into shards of at most max_samples samples and max_bytes file bytes.
 
     sizes[i]: sample i's tar bytes; needed only with max_bytes. locate(i) names sample i in errors.
@@ -151,8 +159,9 @@ def plan_shards(order: Iterable[int], max_samples: int, sizes: Optional[Sequence
     for i in map(int, order):
         size = sizes[i] if max_bytes else 0
         if max_bytes and _archive_bytes(size) > max_bytes:
-            raise ValueError(f'{locate(i)} needs a {_archive_bytes(size)}-byte shard on its own, more than '
-                             f'--max-bytes {max_bytes}')
+            raise ValueError(
+                f'{locate(i)} needs a {_archive_bytes(size)}-byte shard on its own, more than --max-bytes {max_bytes}'
+            )
         if current and (len(current) == max_samples or (max_bytes and _archive_bytes(members + size) > max_bytes)):
             shards.append(current)
             current, members = [], 0
@@ -181,8 +190,7 @@ class _Runner:
 
     def __init__(self, source: Source, workers: int):
         self.source = source
-        self.pool = (multiprocessing.Pool(workers, initializer=_init_worker, initargs=(source,))
-                     if workers > 1 else None)
+        self.pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(source,)) if workers > 1 else None
 
     def imap_unordered(self, fn: Callable, arg_tuples: Iterable[tuple], chunksize: int = 1) -> Iterator[Any]:
         if self.pool is None:
@@ -197,8 +205,8 @@ class _Runner:
 
 @dataclass(frozen=True)
 class ShardTask:
-    path: str                  # final shard path
-    indices: Tuple[int, ...]   # samples, in shard order
+    path: str  # final shard path
+    indices: Tuple[int, ...]  # samples, in shard order
     encoding: Encoding
     max_bytes: Optional[int]
 
@@ -219,6 +227,7 @@ def _write_shard(source: Source, task: ShardTask) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- out_dir state
+
 
 def _shard_name(prefix: str, number: int) -> str:
     return f'{prefix}-{number:06d}.tar'
@@ -257,8 +266,10 @@ def _previous_plan(out_dir: Path, prefix: str, params: Dict[str, Any], overwrite
         return {}
     if not overwrite:
         how = _params_diff(recorded.get('params', {}), params) if recorded else 'without a readable plan file'
-        raise ValueError(f'{out_dir} already holds {prefix!r} shards made {how}; pass --overwrite to replace '
-                         'them, or write to another --out-dir or --prefix')
+        raise ValueError(
+            f'{out_dir} already holds {prefix!r} shards made {how}; pass --overwrite to replace '
+            'them, or write to another --out-dir or --prefix'
+        )
     for path in own:
         path.unlink()
     return {}
@@ -287,8 +298,8 @@ def _is_finished(out_dir: Path, record: Optional[dict], num_samples: int) -> boo
 
 # ------------------------------------------------------------------------------------------------- driver
 
-def _resolve_encoding(source: Source, reencode: Optional[str], quality: int,
-                      resize_shorter: Optional[int]) -> Encoding:
+
+def _resolve_encoding(source: Source, reencode: Optional[str], quality: int, resize_shorter: Optional[int]) -> Encoding:
     image_format = reencode or source.formats[0]
     if image_format not in source.formats:
         raise ValueError(f'{source.kind} images can be stored as {"/".join(source.formats)}, not {image_format}')
@@ -305,26 +316,39 @@ def _check_storable_as_is(source: Source) -> None:
     """Refuse, before writing, files that are not JPEG or PNG by name (content is checked as they are stored)."""
     for i, sample in enumerate(source.samples):
         if not sample.source.lower().endswith(_AS_IS_SUFFIXES):
-            raise ValueError(f'cannot store image {source.location(i)} as-is: only JPEG and PNG files can be; '
-                             'use --reencode jpeg|png')
+            raise ValueError(
+                f'cannot store image {source.location(i)} as-is: only JPEG and PNG files can be; '
+                'use --reencode jpeg|png'
+            )
 
 
 def _check_options(prefix: str, max_samples: int, max_bytes: Optional[int], workers: int) -> None:
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f'prefix {prefix!r}: use letters, digits, "_", "-" and "."')
     if max_samples < 1 or (max_bytes is not None and max_bytes < 0) or workers < 1:
-        raise ValueError(f'need max_samples >= 1, max_bytes >= 0 and workers >= 1; got {max_samples}, '
-                         f'{max_bytes}, {workers}')
+        raise ValueError(
+            f'need max_samples >= 1, max_bytes >= 0 and workers >= 1; got {max_samples}, {max_bytes}, {workers}'
+        )
 
 
-def _plan_params(source: Source, prefix: str, seed: int, max_samples: int, max_bytes: Optional[int],
-                 encoding: Encoding) -> Dict[str, Any]:
+def _plan_params(
+    source: Source, prefix: str, seed: int, max_samples: int, max_bytes: Optional[int], encoding: Encoding
+) -> Dict[str, Any]:
     """Everything the shard contents depend on: equal params, equal shards."""
-    return {'format': SHARD_INDEX_FORMAT, 'source': source.kind, 'split': source.split, 'prefix': prefix,
-            'num_samples': len(source.samples), 'listing_sha256': source.fingerprint(), 'seed': seed,
-            'max_samples': max_samples, 'max_bytes': max_bytes, 'image_format': encoding.image_format,
-            'quality': encoding.quality if encoding.image_format == 'jpeg' else None,
-            'resize_shorter': encoding.resize_shorter}
+    return {
+        'format': SHARD_INDEX_FORMAT,
+        'source': source.kind,
+        'split': source.split,
+        'prefix': prefix,
+        'num_samples': len(source.samples),
+        'listing_sha256': source.fingerprint(),
+        'seed': seed,
+        'max_samples': max_samples,
+        'max_bytes': max_bytes,
+        'image_format': encoding.image_format,
+        'quality': encoding.quality if encoding.image_format == 'jpeg' else None,
+        'resize_shorter': encoding.resize_shorter,
+    }
 
 
 def _sample_sizes(runner: _Runner, encoding: Encoding, progress: bool) -> List[int]:
@@ -334,15 +358,21 @@ def _sample_sizes(runner: _Runner, encoding: Encoding, progress: bool) -> List[i
         image_sizes = [s.size for s in source.samples]
     else:
         image_sizes = [0] * len(source.samples)
-        measured = runner.imap_unordered(_measure_image, ((i, encoding) for i in range(len(image_sizes))),
-                                         chunksize=64)
+        measured = runner.imap_unordered(_measure_image, ((i, encoding) for i in range(len(image_sizes))), chunksize=64)
         for i, size in tqdm(measured, total=len(image_sizes), desc='measuring', unit='img', disable=not progress):
             image_sizes[i] = size
     return [_sample_bytes(source, i, size) for i, size in enumerate(image_sizes)]
 
 
-def _make_plan(runner: _Runner, seed: int, max_samples: int, max_bytes: Optional[int], encoding: Encoding,
-               recorded_lengths: Optional[List[int]], progress: bool) -> List[List[int]]:
+def _make_plan(
+    runner: _Runner,
+    seed: int,
+    max_samples: int,
+    max_bytes: Optional[int],
+    encoding: Encoding,
+    recorded_lengths: Optional[List[int]],
+    progress: bool,
+) -> List[List[int]]:
     """The global permutation cut into shards; a resumed run reuses the recorded cut (no measuring pass)."""
     source = runner.source
     order = np.random.default_rng(seed).permutation(len(source.samples))
@@ -353,17 +383,35 @@ def _make_plan(runner: _Runner, seed: int, max_samples: int, max_bytes: Optional
 
 
 def _index(source: Source, prefix: str, seed: int, encoding: Encoding, records: List[dict]) -> Dict[str, Any]:
-    return {'format': SHARD_INDEX_FORMAT, 'prefix': prefix, 'split': source.split, 'source': source.kind,
-            'num_samples': sum(r['num_samples'] for r in records), 'num_classes': len(source.classes),
-            'classes': list(source.classes),
-            'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes', 'sha256')} for r in records],
-            'seed': seed, 'image_format': encoding.image_format}
+    return {
+        'format': SHARD_INDEX_FORMAT,
+        'prefix': prefix,
+        'split': source.split,
+        'source': source.kind,
+        'num_samples': sum(r['num_samples'] for r in records),
+        'num_classes': len(source.classes),
+        'classes': list(source.classes),
+        'shards': [{k: r[k] for k in ('name', 'num_samples', 'num_bytes', 'sha256')} for r in records],
+        'seed': seed,
+        'image_format': encoding.image_format,
+    }
 
 
-def write_shards(source: Source, out_dir: PathLike, prefix: Optional[str] = None, *, seed: int = 0,
-                 max_samples: int = DEFAULT_MAX_SAMPLES, max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
-                 reencode: Optional[str] = None, quality: int = 90, resize_shorter: Optional[int] = None,
-                 workers: Optional[int] = None, overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+def write_shards(
+    source: Source,
+    out_dir: PathLike,
+    prefix: Optional[str] = None,
+    *,
+    seed: int = 0,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
+    reencode: Optional[str] = None,
+    quality: int = 90,
+    resize_shorter: Optional[int] = None,
+    workers: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Dict[str, Any]:
     """Write `source` as shards `{out_dir}/{prefix}-%06d.tar` plus `{prefix}-index.json`; return the index.
 
     prefix: defaults to the source's split. max_bytes: None or 0 for no byte bound. reencode: None stores
@@ -386,19 +434,28 @@ def write_shards(source: Source, out_dir: PathLike, prefix: Optional[str] = None
         plan = _make_plan(runner, seed, max_samples, max_bytes, encoding, previous.get('shard_lengths'), progress)
         names = [_shard_name(prefix, n) for n in range(len(plan))]
         recorded = previous.get('finished', {})
-        finished = {n: recorded[n] for n, shard in zip(names, plan)
-                    if _is_finished(out_dir, recorded.get(n), len(shard))}
+        finished = {
+            n: recorded[n] for n, shard in zip(names, plan) if _is_finished(out_dir, recorded.get(n), len(shard))
+        }
         _index_path(out_dir, prefix).unlink(missing_ok=True)  # an index exists only over a complete set
 
         def save_plan() -> None:
-            atomic_write_json({'params': params, 'shard_lengths': [len(shard) for shard in plan],
-                               'finished': finished}, _plan_path(out_dir, prefix), indent=2, ensure_ascii=False)
+            atomic_write_json(
+                {'params': params, 'shard_lengths': [len(shard) for shard in plan], 'finished': finished},
+                _plan_path(out_dir, prefix),
+                indent=2,
+                ensure_ascii=False,
+            )
 
         save_plan()
-        tasks = [(ShardTask(str(out_dir / n), tuple(shard), encoding, max_bytes),)
-                 for n, shard in zip(names, plan) if n not in finished]
-        with tqdm(total=sum(len(t[0].indices) for t in tasks), desc=f'{prefix} shards', unit='img',
-                  disable=not progress) as bar:
+        tasks = [
+            (ShardTask(str(out_dir / n), tuple(shard), encoding, max_bytes),)
+            for n, shard in zip(names, plan)
+            if n not in finished
+        ]
+        with tqdm(
+            total=sum(len(t[0].indices) for t in tasks), desc=f'{prefix} shards', unit='img', disable=not progress
+        ) as bar:
             for record in runner.imap_unordered(_write_shard, tasks):
                 finished[record['name']] = record
                 save_plan()
@@ -415,20 +472,28 @@ def write_shards(source: Source, out_dir: PathLike, prefix: Optional[str] = None
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog='python -m skipssl.data.make_shards',
-                                description='Write an image collection as shuffled WebDataset tar shards.')
+    p = argparse.ArgumentParser(
+        prog='python -m skipssl.data.make_shards',
+        description='Write an image collection as shuffled WebDataset tar shards.',
+    )
     p.add_argument('--source', required=True, choices=sorted(SOURCES))
-    p.add_argument('--root', required=True,
-                   help=f'class-folder tree, or the folder of the IDX files (e.g. {FASHION_MNIST_ROOT})')
-    p.add_argument('--split', help="split name; fashion-mnist: train (default) or test; imagefolder: recorded "
-                                   "in the index, default the root folder's name")
+    p.add_argument(
+        '--root', required=True, help=f'class-folder tree, or the folder of the IDX files (e.g. {FASHION_MNIST_ROOT})'
+    )
+    p.add_argument(
+        '--split',
+        help='split name; fashion-mnist: train (default) or test; imagefolder: recorded '
+        "in the index, default the root folder's name",
+    )
     p.add_argument('--out-dir', required=True)
     p.add_argument('--prefix', help='shard name prefix (default: the split)')
     p.add_argument('--max-samples', type=int, default=DEFAULT_MAX_SAMPLES)
     p.add_argument('--max-bytes', type=int, default=DEFAULT_MAX_BYTES, help='per shard file; 0: no bound')
-    p.add_argument('--reencode', choices=('jpeg', 'png'),
-                   help='re-encode images (default: imagefolder as-is, fashion-mnist png)')
+    p.add_argument(
+        '--reencode', choices=('jpeg', 'png'), help='re-encode images (default: imagefolder as-is, fashion-mnist png)'
+    )
     p.add_argument('--quality', type=int, default=90, help='JPEG quality when re-encoding to JPEG')
     p.add_argument('--resize-shorter', type=int, help='resize the shorter side to N pixels (bicubic)')
     p.add_argument('--seed', type=int, default=0, help='seed of the global shuffle')
@@ -442,15 +507,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
         source = open_source(args.source, args.root, args.split)
-        index = write_shards(source, args.out_dir, args.prefix, seed=args.seed, max_samples=args.max_samples,
-                             max_bytes=args.max_bytes, reencode=args.reencode, quality=args.quality,
-                             resize_shorter=args.resize_shorter, workers=args.workers, overwrite=args.overwrite,
-                             progress=not args.no_progress)
-    except (OSError, ValueError) as err:   # bad input or paths: one line, the status argparse gives usage errors
+        index = write_shards(
+            source,
+            args.out_dir,
+            args.prefix,
+            seed=args.seed,
+            max_samples=args.max_samples,
+            max_bytes=args.max_bytes,
+            reencode=args.reencode,
+            quality=args.quality,
+            resize_shorter=args.resize_shorter,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as err:  # bad input or paths: one line, the status argparse gives usage errors
         print(f'make_shards: error: {err}', file=sys.stderr)
         return 2
-    print(f'{index["num_samples"]} samples in {len(index["shards"])} shards: '
-          f'{_index_path(Path(args.out_dir), index["prefix"])}', file=sys.stderr)
+    print(
+        f'{index["num_samples"]} samples in {len(index["shards"])} shards: '
+        f'{_index_path(Path(args.out_dir), index["prefix"])}',
+        file=sys.stderr,
+    )
     return 0
 
 

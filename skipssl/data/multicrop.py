@@ -12,6 +12,7 @@ Recipe (Caron et al. 2021): 2 global crops (RandomResizedCrop bicubic, scale (0.
 grayscale p 0.2; Gaussian blur sigma in (0.1, 2) with p 1.0 / 0.1 / 0.5 (global 1 / global 2 / local);
 solarisation p 0.2 on global crop 2 only; ImageNet normalisation. Every number is a field of MultiCropConfig.
 """
+
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -42,12 +43,12 @@ class MultiCropConfig:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    blur_kernel_size: int = 0          # 0: 2 * ceil(3 * max sigma) + 1
+    blur_kernel_size: int = 0  # 0: 2 * ceil(3 * max sigma) + 1
     blur_p_global1: float = 1.0
     blur_p_global2: float = 0.1
     blur_p_local: float = 0.5
-    solarize_p: float = 0.2            # global crop 2 only
-    solarize_threshold: float = 0.5    # on [0, 1] images (128 / 255 for uint8)
+    solarize_p: float = 0.2  # global crop 2 only
+    solarize_threshold: float = 0.5  # on [0, 1] images (128 / 255 for uint8)
     mean: Tuple[float, ...] = IMAGENET_MEAN
     std: Tuple[float, ...] = IMAGENET_STD
 
@@ -55,22 +56,31 @@ class MultiCropConfig:
         if self.n_global != 2:
             raise ValueError(f"DINO uses exactly 2 global crops (the teacher's views), got n_global={self.n_global}")
         if self.n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {self.n_local}")
+            raise ValueError(f'n_local must be >= 0, got {self.n_local}')
         for name in ('global_scale', 'local_scale', 'ratio', 'blur_sigma'):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ('flip_p', 'jitter_p', 'grayscale_p', 'blur_p_global1', 'blur_p_global2', 'blur_p_local',
-                     'solarize_p'):
+                raise ValueError(f'{name} must satisfy 0 < low <= high, got {(lo, hi)}')
+        for name in (
+            'flip_p',
+            'jitter_p',
+            'grayscale_p',
+            'blur_p_global1',
+            'blur_p_global2',
+            'blur_p_local',
+            'solarize_p',
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f'{name} must be a probability in [0, 1], got {getattr(self, name)}')
         if len(self.mean) != len(self.std):
-            raise ValueError(f"mean {self.mean} and std {self.std} must have one value per channel")
+            raise ValueError(f'mean {self.mean} and std {self.std} must have one value per channel')
         if self.blur_kernel_size and self.blur_kernel_size % 2 == 0:
-            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+            raise ValueError(f'blur_kernel_size must be odd, got {self.blur_kernel_size}')
         if min(self.global_size, self.local_size) <= self.kernel_size // 2:
-            raise ValueError(f"crops of {min(self.global_size, self.local_size)} px are too small for the blur's "
-                             f"reflect padding of {self.kernel_size // 2} px (blur_kernel_size {self.kernel_size})")
+            raise ValueError(
+                f"crops of {min(self.global_size, self.local_size)} px are too small for the blur's "
+                f'reflect padding of {self.kernel_size // 2} px (blur_kernel_size {self.kernel_size})'
+            )
 
     @property
     def n_crops(self) -> int:
@@ -83,10 +93,14 @@ class MultiCropConfig:
     def crop_specs(self) -> List[dict]:
         """Size, scale and per-crop probabilities of each crop, in output order."""
         g = dict(size=self.global_size, scale=self.global_scale)
-        specs = [dict(g, blur_p=self.blur_p_global1, solarize_p=0.0),
-                 dict(g, blur_p=self.blur_p_global2, solarize_p=self.solarize_p)]
-        specs += [dict(size=self.local_size, scale=self.local_scale, blur_p=self.blur_p_local, solarize_p=0.0)
-                  for _ in range(self.n_local)]
+        specs = [
+            dict(g, blur_p=self.blur_p_global1, solarize_p=0.0),
+            dict(g, blur_p=self.blur_p_global2, solarize_p=self.solarize_p),
+        ]
+        specs += [
+            dict(size=self.local_size, scale=self.local_scale, blur_p=self.blur_p_local, solarize_p=0.0)
+            for _ in range(self.n_local)
+        ]
         return specs
 
 
@@ -103,8 +117,13 @@ class TorchvisionMultiCrop:
         c = self.cfg
         steps = [
             v2.ToImage(),
-            v2.RandomResizedCrop(spec['size'], scale=spec['scale'], ratio=c.ratio,
-                                 interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomResizedCrop(
+                spec['size'],
+                scale=spec['scale'],
+                ratio=c.ratio,
+                interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
             v2.RandomHorizontalFlip(c.flip_p),
             v2.ToDtype(torch.float32, scale=True),
             v2.RandomApply([v2.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue)], p=c.jitter_p),
@@ -149,8 +168,11 @@ def _adjust_brightness(x, f):
 def _adjust_contrast(x, f):
     # the mean of the grayscale image, as the luma-weighted sum of the channel means (cheaper than a gray image)
     mean = x.mean(dim=(2, 3), keepdim=True)
-    mean = mean if x.shape[1] == 1 else torch.add(mean[:, 0:1] * _GRAY[0], mean[:, 1:2], alpha=_GRAY[1]).add_(
-        mean[:, 2:3], alpha=_GRAY[2])
+    mean = (
+        mean
+        if x.shape[1] == 1
+        else torch.add(mean[:, 0:1] * _GRAY[0], mean[:, 1:2], alpha=_GRAY[1]).add_(mean[:, 2:3], alpha=_GRAY[2])
+    )
     f = _per_sample(f)
     return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
@@ -168,7 +190,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.eq(a, b, out=torch.empty_like(a))
 
 
-_HUE_OFFSETS = torch.tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) / 6   # (n_c + 6) / 6: positive before the frac
+_HUE_OFFSETS = torch.tensor((11.0, 9.0, 7.0)).view(1, 3, 1, 1) / 6  # (n_c + 6) / 6: positive before the frac
 
 
 def _adjust_hue(x, f):
@@ -180,7 +202,7 @@ def _adjust_hue(x, f):
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     mx = torch.maximum(torch.maximum(r, g), b)
     delta = mx - torch.minimum(torch.minimum(r, g), b)
-    safe = delta.clamp_min(1e-20)   # delta 0: the numerators below are 0 too, and the result is mx
+    safe = delta.clamp_min(1e-20)  # delta 0: the numerators below are 0 too, and the result is mx
     # 6h * delta where the max is b, else g, else r: torchvision's priority r, g, b on ties
     h6 = torch.lerp(torch.add(r - g, delta, alpha=4.0), torch.add(b - r, delta, alpha=2.0), _equal(g, mx))
     h6 = torch.lerp(h6, g - b, _equal(r, mx)).div_(safe)
@@ -202,13 +224,18 @@ class BatchedMultiCrop:
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg or MultiCropConfig()
 
-    def __call__(self, images: torch.Tensor, orig_sizes: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        orig_sizes: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> List[torch.Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"BatchedMultiCrop takes a (B, C, H, W) uint8 batch, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f'BatchedMultiCrop takes a (B, C, H, W) uint8 batch, got {images.dtype} {tuple(images.shape)}'
+            )
         if images.shape[1] != len(self.cfg.mean):
-            raise ValueError(f"images have {images.shape[1]} channels, the config normalises {len(self.cfg.mean)}")
+            raise ValueError(f'images have {images.shape[1]} channels, the config normalises {len(self.cfg.mean)}')
         B, _, H, W = images.shape
         if orig_sizes is None:
             orig_sizes = torch.tensor([[H, W]], device=images.device).expand(B, 2)
@@ -253,7 +280,9 @@ class BatchedMultiCrop:
         Hs, Ws = Hs.squeeze(1), Ws.squeeze(1)
         # fallback: centre crop at the ratio clamped into range (torchvision's behaviour)
         in_ratio = Ws / Hs
-        fw = torch.where(in_ratio < c.ratio[0], Ws, torch.where(in_ratio > c.ratio[1], torch.round(Hs * c.ratio[1]), Ws))
+        fw = torch.where(
+            in_ratio < c.ratio[0], Ws, torch.where(in_ratio > c.ratio[1], torch.round(Hs * c.ratio[1]), Ws)
+        )
         fh = torch.where(in_ratio < c.ratio[0], torch.round(Ws / c.ratio[0]), Hs)
         fallback = first < 0
         w, h = torch.where(fallback, fw, w), torch.where(fallback, fh, h)

@@ -13,6 +13,7 @@ Both readers compare what each shard yields with the count its index records (``
 a shard that ends early (truncated, even on a member boundary, or an index that overstates it) has its
 missing samples counted as skipped, with a warning naming the shard.
 """
+
 import hashlib
 import itertools
 import json
@@ -48,17 +49,22 @@ class ReadCounter:
     def __init__(self) -> None:
         self.errors = 0
         self.lost = 0
-        self.covered = 0   # errors in shards whose losses are counted in samples
+        self.covered = 0  # errors in shards whose losses are counted in samples
 
     def __call__(self, exn: Exception) -> bool:
         self.errors += 1
-        log.warning("skipping unreadable shard data: %s", exn)
+        log.warning('skipping unreadable shard data: %s', exn)
         return True
 
     def shard_short(self, url: str, got: int, expected: int, lost: int) -> None:
         self.lost += lost
-        log.warning("shard %s ended after %d of the %d samples its index records (truncated?): %d lost here",
-                    url, got, expected, lost)
+        log.warning(
+            'shard %s ended after %d of the %d samples its index records (truncated?): %d lost here',
+            url,
+            got,
+            expected,
+            lost,
+        )
 
     @property
     def total(self) -> int:
@@ -80,8 +86,9 @@ def _share_of(start: int, count: int, slot: int, stride: Optional[int]) -> int:
     return 0 if first >= start + count else (start + count - 1 - first) // stride + 1
 
 
-def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int], slot: int = 0,
-                 stride: Optional[int] = None) -> Iterator[Dict]:
+def iter_counted(
+    urls: List[str], counter: ReadCounter, expected: Dict[str, int], slot: int = 0, stride: Optional[int] = None
+) -> Iterator[Dict]:
     """iter_raw_samples, shard by shard, telling ``counter`` how many samples each shard lacked against
     ``expected`` (url -> index count); with a stride, only the lost positions that fall to ``slot``."""
     position = 0
@@ -94,7 +101,7 @@ def iter_counted(urls: List[str], counter: ReadCounter, expected: Dict[str, int]
         if want is not None:
             counter.covered += counter.errors - errors
             lost = _share_of(position + got, max(want - got, 0), slot, stride)
-            if lost:   # with a stride, the slots whose share it is say so
+            if lost:  # with a stride, the slots whose share it is say so
                 counter.shard_short(url, got, want, lost)
         position += got
 
@@ -109,8 +116,10 @@ def first_readable_sample(urls: List[str]) -> Optional[str]:
         return sample['__key__']
     if not local:
         return None
-    raise ValueError(f"none of the {len(local)} shard(s) holds a readable sample "
-                     f"({errors[0] if errors else f'{local[0]}: no samples'})")
+    raise ValueError(
+        f'none of the {len(local)} shard(s) holds a readable sample '
+        f'({errors[0] if errors else f"{local[0]}: no samples"})'
+    )
 
 
 def worker_slot(rank: int, world_size: int) -> Tuple[int, int, int, int]:
@@ -128,8 +137,9 @@ def slot_share(urls: List[str], slot: int, n_slots: int) -> Tuple[List[str], Opt
     return urls, n_slots
 
 
-def read_share(urls: List[str], slot: int, stride: Optional[int], counter: ReadCounter,
-               expected: Dict[str, int]) -> Iterator[Dict]:
+def read_share(
+    urls: List[str], slot: int, stride: Optional[int], counter: ReadCounter, expected: Dict[str, int]
+) -> Iterator[Dict]:
     """The raw samples of a slot's share, in shard order."""
     samples = iter_counted(urls, counter, expected, slot, stride)
     return samples if stride is None else itertools.islice(samples, slot, None, stride)
@@ -137,15 +147,17 @@ def read_share(urls: List[str], slot: int, stride: Optional[int], counter: ReadC
 
 def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
     """(uint8 CxHxW image, label) of a raw sample; raises ValueError naming shard and key when bad."""
-    where = f"shard {sample.get('__url__')} key {sample.get('__key__')}"
+    where = f'shard {sample.get("__url__")} key {sample.get("__key__")}'
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
-        raise ValueError(f"{where}: no image ({'/'.join(IMAGE_KEYS)}) in sample")
+        raise ValueError(f'{where}: no image ({"/".join(IMAGE_KEYS)}) in sample')
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                             mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+        image = decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+            mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY,
+        )
     except Exception as exn:  # torchvision raises RuntimeError for corrupt or truncated data
-        raise ValueError(f"{where}: cannot decode image: {exn}") from exn
+        raise ValueError(f'{where}: cannot decode image: {exn}') from exn
     label = -1
     if 'cls' in sample:
         label = int(sample['cls'])
@@ -163,6 +175,7 @@ class ReaderState:
     trainer used. (Unreadable parts and
     missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
     ``skipped`` are restored.)"""
+
     epoch: int = 0
     step: int = 0
     offsets: List[int] = field(default_factory=list)
@@ -200,22 +213,30 @@ class ReaderState:
 
 def batch_seed(seed: int, epoch: int, rank: int, step: int) -> int:
     """A 63-bit seed for one batch of one rank, stable across runs and Python processes."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}/{step}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f'{seed}/{epoch}/{rank}/{step}'.encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
 def sample_seed(seed: int, epoch: int, slot: int, index: int) -> int:
     """A 63-bit seed for the augmentation of one sample: the ``index``-th of a slot's stream in an epoch."""
-    digest = hashlib.blake2b(f"sample/{seed}/{epoch}/{slot}/{index}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f'sample/{seed}/{epoch}/{slot}/{index}'.encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
-def slot_stream(urls: List[str], expected: Dict[str, int], seed: int, epoch: int, slot: int, n_slots: int,
-                shuffle_buffer: int, counter: ReadCounter) -> Iterator[Dict]:
+def slot_stream(
+    urls: List[str],
+    expected: Dict[str, int],
+    seed: int,
+    epoch: int,
+    slot: int,
+    n_slots: int,
+    shuffle_buffer: int,
+    counter: ReadCounter,
+) -> Iterator[Dict]:
     """A slot's endless, deterministic stream of raw samples for an epoch: its share of the shards
     (``slot_share``), repeated as needed, shard order and shuffle buffer seeded by (seed, epoch, slot); what
     could not be read, or is missing from short shards (``expected``: index counts), is counted in ``counter``."""
-    rng = random.Random(f"{seed}/{epoch}/{slot}")
+    rng = random.Random(f'{seed}/{epoch}/{slot}')
     share, stride = slot_share(urls, slot, n_slots)
 
     def cycles():
@@ -228,8 +249,7 @@ def slot_stream(urls: List[str], expected: Dict[str, int], seed: int, epoch: int
                 empty = False
                 yield s
             if empty:
-                raise TooManyBadSamples(
-                    f"no readable samples in shards {share[:3]}{'...' if len(share) > 3 else ''}")
+                raise TooManyBadSamples(f'no readable samples in shards {share[:3]}{"..." if len(share) > 3 else ""}')
 
     # fill the whole buffer before the first sample: a partly filled one shuffles the start poorly
     return filters.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(cycles())
@@ -238,9 +258,11 @@ def slot_stream(urls: List[str], expected: Dict[str, int], seed: int, epoch: int
 def canvas_resize(size: int) -> Callable[[torch.Tensor], Dict]:
     """For the device-side augmentation: resize to a common ``size`` x ``size`` uint8 canvas, keep the
     original (h, w) so crop boxes are drawn in the original geometry."""
+
     def fn(image: torch.Tensor) -> Dict:
         h, w = image.shape[-2:]
         return {'image': TF.resize(image, [size, size], antialias=True), 'size': torch.tensor([h, w])}
+
     return fn
 
 
@@ -253,20 +275,34 @@ class PretrainShards(IterableDataset):
     (list of (B, C, s, s)) or 'images' + 'sizes', plus 'labels', and the position fields.
     """
 
-    def __init__(self, urls: List[str], *, batch_size: int, samples_per_epoch: int, transform: Callable,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 2000, channels: int = 3, max_skip_fraction: float = 0.01,
-                 min_samples_before_skip_check: int = 200) -> None:
+    def __init__(
+        self,
+        urls: List[str],
+        *,
+        batch_size: int,
+        samples_per_epoch: int,
+        transform: Callable,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 2000,
+        channels: int = 3,
+        max_skip_fraction: float = 0.01,
+        min_samples_before_skip_check: int = 200,
+    ) -> None:
         super().__init__()
         if not urls:
-            raise ValueError("PretrainShards needs at least one shard")
+            raise ValueError('PretrainShards needs at least one shard')
         self.urls = list(urls)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers = max(num_workers, 1)
         self.steps_per_epoch = samples_per_epoch // (world_size * batch_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch={samples_per_epoch} is less than one global batch "
-                             f"({world_size} ranks x {batch_size})")
+            raise ValueError(
+                f'samples_per_epoch={samples_per_epoch} is less than one global batch '
+                f'({world_size} ranks x {batch_size})'
+            )
         self.transform, self.seed, self.shuffle_buffer, self.channels = transform, seed, shuffle_buffer, channels
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_before_skip_check = min_samples_before_skip_check
@@ -275,8 +311,10 @@ class PretrainShards(IterableDataset):
 
     def set_state(self, state: ReaderState) -> None:
         if state.offsets and len(state.offsets) > self.num_workers:
-            raise ValueError(f"the saved reader position has {len(state.offsets)} workers, this reader "
-                             f"{self.num_workers}: resume with the same number of data-loader workers")
+            raise ValueError(
+                f'the saved reader position has {len(state.offsets)} workers, this reader '
+                f'{self.num_workers}: resume with the same number of data-loader workers'
+            )
         self.state = ReaderState.from_dict(state.state_dict())
 
     def __len__(self) -> int:
@@ -289,7 +327,7 @@ class PretrainShards(IterableDataset):
     def __iter__(self) -> Iterator[Dict]:
         wid, nw, slot, n_slots = worker_slot(self.rank, self.world_size)
         if nw != self.num_workers:
-            raise ValueError(f"PretrainShards was built for {self.num_workers} workers but runs in {nw}")
+            raise ValueError(f'PretrainShards was built for {self.num_workers} workers but runs in {nw}')
         st = self.state
         offset = st.offsets[wid] if wid < len(st.offsets) else 0
         skipped = st.skipped[wid] if wid < len(st.skipped) else 0
@@ -304,8 +342,15 @@ class PretrainShards(IterableDataset):
                 torch.manual_seed(batch_seed(self.seed, st.epoch, self.rank, step))
                 offset, skipped = self._fill(stream, items, labels, offset, skipped, counter)
             batch = _collate(items)
-            batch.update(labels=torch.tensor(labels), worker=wid, offset=offset, skipped=skipped,
-                         unreadable=counter.total, step=step, epoch=st.epoch)
+            batch.update(
+                labels=torch.tensor(labels),
+                worker=wid,
+                offset=offset,
+                skipped=skipped,
+                unreadable=counter.total,
+                step=step,
+                epoch=st.epoch,
+            )
             yield batch
 
     def _fill(self, stream, items: List, labels: List, offset: int, skipped: int, counter) -> Tuple[int, int]:
@@ -318,7 +363,7 @@ class PretrainShards(IterableDataset):
                 labels.append(label)
             except ValueError as exn:
                 skipped += 1
-                log.warning("skipping sample: %s", exn)
+                log.warning('skipping sample: %s', exn)
             # also after good samples: samples missing from a short shard are never met one by one
             self._check_skips(skipped + counter.total, offset + counter.lost)
         return offset, skipped
@@ -326,8 +371,9 @@ class PretrainShards(IterableDataset):
     def _check_skips(self, skipped: int, seen: int) -> None:
         if seen >= self.min_samples_before_skip_check and skipped > self.max_skip_fraction * seen:
             raise TooManyBadSamples(
-                f"{skipped} of {seen} samples were unreadable or missing (more than max_skip_fraction="
-                f"{self.max_skip_fraction}); check the shards (warnings above name them)")
+                f'{skipped} of {seen} samples were unreadable or missing (more than max_skip_fraction='
+                f'{self.max_skip_fraction}); check the shards (warnings above name them)'
+            )
 
 
 def _collate(items: List) -> Dict:
@@ -344,11 +390,18 @@ class EvalShards(IterableDataset):
     slots, else every n-th sample; sort by key after gathering for a fixed global order.
     """
 
-    def __init__(self, urls: List[str], transform: Optional[Callable] = None, rank: int = 0, world_size: int = 1,
-                 channels: int = 3, require_labels: bool = True) -> None:
+    def __init__(
+        self,
+        urls: List[str],
+        transform: Optional[Callable] = None,
+        rank: int = 0,
+        world_size: int = 1,
+        channels: int = 3,
+        require_labels: bool = True,
+    ) -> None:
         super().__init__()
         if not urls:
-            raise ValueError("EvalShards needs at least one shard")
+            raise ValueError('EvalShards needs at least one shard')
         self.urls, self.transform, self.rank, self.world_size = list(urls), transform, rank, world_size
         self.channels, self.require_labels = channels, require_labels
         self.expected = index_counts(self.urls)
@@ -362,21 +415,27 @@ class EvalShards(IterableDataset):
                 image, label = decode_sample(sample, self.channels)
             except ValueError as exn:
                 self.skipped += 1
-                log.warning("skipping sample: %s", exn)
+                log.warning('skipping sample: %s', exn)
                 continue
             if self.require_labels and label < 0:
-                raise ValueError(f"shard {sample['__url__']} key {sample['__key__']} has no label (.cls or json "
-                                 "'label'); evaluation needs labelled shards")
+                raise ValueError(
+                    f'shard {sample["__url__"]} key {sample["__key__"]} has no label (.cls or json '
+                    "'label'); evaluation needs labelled shards"
+                )
             yield (self.transform(image) if self.transform else image), label, sample['__key__']
 
 
-def eval_transform(resize: int = 256, crop: int = 224, mean=(0.485, 0.456, 0.406),
-                   std=(0.229, 0.224, 0.225)) -> Callable[[torch.Tensor], torch.Tensor]:
+def eval_transform(
+    resize: int = 256, crop: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """DINO's evaluation preprocessing: resize the shorter side, centre crop, normalise."""
     from torchvision.transforms import InterpolationMode, v2
-    return v2.Compose([
-        v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(crop),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+
+    return v2.Compose(
+        [
+            v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(crop),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )

@@ -1,4 +1,5 @@
 """Where shards are: a folder, an index file, a brace pattern, or a list of URLs (``pipe:``, http(s))."""
+
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ def is_remote(url: str) -> bool:
 
 def find_indices(folder: Union[str, Path], prefix: Optional[str] = None) -> List[Path]:
     """The shard indices in ``folder``, sorted: ``{prefix}-index.json``, or every ``*-index.json`` without one."""
-    return sorted(Path(folder).glob(f"{prefix or '*'}{INDEX_SUFFIX}"))
+    return sorted(Path(folder).glob(f'{prefix or "*"}{INDEX_SUFFIX}'))
 
 
 def index_path(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) -> Optional[Path]:
@@ -43,12 +44,15 @@ def read_index(path: Union[str, Path]) -> dict:
 def check_pipe(url: str, allow_pipe: bool) -> None:
     """``pipe:`` specs are shell commands (webdataset runs them when it opens the shard): only with an opt-in."""
     if url.startswith('pipe:') and not allow_pipe:
-        raise ValueError(f"shard spec {url!r} is a shell command (pipe:), refused without an explicit opt-in "
-                         "(data.allow_pipe_shards=true for pretraining, --allow-pipe-shards for the evaluators)")
+        raise ValueError(
+            f'shard spec {url!r} is a shell command (pipe:), refused without an explicit opt-in '
+            '(data.allow_pipe_shards=true for pretraining, --allow-pipe-shards for the evaluators)'
+        )
 
 
-def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None,
-                   allow_pipe: bool = False) -> List[str]:
+def resolve_shards(
+    spec: Union[str, Sequence[str]], prefix: Optional[str] = None, allow_pipe: bool = False
+) -> List[str]:
     """Shard URLs from ``spec``; fails at once, naming the path, if nothing usable is there.
 
     - a folder: the shards of its ``*-index.json`` (``prefix`` picks one when there are several, e.g.
@@ -60,7 +64,8 @@ def resolve_shards(spec: Union[str, Sequence[str]], prefix: Optional[str] = None
     remote URLs are checked when read. ``pipe:`` specs (also as lines of a list) run a shell command per shard
     and are refused unless ``allow_pipe``.
     """
-    from .integrity import check_against_index   # integrity reads indices through this module
+    from .integrity import check_against_index  # integrity reads indices through this module
+
     urls = _resolve(spec, prefix, allow_pipe)
     check_against_index(urls)
     return urls
@@ -84,14 +89,14 @@ def _resolve(spec: Union[str, Sequence[str]], prefix: Optional[str], allow_pipe:
         else:
             urls = expand_urls(spec)
     if not urls:
-        raise FileNotFoundError(f"no shards found in {spec!r}")
+        raise FileNotFoundError(f'no shards found in {spec!r}')
     for url in urls:
         check_pipe(url, allow_pipe)
         if not is_remote(url):
             if not os.path.isfile(url):
-                raise FileNotFoundError(f"shard {url} does not exist")
+                raise FileNotFoundError(f'shard {url} does not exist')
             if os.path.getsize(url) == 0:
-                raise ValueError(f"shard {url} is empty")
+                raise ValueError(f'shard {url} is empty')
     return urls
 
 
@@ -99,20 +104,22 @@ def _from_folder(folder: Path, prefix: Optional[str]) -> List[str]:
     indices = find_indices(folder, prefix)
     if len(indices) > 1:
         names = ' or '.join(str(p) for p in indices)
-        raise ValueError(f"{folder} holds several shard indices: name one, {names} (the evaluators also take "
-                         "--train-prefix / --test-prefix)")
+        raise ValueError(
+            f'{folder} holds several shard indices: name one, {names} (the evaluators also take '
+            '--train-prefix / --test-prefix)'
+        )
     if indices:
         return _from_index(indices[0])
-    pattern = f"{prefix}-*.tar" if prefix else '*.tar'
+    pattern = f'{prefix}-*.tar' if prefix else '*.tar'
     tars = sorted(str(p) for p in folder.glob(pattern))
     if not tars:
-        raise FileNotFoundError(f"no shards ({pattern}) or shard index in folder {folder}")
+        raise FileNotFoundError(f'no shards ({pattern}) or shard index in folder {folder}')
     return tars
 
 
 def _from_index(path: Path) -> List[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"shard index {path} does not exist")
+        raise FileNotFoundError(f'shard index {path} does not exist')
     index = read_index(path)
     return [str(path.parent / s['name']) for s in index['shards']]
 

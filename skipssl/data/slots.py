@@ -16,6 +16,7 @@ Positions are per slot (raw samples consumed, bad ones skipped, unreadable parts
 :class:`ReaderState` indexed by slot: a resumed reader, on any number of ranks and workers, continues every
 slot exactly after the last sample the trainer used.
 """
+
 import itertools
 import logging
 import math
@@ -33,11 +34,13 @@ log = logging.getLogger(__name__)
 def check_slots(n_slots: int, global_batch: int, world_size: int) -> None:
     """ValueError unless ``world_size`` ranks can share ``n_slots`` slots that share a global batch equally."""
     if n_slots < 1 or global_batch % n_slots:
-        raise ValueError(f"data.virtual_slots={n_slots} must divide the global batch of {global_batch} images")
+        raise ValueError(f'data.virtual_slots={n_slots} must divide the global batch of {global_batch} images')
     if n_slots % world_size:
         works = [w for w in range(1, n_slots + 1) if n_slots % w == 0]
-        raise ValueError(f"the run's data stream is cut into {n_slots} virtual slots (data.virtual_slots), which "
-                         f"{world_size} ranks cannot share equally: it resumes on {works} ranks")
+        raise ValueError(
+            f"the run's data stream is cut into {n_slots} virtual slots (data.virtual_slots), which "
+            f'{world_size} ranks cannot share equally: it resumes on {works} ranks'
+        )
 
 
 class SlotShards(IterableDataset):
@@ -46,13 +49,26 @@ class SlotShards(IterableDataset):
     with 'crops' (or 'images' + 'sizes'), 'labels', 'keys', and the slot's position fields ('slot', 'step',
     'offset', 'skipped', 'unreadable'); fillers are ``{'filler': True}``."""
 
-    def __init__(self, urls: List[str], *, global_batch: int, n_slots: int, iterations_per_epoch: int,
-                 transform: Callable, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle_buffer: int = 2000, channels: int = 3, max_skip_fraction: float = 0.01,
-                 min_samples_before_skip_check: int = 200) -> None:
+    def __init__(
+        self,
+        urls: List[str],
+        *,
+        global_batch: int,
+        n_slots: int,
+        iterations_per_epoch: int,
+        transform: Callable,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 2000,
+        channels: int = 3,
+        max_skip_fraction: float = 0.01,
+        min_samples_before_skip_check: int = 200,
+    ) -> None:
         super().__init__()
         if not urls:
-            raise ValueError("SlotShards needs at least one shard")
+            raise ValueError('SlotShards needs at least one shard')
         check_slots(n_slots, global_batch, world_size)
         self.urls, self.n_slots, self.per_slot = list(urls), n_slots, global_batch // n_slots
         per_rank = n_slots // world_size
@@ -71,14 +87,14 @@ class SlotShards(IterableDataset):
 
     def set_state(self, state: ReaderState) -> None:
         if state.offsets and len(state.offsets) != self.n_slots:
-            raise ValueError(f"the saved reader position has {len(state.offsets)} slots, this reader {self.n_slots}")
+            raise ValueError(f'the saved reader position has {len(state.offsets)} slots, this reader {self.n_slots}')
         self.state = ReaderState.from_dict(state.state_dict())
 
     def __iter__(self) -> Iterator[Dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         if nw != self.num_workers:
-            raise ValueError(f"SlotShards was built for {self.num_workers} workers but runs in {nw}")
+            raise ValueError(f'SlotShards was built for {self.num_workers} workers but runs in {nw}')
         st = self.state
         readers = [_SlotReader(self, s, st) for s in self.slots[wid::nw]]
         for step in range(st.step, self.iterations_per_epoch):
@@ -94,8 +110,7 @@ class _SlotReader:
         self.offset = st.offsets[slot] if slot < len(st.offsets) else 0
         self.skipped = st.skipped[slot] if slot < len(st.skipped) else 0
         self.counter = ReadCounter()
-        stream = slot_stream(ds.urls, ds.expected, ds.seed, st.epoch, slot, ds.n_slots, ds.shuffle_buffer,
-                             self.counter)
+        stream = slot_stream(ds.urls, ds.expected, ds.seed, st.epoch, slot, ds.n_slots, ds.shuffle_buffer, self.counter)
         self.stream = itertools.islice(stream, self.offset, None)
 
     def take(self, step: int) -> Dict:
@@ -115,15 +130,23 @@ class _SlotReader:
                 keys.append(sample['__key__'])
             except ValueError as exn:
                 self.skipped += 1
-                log.warning("skipping sample: %s", exn)
+                log.warning('skipping sample: %s', exn)
             seen, bad = self.offset + self.counter.lost, self.skipped + self.counter.total
             if seen >= ds.min_samples_before_skip_check and bad > ds.max_skip_fraction * seen:
                 raise TooManyBadSamples(
-                    f"{bad} of {seen} samples were unreadable or missing (more than max_skip_fraction="
-                    f"{ds.max_skip_fraction}); check the shards (warnings above name them)")
+                    f'{bad} of {seen} samples were unreadable or missing (more than max_skip_fraction='
+                    f'{ds.max_skip_fraction}); check the shards (warnings above name them)'
+                )
         chunk = _collate(items)
-        chunk.update(labels=torch.tensor(labels), keys=keys, slot=self.slot, step=step, offset=self.offset,
-                     skipped=self.skipped, unreadable=self.counter.total)
+        chunk.update(
+            labels=torch.tensor(labels),
+            keys=keys,
+            slot=self.slot,
+            step=step,
+            offset=self.offset,
+            skipped=self.skipped,
+            unreadable=self.counter.total,
+        )
         return chunk
 
 
@@ -138,7 +161,7 @@ def iterations(items: Iterator[Dict], ds: SlotShards, accum: int) -> Iterator[Di
             return
         chunks = sorted((c for c in got if not c.get('filler')), key=lambda c: c['slot'])
         if len(chunks) != len(ds.slots):
-            raise RuntimeError(f"an iteration brought {len(chunks)} slot contributions, expected {len(ds.slots)}")
+            raise RuntimeError(f'an iteration brought {len(chunks)} slot contributions, expected {len(ds.slots)}')
         micro = len(chunks) * ds.per_slot // accum
         batches: List[List[Dict]] = [[] for _ in range(accum)]
         for i, c in enumerate(chunks):
@@ -147,19 +170,27 @@ def iterations(items: Iterator[Dict], ds: SlotShards, accum: int) -> Iterator[Di
                 m = start // micro
                 end = min((m + 1) * micro, (i + 1) * ds.per_slot)
                 lo, hi = start - i * ds.per_slot, end - i * ds.per_slot
-                piece = {k: [t[lo:hi] for t in v] if k == 'crops' else v[lo:hi]
-                         for k, v in c.items() if k in ('crops', 'images', 'sizes', 'labels', 'keys')}
+                piece = {
+                    k: [t[lo:hi] for t in v] if k == 'crops' else v[lo:hi]
+                    for k, v in c.items()
+                    if k in ('crops', 'images', 'sizes', 'labels', 'keys')
+                }
                 batches[m].append(piece)
                 start = end
-        yield {'micro': batches, 'step': chunks[0]['step'],
-               'chunks': [{k: c[k] for k in ('slot', 'step', 'offset', 'skipped', 'unreadable')} for c in chunks]}
+        yield {
+            'micro': batches,
+            'step': chunks[0]['step'],
+            'chunks': [{k: c[k] for k in ('slot', 'step', 'offset', 'skipped', 'unreadable')} for c in chunks],
+        }
 
 
 def join(pieces: List[Dict], device: Optional[torch.device] = None) -> Dict:
     """One micro-batch from its pieces (moved to ``device`` first, asynchronously from pinned memory): a dict as
     ``PretrainShards`` yields ('crops' or 'images' + 'sizes', 'labels'), plus 'keys'."""
+
     def cat(tensors):
         return torch.cat([t.to(device, non_blocking=True) if device is not None else t for t in tensors])
+
     out: Dict = {'keys': [k for p in pieces for k in p['keys']]}
     for k in pieces[0]:
         if k == 'crops':

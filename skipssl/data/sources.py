@@ -8,6 +8,7 @@ to whichever process writes that image's shard.
     source = FashionMNISTSource('/usr/share/datasets/fashion-mnist', 'test')
     source = open_source('fashion-mnist', root, 'train')          # by name, as the CLI does
 """
+
 import gzip
 import hashlib
 import logging
@@ -28,8 +29,18 @@ log = logging.getLogger(__name__)
 # torchvision's ImageFolder extensions, matched case-insensitively (ImageNet's files end in .JPEG).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 FASHION_MNIST_ROOT = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
-                         'Bag', 'Ankle boot')
+FASHION_MNIST_CLASSES = (
+    'T-shirt/top',
+    'Trouser',
+    'Pullover',
+    'Dress',
+    'Coat',
+    'Sandal',
+    'Shirt',
+    'Sneaker',
+    'Bag',
+    'Ankle boot',
+)
 _FASHION_MNIST_FILES = {'train': 'train', 'test': 't10k'}  # split -> IDX file stem
 _IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only one Fashion-MNIST uses
 # Keys become tar member names '{key}.{ext}'; USTAR stores at most 100 bytes of name when the name has no '/'.
@@ -39,9 +50,9 @@ _NOT_KEY_CHAR = re.compile(r'[^A-Za-z0-9_-]')
 
 @dataclass(frozen=True)
 class Sample:
-    key: str                    # webdataset __key__: unique, stable, no '.'
+    key: str  # webdataset __key__: unique, stable, no '.'
     label: int
-    source: str                 # provenance recorded in the sample's JSON
+    source: str  # provenance recorded in the sample's JSON
     size: Optional[int] = None  # bytes of the image file, when the image is a file
 
 
@@ -63,6 +74,7 @@ class ImageFolderSource:
     are nested. Raises before anything is written: missing root, no class folders, a class folder without
     images, an image that cannot be stat'ed, two files with the same key, a key too long for a tar name.
     """
+
     kind = 'imagefolder'
     formats = ('as-is', 'jpeg', 'png')  # the first is the default
 
@@ -112,8 +124,10 @@ def _list_images(root: Path, classes: List[str]) -> List[Sample]:
             if key in owner:
                 raise ValueError(f'{root / owner[key]} and {path} map to the same key {key!r}: rename one of them')
             if len(key) > MAX_KEY_LENGTH:
-                raise ValueError(f'{path}: key {key!r} is longer than {MAX_KEY_LENGTH} characters, too long for a '
-                                 'tar member name: shorten the file or class folder name')
+                raise ValueError(
+                    f'{path}: key {key!r} is longer than {MAX_KEY_LENGTH} characters, too long for a '
+                    'tar member name: shorten the file or class folder name'
+                )
             owner[key] = relative
             samples.append(Sample(key, label, relative, _file_size(path)))
     return samples
@@ -134,7 +148,7 @@ def _image_files(class_dir: Path) -> List[Path]:
 def _regular(path: Path) -> bool:
     """A regular file (or a link to one); anything else (a FIFO would block the writer forever, a socket or
     device cannot be read as an image) is left out with a warning."""
-    if path.is_file() or not path.exists():   # a dangling link is reported when its size is read
+    if path.is_file() or not path.exists():  # a dangling link is reported when its size is read
         return True
     log.warning('skipping %s: not a regular file', path)
     return False
@@ -152,6 +166,7 @@ class FashionMNISTSource:
 
     Images are 28x28 8-bit grayscale, served as PIL 'L' images; always stored as PNG (lossless).
     """
+
     kind = 'fashion-mnist'
     formats = ('png',)
     classes = list(FASHION_MNIST_CLASSES)
@@ -164,8 +179,10 @@ class FashionMNISTSource:
         self.images = read_idx(self.root / f'{stem}-images-idx3-ubyte.gz', ndim=3)
         self.labels = read_idx(self.root / f'{stem}-labels-idx1-ubyte.gz', ndim=1)
         _check_fashion_mnist(self.root / stem, self.images, self.labels)
-        self.samples = [Sample(f'fmnist_{split}_{i:05d}', int(label), f'fashion-mnist/{split}/{i}')
-                        for i, label in enumerate(self.labels)]
+        self.samples = [
+            Sample(f'fmnist_{split}_{i:05d}', int(label), f'fashion-mnist/{split}/{i}')
+            for i, label in enumerate(self.labels)
+        ]
 
     def location(self, index: int) -> str:
         return self.samples[index].source
@@ -199,12 +216,15 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise ValueError(f'{path}: not a readable gzip file ({err})') from err
     header = 4 + 4 * ndim
     if data[:4] != bytes((0, 0, _IDX_UBYTE, ndim)) or len(data) < header:
-        raise ValueError(f'{path}: not an IDX file of unsigned bytes with {ndim} dimensions '
-                         f'(magic {data[:4].hex()}, expected {bytes((0, 0, _IDX_UBYTE, ndim)).hex()})')
+        raise ValueError(
+            f'{path}: not an IDX file of unsigned bytes with {ndim} dimensions '
+            f'(magic {data[:4].hex()}, expected {bytes((0, 0, _IDX_UBYTE, ndim)).hex()})'
+        )
     dims = tuple(int(d) for d in np.frombuffer(data, dtype='>u4', count=ndim, offset=4))
     if len(data) - header != math.prod(dims):
-        raise ValueError(f'{path}: header says {dims} ({math.prod(dims)} bytes of data), file holds '
-                         f'{len(data) - header}')
+        raise ValueError(
+            f'{path}: header says {dims} ({math.prod(dims)} bytes of data), file holds {len(data) - header}'
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -1,8 +1,9 @@
 """DINO projection head: MLP, L2 normalisation, weight-normalised prototype layer."""
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.models.vision_transformer import init_weights_vit_timm
+from torch import nn
 
 
 class WeightNormLinear(nn.Module):
@@ -17,7 +18,7 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fixed_norm = in_features, out_features, fixed_norm
         v = torch.empty(out_features, in_features)
-        nn.init.kaiming_uniform_(v, a=5 ** 0.5)  # nn.Linear's default init, as DINO's last layer
+        nn.init.kaiming_uniform_(v, a=5**0.5)  # nn.Linear's default init, as DINO's last layer
         self.weight_v = nn.Parameter(v)
         if fixed_norm:
             self.register_buffer('weight_g', torch.ones(out_features, 1), persistent=False)
@@ -40,17 +41,17 @@ class DINOHead(nn.Module):
     """MLP in_dim -> hidden -> ... -> bottleneck (GELU), L2-normalise, weight-normalised Linear -> out_dim."""
 
     def __init__(
-            self,
-            in_dim: int,
-            out_dim: int = 65536,
-            hidden_dim: int = 2048,
-            bottleneck_dim: int = 256,
-            nlayers: int = 3,
-            norm_last_layer: bool = True,
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
         if nlayers < 1:
-            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+            raise ValueError(f'DINOHead needs nlayers >= 1, got {nlayers}')
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:

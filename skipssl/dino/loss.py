@@ -1,4 +1,5 @@
 """DINO's self-distillation loss with teacher centring, and the collapse monitors it gets for free."""
+
 from typing import Dict
 
 import torch
@@ -24,8 +25,9 @@ class DINOLoss(nn.Module):
     and ``center_norm``.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 n_teacher_crops: int = 2) -> None:
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, n_teacher_crops: int = 2
+    ) -> None:
         super().__init__()
         self.out_dim = out_dim
         self.student_temp = student_temp
@@ -39,16 +41,18 @@ class DINOLoss(nn.Module):
         self._pending_forwards = 0
         self.metrics: Dict[str, torch.Tensor] = {}
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float,
-                update_center: bool = True) -> torch.Tensor:
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float, update_center: bool = True
+    ) -> torch.Tensor:
         nt = self.n_teacher_crops
         if teacher_out.shape[0] % nt or student_out.shape[-1] != self.out_dim or teacher_out.shape[-1] != self.out_dim:
             raise ValueError(
-                f"DINOLoss(out_dim={self.out_dim}, n_teacher_crops={nt}) got student {tuple(student_out.shape)}, "
-                f"teacher {tuple(teacher_out.shape)}")
+                f'DINOLoss(out_dim={self.out_dim}, n_teacher_crops={nt}) got student {tuple(student_out.shape)}, '
+                f'teacher {tuple(teacher_out.shape)}'
+            )
         B = teacher_out.shape[0] // nt
         if student_out.shape[0] % B or student_out.shape[0] // B < nt:
-            raise ValueError(f"student_out has {student_out.shape[0]} rows, not a multiple >= {nt} of batch {B}")
+            raise ValueError(f'student_out has {student_out.shape[0]} rows, not a multiple >= {nt} of batch {B}')
         n_crops = student_out.shape[0] // B
         # fp32 softmax: bf16/fp16 logits at temperature 0.04 overflow or lose all resolution.
         log_ps = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(n_crops, B, -1)
@@ -83,7 +87,7 @@ class DINOLoss(nn.Module):
         """c <- m c + (1 - m) * mean of the teacher outputs since the last update, over all ranks (one
         all-reduce of sums and counts, as DINO's one all-reduce of the global batch's sum)."""
         if not self._pending_forwards:
-            raise RuntimeError("DINOLoss.update_center() without a forward since the last update")
+            raise RuntimeError('DINOLoss.update_center() without a forward since the last update')
         batch_center, count = self._pending_sum.clone(), self._pending_count.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)

@@ -1,4 +1,5 @@
 """Reading DINO's collapse monitors (computed by DINOLoss every step)."""
+
 import math
 from typing import Mapping, Optional
 

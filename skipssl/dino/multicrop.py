@@ -1,4 +1,5 @@
 """Backbone + head over a list of crops, one backbone pass per resolution."""
+
 from typing import List, Sequence
 
 import torch

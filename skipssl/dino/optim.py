@@ -1,5 +1,6 @@
 """Optimiser-side pieces of DINO that work with any engine: parameter groups, applying the schedules,
 freezing the head's last layer, per-parameter gradient clipping."""
+
 from typing import Dict, Iterable, List
 
 import torch
@@ -20,14 +21,18 @@ def param_groups(model: nn.Module) -> List[Dict]:
         last = 'last_layer' in name
         groups.setdefault((apply_wd, last), []).append(p)
     return [
-        {'params': params, 'weight_decay': 0.0, 'apply_wd': wd, 'last_layer': last,
-         'name': f"{'decay' if wd else 'no_decay'}{'_last_layer' if last else ''}"}
+        {
+            'params': params,
+            'weight_decay': 0.0,
+            'apply_wd': wd,
+            'last_layer': last,
+            'name': f'{"decay" if wd else "no_decay"}{"_last_layer" if last else ""}',
+        }
         for (wd, last), params in sorted(groups.items())
     ]
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
-                    freeze_last_layer: bool) -> None:
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
     """Set this iteration's lr and weight decay on every group.
 
     The last layer is frozen by lr 0: with AdamW that leaves it exactly unchanged (decoupled weight decay

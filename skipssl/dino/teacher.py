@@ -1,10 +1,11 @@
 """The EMA teacher: a frozen copy of the student, updated in place from the student's parameters."""
+
 import copy
 from typing import Iterable, List
 
 import torch
-from torch import nn
 from timm.layers import DropPath
+from torch import nn
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -40,6 +41,6 @@ def matching_parameters(teacher: nn.Module, student: nn.Module) -> tuple:
     t = dict(teacher.named_parameters())
     s = dict(student.named_parameters())
     if t.keys() != s.keys():
-        raise ValueError(f"teacher and student parameters differ: {sorted(t.keys() ^ s.keys())[:5]}")
+        raise ValueError(f'teacher and student parameters differ: {sorted(t.keys() ^ s.keys())[:5]}')
     names = list(t)
     return [t[n] for n in names], [s[n] for n in names]

@@ -1,20 +1,30 @@
 """Backbones: SkipAt Vision Transformers built on timm (importing this registers them with timm)."""
+
+from . import registry  # noqa: F401  (registers vit_*_patch16_skipat_224 with timm)
 from .complexity import count_macs, count_params
 from .phi import EfficientChannelAttention, SkipAttentionPhi
 from .skipat_vit import (
     DEFAULT_SKIP_INDICES,
-    SkipAtVisionTransformer,
     SkipAttentionBlock,
+    SkipAtVisionTransformer,
     attention_probabilities,
     convert_to_skipat,
     get_last_selfattention,
     last_cls_tokens,
     validate_skip_indices,
 )
-from . import registry  # noqa: F401  (registers vit_*_patch16_skipat_224 with timm)
 
 __all__ = [
-    'DEFAULT_SKIP_INDICES', 'EfficientChannelAttention', 'SkipAtVisionTransformer', 'SkipAttentionBlock',
-    'SkipAttentionPhi', 'attention_probabilities', 'convert_to_skipat', 'count_macs', 'count_params',
-    'get_last_selfattention', 'last_cls_tokens', 'validate_skip_indices',
+    'DEFAULT_SKIP_INDICES',
+    'EfficientChannelAttention',
+    'SkipAtVisionTransformer',
+    'SkipAttentionBlock',
+    'SkipAttentionPhi',
+    'attention_probabilities',
+    'convert_to_skipat',
+    'count_macs',
+    'count_params',
+    'get_last_selfattention',
+    'last_cls_tokens',
+    'validate_skip_indices',
 ]

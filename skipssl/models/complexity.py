@@ -1,4 +1,5 @@
 """Parameter and multiply-accumulate counts, measured by running the model (not by formula)."""
+
 from typing import Tuple
 
 import torch

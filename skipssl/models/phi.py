@@ -4,6 +4,7 @@ Phi maps the previous block's MSA output (patch tokens only) to an approximation
 output (Venkataramanan et al., ICLR 2024): FC1 d->2d + GELU, depth-wise 5x5 conv + GELU on the
 token grid, FC2 2d->d, then efficient channel attention (ECA).
 """
+
 from typing import Tuple, Type
 
 import torch
@@ -16,7 +17,7 @@ class EfficientChannelAttention(nn.Module):
     def __init__(self, kernel_size: int = 3) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f"ECA kernel_size must be odd, got {kernel_size}")
+            raise ValueError(f'ECA kernel_size must be odd, got {kernel_size}')
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C)
@@ -33,12 +34,12 @@ class SkipAttentionPhi(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            hidden_ratio: float = 2.0,
-            kernel_size: int = 5,
-            eca_kernel_size: int = 3,
-            act_layer: Type[nn.Module] = nn.GELU,
+        self,
+        dim: int,
+        hidden_ratio: float = 2.0,
+        kernel_size: int = 5,
+        eca_kernel_size: int = 3,
+        act_layer: Type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         hidden = int(dim * hidden_ratio)
@@ -54,7 +55,7 @@ class SkipAttentionPhi(nn.Module):
         H, W = grid_size
         # under torch.fx the sizes are traced values, which Python control flow cannot use: checked when concrete
         if isinstance(N, int) and isinstance(H, int) and isinstance(W, int) and N != H * W:
-            raise ValueError(f"Phi got {N} patch tokens for a {H}x{W} grid")
+            raise ValueError(f'Phi got {N} patch tokens for a {H}x{W} grid')
         x = self.act1(self.fc1(x))
         C = x.shape[-1]
         # (B, N, C) is NHWC memory: the permuted view is a channels-last NCHW tensor, no copy.

@@ -4,6 +4,7 @@ The names follow timm's ViT variants (``vit_{size}_patch{p}_{variant}_{res}``), 
 recognise as token-output ViTs. The first names, ``skipat_vit_{size}_patch16_224``, stay as deprecated aliases
 (timm warns and builds the current model), so configs and exports that name them still load.
 """
+
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -15,18 +16,29 @@ from .skipat_vit import SkipAtVisionTransformer
 
 def _cfg(**kwargs: Any) -> dict:
     return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'vit_tiny_patch16_skipat_224': _cfg(),
-    'vit_small_patch16_skipat_224': _cfg(),
-    'vit_base_patch16_skipat_224': _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'vit_tiny_patch16_skipat_224': _cfg(),
+        'vit_small_patch16_skipat_224': _cfg(),
+        'vit_base_patch16_skipat_224': _cfg(),
+    }
+)
 
 
 _SOURCES = ('file', 'url', 'hf_hub_id', 'state_dict')
@@ -41,14 +53,17 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> SkipAtVisionTransf
         sources = dict(kwargs.get('pretrained_cfg_overlay') or {})
     if pretrained and not any(sources.get(key) for key in _SOURCES):
         raise ValueError(
-            f"no pretrained weights are published for {variant}: name a file, e.g. timm.create_model("
+            f'no pretrained weights are published for {variant}: name a file, e.g. timm.create_model('
             f"'{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='teacher.safetensors'), num_classes=0), "
             "or build it from a pretrained ViT with skipssl.models.convert_to_skipat(timm.create_model('vit_...', "
-            "pretrained=True))")
+            'pretrained=True))'
+        )
     # DINO feeds 224 and 96 px crops through one network, so inputs of any size are the default.
     kwargs.setdefault('dynamic_img_size', True)
     return build_model_with_cfg(
-        SkipAtVisionTransformer, variant, pretrained,
+        SkipAtVisionTransformer,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=3, feature_cls='getter'),
         **kwargs,
@@ -76,6 +91,6 @@ def vit_base_patch16_skipat_224(pretrained: bool = False, **kwargs: Any) -> Skip
     return _create('vit_base_patch16_skipat_224', pretrained, **dict(args, **kwargs))
 
 
-register_model_deprecations(__name__, {
-    f'skipat_vit_{size}_patch16_224': f'vit_{size}_patch16_skipat_224' for size in ('tiny', 'small', 'base')
-})
+register_model_deprecations(
+    __name__, {f'skipat_vit_{size}_patch16_224': f'vit_{size}_patch16_skipat_224' for size in ('tiny', 'small', 'base')}
+)

@@ -5,15 +5,16 @@ and ZeRO see no unused parameters) and apply ``SkipAttentionPhi`` to the previou
 Everything else (patch embedding, position-embedding resampling, SDPA attention, MLP, drop-path, init,
 intermediates API) is timm's.
 """
+
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 from timm.layers.format import Format
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
+from torch import nn
 
 from .phi import SkipAttentionPhi
 
@@ -41,11 +42,11 @@ class SkipAttentionBlock(nn.Module):
         self.drop_path2 = block.drop_path2
 
     def forward(
-            self,
-            x: torch.Tensor,
-            z_prev: Optional[torch.Tensor],
-            grid_size: Tuple[int, int],
-            attn_mask: Optional[torch.Tensor] = None,
+        self,
+        x: torch.Tensor,
+        z_prev: Optional[torch.Tensor],
+        grid_size: Tuple[int, int],
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         assert z_prev is not None, "a skipped block needs the previous block's MSA output"
         p = self.num_prefix_tokens
@@ -64,11 +65,11 @@ class AttentionBlock(Block):
     of type dispatch, which TorchScript and torch.fx need."""
 
     def forward(
-            self,
-            x: torch.Tensor,
-            z_prev: Optional[torch.Tensor],
-            grid_size: Tuple[int, int],
-            attn_mask: Optional[torch.Tensor] = None,
+        self,
+        x: torch.Tensor,
+        z_prev: Optional[torch.Tensor],
+        grid_size: Tuple[int, int],
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         z = self.attn(self.norm1(x), attn_mask=attn_mask)
         x = x + self.drop_path1(self.ls1(z))
@@ -82,10 +83,11 @@ def validate_skip_indices(skip_indices: Sequence[int], depth: int) -> Tuple[int,
     for i in indices:
         if i == 0:
             raise ValueError(
-                "skip index 0 is invalid: block 0 has no previous attention output to reuse "
-                "(skip indices are 0-based; the paper skips blocks 3-8 of 12)")
+                'skip index 0 is invalid: block 0 has no previous attention output to reuse '
+                '(skip indices are 0-based; the paper skips blocks 3-8 of 12)'
+            )
         if not 0 < i < depth:
-            raise ValueError(f"skip index {i} is out of range for a ViT of depth {depth} (valid: 1..{depth - 1})")
+            raise ValueError(f'skip index {i} is out of range for a ViT of depth {depth} (valid: 1..{depth - 1})')
     return indices
 
 
@@ -97,12 +99,12 @@ class SkipAtVisionTransformer(VisionTransformer):
     """
 
     def __init__(
-            self,
-            *args: Any,
-            skip_indices: Sequence[int] = DEFAULT_SKIP_INDICES,
-            phi_hidden_ratio: float = 2.0,
-            phi_kernel_size: int = 5,
-            **kwargs: Any,
+        self,
+        *args: Any,
+        skip_indices: Sequence[int] = DEFAULT_SKIP_INDICES,
+        phi_hidden_ratio: float = 2.0,
+        phi_kernel_size: int = 5,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._install_skips(skip_indices, phi_hidden_ratio, phi_kernel_size)
@@ -119,7 +121,7 @@ class SkipAtVisionTransformer(VisionTransformer):
             if i not in self.skip_indices:
                 block.__class__ = AttentionBlock  # same module, same weights; the SkipAt block interface
                 continue
-            act_layer = type(block.mlp.act) if hasattr(block.mlp, "act") else nn.GELU
+            act_layer = type(block.mlp.act) if hasattr(block.mlp, 'act') else nn.GELU
             phi = SkipAttentionPhi(self.embed_dim, hidden_ratio, kernel_size, act_layer=act_layer)
             phi.apply(init_weights_vit_timm)  # timm's ViT init; the conv keeps PyTorch's fan-in default
             phi.to(device=block.norm2.weight.device, dtype=block.norm2.weight.dtype)
@@ -148,13 +150,13 @@ class SkipAtVisionTransformer(VisionTransformer):
         return x, grid_size
 
     def _forward_blocks(
-            self,
-            x: torch.Tensor,
-            grid_size: Tuple[int, int],
-            attn_mask: Optional[torch.Tensor],
-            take_indices: List[int],
-            last: int,
-            norm: bool,
+        self,
+        x: torch.Tensor,
+        grid_size: Tuple[int, int],
+        attn_mask: Optional[torch.Tensor],
+        take_indices: List[int],
+        last: int,
+        norm: bool,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Blocks 0..last-1; returns x and the outputs of the blocks in ``take_indices``.
 
@@ -174,33 +176,33 @@ class SkipAtVisionTransformer(VisionTransformer):
         return x, intermediates
 
     def forward_features(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         # torch._assert on a comparison, not `if is_causal: raise`: torch.fx traces it
-        torch._assert(is_causal == False, "SkipAt ViT does not support causal attention")  # noqa: E712
+        torch._assert(is_causal == False, 'SkipAt ViT does not support causal attention')  # noqa: E712
         x, grid_size = self._embed(x)
         x, _ = self._forward_blocks(x, grid_size, attn_mask, [], len(self.blocks), False)
         return self.norm(x)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-            output_dict: bool = False,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Same contract as timm's ``VisionTransformer.forward_intermediates``."""
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        torch._assert(is_causal == False, "SkipAt ViT does not support causal attention")  # noqa: E712
+        torch._assert(is_causal == False, 'SkipAt ViT does not support causal attention')  # noqa: E712
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x, grid_size = self._embed(x)
@@ -243,9 +245,10 @@ class SkipAtVisionTransformer(VisionTransformer):
 def last_cls_tokens(model: VisionTransformer, x: torch.Tensor, n: int = 4) -> torch.Tensor:
     """CLS tokens of the last ``n`` blocks after the final norm, concatenated, for any timm ViT."""
     if not model.has_class_token:
-        raise ValueError("last_cls_tokens needs a model with a class token")
+        raise ValueError('last_cls_tokens needs a model with a class token')
     outs = model.forward_intermediates(
-        x, indices=n, return_prefix_tokens=True, norm=True, output_fmt='NLC', intermediates_only=True)
+        x, indices=n, return_prefix_tokens=True, norm=True, output_fmt='NLC', intermediates_only=True
+    )
     return torch.cat([prefix[:, 0] for _, prefix in outs], dim=-1)
 
 
@@ -257,12 +260,18 @@ def get_last_selfattention(model: VisionTransformer, x: torch.Tensor) -> torch.T
     """
     last = model.blocks[-1]
     if not isinstance(last, Block):
-        raise ValueError("the last block has no self-attention (it is skipped); attention maps need a computed block")
+        raise ValueError('the last block has no self-attention (it is skipped); attention maps need a computed block')
     depth = len(model.blocks)
     if depth > 1:
         feats = model.forward_intermediates(
-            x, indices=[depth - 2], norm=False, stop_early=True, output_fmt='NLC',
-            return_prefix_tokens=True, intermediates_only=True)
+            x,
+            indices=[depth - 2],
+            norm=False,
+            stop_early=True,
+            output_fmt='NLC',
+            return_prefix_tokens=True,
+            intermediates_only=True,
+        )
         patches, prefix = feats[0] if model.num_prefix_tokens else (feats[0], None)
         h = torch.cat([prefix, patches], dim=1) if prefix is not None else patches
     else:
@@ -283,13 +292,13 @@ def attention_probabilities(attn: nn.Module, y: torch.Tensor, rows: Optional[int
 
 
 def convert_to_skipat(
-        model: VisionTransformer,
-        skip_indices: Sequence[int] = DEFAULT_SKIP_INDICES,
-        *,
-        phi_hidden_ratio: float = 2.0,
-        phi_kernel_size: int = 5,
-        dynamic_img_size: Optional[bool] = None,
-        inplace: bool = False,
+    model: VisionTransformer,
+    skip_indices: Sequence[int] = DEFAULT_SKIP_INDICES,
+    *,
+    phi_hidden_ratio: float = 2.0,
+    phi_kernel_size: int = 5,
+    dynamic_img_size: Optional[bool] = None,
+    inplace: bool = False,
 ) -> SkipAtVisionTransformer:
     """Turn a timm VisionTransformer (ViT, DeiT, any depth) into its SkipAt version.
 
@@ -299,10 +308,11 @@ def convert_to_skipat(
     """
     if type(model) is not VisionTransformer and not isinstance(model, SkipAtVisionTransformer):
         raise TypeError(
-            f"convert_to_skipat takes a timm VisionTransformer, got {type(model).__name__} "
-            "(distilled or hybrid variants change the token layout)")
+            f'convert_to_skipat takes a timm VisionTransformer, got {type(model).__name__} '
+            '(distilled or hybrid variants change the token layout)'
+        )
     if isinstance(model, SkipAtVisionTransformer) and model.skip_indices:
-        raise ValueError(f"model already skips blocks {model.skip_indices}")
+        raise ValueError(f'model already skips blocks {model.skip_indices}')
     if not inplace:
         model = copy.deepcopy(model)
     if dynamic_img_size is not None and dynamic_img_size != model.dynamic_img_size:

@@ -3,6 +3,7 @@
 Each repeat times every model back to back, the order alternating between repeats, so a machine that drifts
 (other jobs, clocks) hits all of them alike; ratios are taken per repeat, then the median.
 """
+
 import statistics
 import time
 from typing import Callable, Dict, List, Mapping
@@ -26,8 +27,14 @@ def time_steps(step: Callable[[], None], iters: int, device: torch.device) -> fl
     return time.perf_counter() - t0
 
 
-def interleaved_rates(steps: Mapping[str, Callable[[], None]], images_per_step: int, iters: int, repeats: int,
-                      device: torch.device, warmup: int = 1) -> Dict[str, List[float]]:
+def interleaved_rates(
+    steps: Mapping[str, Callable[[], None]],
+    images_per_step: int,
+    iters: int,
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+) -> Dict[str, List[float]]:
     """Images per second of each named step, one value per repeat, measured interleaved."""
     for step in steps.values():
         for _ in range(warmup):
@@ -35,7 +42,7 @@ def interleaved_rates(steps: Mapping[str, Callable[[], None]], images_per_step: 
     names = list(steps)
     rates: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             rates[name].append(images_per_step * iters / time_steps(steps[name], iters, device))
     return rates
 

@@ -1,4 +1,5 @@
 """Training: the DeepSpeed student engine, the DINO loop, checkpoints, resume, TensorBoard, device-hours."""
-from .run import main, pretrain, preflight
+
+from .run import main, preflight, pretrain
 
 __all__ = ['main', 'pretrain', 'preflight']

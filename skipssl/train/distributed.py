@@ -1,5 +1,6 @@
 """Process-group set-up for training: the launcher's environment (``skipssl_common.distributed``) turned into a
 DeepSpeed process group and this rank's device, and the small collectives the trainer needs."""
+
 from dataclasses import dataclass
 from typing import Callable, List, Optional, TypeVar
 
@@ -17,7 +18,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    launcher: str                     # 'torchrun', 'slurm' or 'single'
+    launcher: str  # 'torchrun', 'slurm' or 'single'
     control_group: Optional[object] = None  # gloo group for small CPU-side collectives (flags, timers)
 
     @property
@@ -29,13 +30,14 @@ def resolve_device(requested: str) -> str:
     if requested == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     if requested == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is visible (set engine.device=cpu or auto)")
+        raise RuntimeError('engine.device=cuda but no CUDA device is visible (set engine.device=cpu or auto)')
     return requested
 
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Start the process group (nccl on CUDA, gloo on CPU) through DeepSpeed and pick this rank's device."""
     import deepspeed
+
     where = export_env()
     rank, world, local = where.rank, where.world_size, where.local_rank
     if device_kind == 'cuda':
@@ -44,8 +46,9 @@ def init_distributed(device_kind: str) -> DistInfo:
     else:
         device = torch.device('cpu')
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend='nccl' if device_kind == 'cuda' else 'gloo', auto_mpi_discovery=False,
-                                   verbose=False)
+        deepspeed.init_distributed(
+            dist_backend='nccl' if device_kind == 'cuda' else 'gloo', auto_mpi_discovery=False, verbose=False
+        )
     control = dist.new_group(backend='gloo') if device_kind == 'cuda' else None
     return DistInfo(rank, world, local, device, where.launcher, control)
 
@@ -66,6 +69,7 @@ def rank0_decides(fn: Callable[[], T], info: DistInfo) -> T:
     other ranks raise PeerFailed, so a check that only rank 0 makes (files on rank 0's disk, say) cannot leave
     the ranks disagreeing."""
     from ..failure import PeerFailed, first_line
+
     box: List = [None]
     if info.is_main:
         try:
@@ -78,7 +82,7 @@ def rank0_decides(fn: Callable[[], T], info: DistInfo) -> T:
         dist.broadcast_object_list(box, src=0, group=info.control_group)
     ok, value = box[0]
     if not ok:
-        raise PeerFailed(f"rank 0 refused: {value}")
+        raise PeerFailed(f'rank 0 refused: {value}')
     return value
 
 

@@ -6,6 +6,7 @@ clipping and the full-precision (master) weights for the teacher's EMA, for ever
 - ZeRO 1/2 (any precision): each rank owns a fragment of every parameter's fp32 master weight and reduced
   gradient (``p._hp_mapping``); norms and weights are assembled with one collective each.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,21 +38,28 @@ def deepspeed_config(cfg: Config, world_size: int, accum: Optional[int] = None) 
     if e.precision == 'bf16':
         ds['bf16'] = {'enabled': True}
     elif e.precision == 'fp16':
-        ds['fp16'] = {'enabled': True, 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 1000,
-                      'hysteresis': 2, 'min_loss_scale': 1}
+        ds['fp16'] = {
+            'enabled': True,
+            'loss_scale': 0,
+            'initial_scale_power': 16,
+            'loss_scale_window': 1000,
+            'hysteresis': 2,
+            'min_loss_scale': 1,
+        }
     return deep_merge(ds, e.deepspeed)
 
 
 def build_engine(student: nn.Module, cfg: Config, world_size: int, device_kind: str, accum: Optional[int] = None):
     import deepspeed
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas,
-                                  fused=device_kind == 'cuda')
+
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=cfg.optim.betas, fused=device_kind == 'cuda')
     # DeepSpeed casts the module to bf16/fp16 and copies its master weights from that: keep the fp32 init,
     # so that the master weights (and the EMA teacher, a copy of the fp32 student) start where DINO's do
     low_precision = cfg.engine.precision != 'fp32'
     init = [p.detach().clone() for p in student.parameters() if p.requires_grad] if low_precision else []
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world_size, accum))
+    engine, _, _, _ = deepspeed.initialize(
+        model=student, optimizer=optimizer, config=deepspeed_config(cfg, world_size, accum)
+    )
     view = EngineView(engine)
     if low_precision:
         view.set_master_params(init)
@@ -81,7 +89,7 @@ class EngineView:
                     self._fp32_of[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
                     offset += lp.numel()
         elif not self.partitioned and any(p.dtype != torch.float32 for p in self.params):
-            raise RuntimeError(f"cannot find the fp32 master weights of optimizer {type(opt).__name__}")
+            raise RuntimeError(f'cannot find the fp32 master weights of optimizer {type(opt).__name__}')
         if self.partitioned:
             self._numels = [p.numel() for p in self.params]
             self._flat = torch.empty(sum(self._numels), dtype=torch.float32, device=self.params[0].device)
@@ -93,7 +101,7 @@ class EngineView:
         opt = self.engine.optimizer
         inner = getattr(opt, 'optimizer', opt)
         if not isinstance(inner, torch.optim.Optimizer):
-            raise RuntimeError(f"cannot find the torch optimizer inside {type(opt).__name__}")
+            raise RuntimeError(f'cannot find the torch optimizer inside {type(opt).__name__}')
         return inner
 
     # -- gradients ---------------------------------------------------------------------------------------
@@ -128,8 +136,11 @@ class EngineView:
         squared norms when partitioned, no host sync. Norms are of the unscaled gradients (DINO clips after
         its GradScaler's ``unscale_``). Returns the norms before clipping."""
         frags = self.grad_fragments()
-        sq = torch.stack([f.float().pow(2).sum() if f.numel() else f.new_zeros((), dtype=torch.float32)
-                          for f in frags]) if frags else torch.zeros(0)
+        sq = (
+            torch.stack([f.float().pow(2).sum() if f.numel() else f.new_zeros((), dtype=torch.float32) for f in frags])
+            if frags
+            else torch.zeros(0)
+        )
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
         norms = sq.sqrt() / self.loss_scale
@@ -196,8 +207,9 @@ class EngineView:
                 offset, rest = divmod(start - b.data_ptr(), b.element_size())
                 if b.dtype == master.dtype and rest == 0 and 0 <= offset and offset + master.numel() <= b.numel():
                     return gi, b, offset
-        raise RuntimeError(f"cannot find the optimizer parameter that holds a master weight of "
-                           f"{type(self.engine.optimizer).__name__}")
+        raise RuntimeError(
+            f'cannot find the optimizer parameter that holds a master weight of {type(self.engine.optimizer).__name__}'
+        )
 
     @torch.no_grad()
     def full_optimizer_state(self, keys: Sequence[str] = ('exp_avg', 'exp_avg_sq')) -> Dict:
@@ -220,9 +232,10 @@ class EngineView:
                 offset += p.numel()
             if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(flat)  # fragments are disjoint, so the sum assembles them
-            out['state'][key] = {n: t.view_as(p).cpu().clone()
-                                 for n, t, p in zip(self.names, flat.split([p.numel() for p in self.params]),
-                                                    self.params)}
+            out['state'][key] = {
+                n: t.view_as(p).cpu().clone()
+                for n, t, p in zip(self.names, flat.split([p.numel() for p in self.params]), self.params)
+            }
         for group in opt.param_groups:
             steps = [opt.state[b]['step'] for b in group['params'] if 'step' in opt.state.get(b, {})]
             out['step'][group['name']] = float(steps[0]) if steps else 0.0
@@ -235,7 +248,7 @@ class EngineView:
         opt = self.base_optimizer
         frags = self._fragments()
         for key, values in saved['state'].items():
-            for name, p, frag in zip(self.names, self.params, frags):
+            for name, frag in zip(self.names, frags):
                 if frag is None:
                     continue
                 master, start, numel = frag

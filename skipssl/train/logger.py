@@ -1,5 +1,6 @@
 """Run logging: TensorBoard scalars/images/text and a JSON-lines file with the same scalars (rank 0 only),
 and the device-hours clock (wall time of the training loop, summed over ranks)."""
+
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ class RunLogger:
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=str(run_dir / 'tb'))
             self.jsonl = open(run_dir / 'log.jsonl', 'a', buffering=1)
 

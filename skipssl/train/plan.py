@@ -2,6 +2,7 @@
 every schedule is indexed by), DINO's per-iteration schedules, the student network and its spec. The trainer,
 the launcher's pre-submission checks and the benchmarks build from here; the global-batch formula lives here
 only (``global_batch``)."""
+
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -12,8 +13,7 @@ from .. import checkpoint as ckpt
 from ..config import Config
 from ..data.shards import count_samples
 from ..data.slots import check_slots
-from ..dino import (DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule,
-                    scaled_lr)
+from ..dino import DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule, scaled_lr
 
 
 def global_batch(micro_batch: int, accum: int, world_size: int) -> int:
@@ -24,12 +24,13 @@ def global_batch(micro_batch: int, accum: int, world_size: int) -> int:
 @dataclass
 class Plan:
     """Sizes derived from the config and the world: everything the schedules are indexed by."""
+
     world_size: int
     micro_batch: int
     accum: int
     iterations_per_epoch: int
     epochs: int
-    slots: int = 0                    # virtual slots of the data stream (skipssl.data.slots)
+    slots: int = 0  # virtual slots of the data stream (skipssl.data.slots)
 
     @property
     def global_batch(self) -> int:
@@ -52,16 +53,19 @@ class Schedules:
 def make_schedules(cfg: Config, plan: Plan) -> Schedules:
     ipe, total = plan.iterations_per_epoch, plan.total_iterations
     o, lo = cfg.optim, cfg.loss
-    lr = cosine_schedule(scaled_lr(o.base_lr, plan.global_batch), o.min_lr, total,
-                         warmup_iters=int(round(o.warmup_epochs * ipe)))
+    lr = cosine_schedule(
+        scaled_lr(o.base_lr, plan.global_batch), o.min_lr, total, warmup_iters=int(round(o.warmup_epochs * ipe))
+    )
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
     momentum = cosine_schedule(cfg.teacher.momentum, cfg.teacher.momentum_end, total)
     if lo.teacher_temp_schedule == 'per_epoch':
-        temp = epoch_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, plan.epochs,
-                                     int(lo.warmup_teacher_temp_epochs), ipe)
+        temp = epoch_warmup_schedule(
+            lo.warmup_teacher_temp, lo.teacher_temp, plan.epochs, int(lo.warmup_teacher_temp_epochs), ipe
+        )
     else:
-        temp = linear_warmup_schedule(lo.warmup_teacher_temp, lo.teacher_temp, total,
-                                      int(round(lo.warmup_teacher_temp_epochs * ipe)))
+        temp = linear_warmup_schedule(
+            lo.warmup_teacher_temp, lo.teacher_temp, total, int(round(lo.warmup_teacher_temp_epochs * ipe))
+        )
     return Schedules(lr, wd, momentum, temp, int(round(o.freeze_last_layer_epochs * ipe)))
 
 
@@ -70,8 +74,10 @@ def samples_per_epoch(cfg: Config) -> int:
         return cfg.data.samples_per_epoch
     n = count_samples(cfg.data.train_shards)
     if not n:
-        raise ValueError(f"data.samples_per_epoch is 0 and {cfg.data.train_shards!r} has no shard index to count "
-                         "samples from: set data.samples_per_epoch")
+        raise ValueError(
+            f'data.samples_per_epoch is 0 and {cfg.data.train_shards!r} has no shard index to count '
+            'samples from: set data.samples_per_epoch'
+        )
     return n
 
 
@@ -84,15 +90,23 @@ def accumulation_for(kept_batch: int, micro_batch: int, world_size: int, slots: 
     per_rank, rest = divmod(kept_batch, world_size)
     if rest == 0 and per_rank % micro_batch == 0:
         return per_rank // micro_batch
-    sizes = [w for w in range(1, kept_batch // micro_batch + 1)
-             if kept_batch % (micro_batch * w) == 0 and (slots is None or slots % w == 0)]
+    sizes = [
+        w
+        for w in range(1, kept_batch // micro_batch + 1)
+        if kept_batch % (micro_batch * w) == 0 and (slots is None or slots % w == 0)
+    ]
     micros = [b for b in range(per_rank, 0, -1) if per_rank % b == 0] if rest == 0 else []
-    where = (f"on {world_size} ranks set data.batch_size_per_rank to one of {micros}" if micros else
-             f"{world_size} ranks cannot share {kept_batch} images equally")
-    fits = f"with this micro-batch it resumes on {sizes} ranks" if sizes else "no number of ranks fits this micro-batch"
-    raise ValueError(f"the run's global batch of {kept_batch} images cannot be kept on {world_size} ranks with "
-                     f"data.batch_size_per_rank={micro_batch} ({kept_batch} is not a multiple of {micro_batch} x "
-                     f"{world_size}): {fits}; {where}")
+    where = (
+        f'on {world_size} ranks set data.batch_size_per_rank to one of {micros}'
+        if micros
+        else f'{world_size} ranks cannot share {kept_batch} images equally'
+    )
+    fits = f'with this micro-batch it resumes on {sizes} ranks' if sizes else 'no number of ranks fits this micro-batch'
+    raise ValueError(
+        f"the run's global batch of {kept_batch} images cannot be kept on {world_size} ranks with "
+        f'data.batch_size_per_rank={micro_batch} ({kept_batch} is not a multiple of {micro_batch} x '
+        f'{world_size}): {fits}; {where}'
+    )
 
 
 def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Plan:
@@ -112,16 +126,24 @@ def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Pla
         accum = accumulation_for(batch, micro, world_size, slots)
     ipe = n // batch
     if ipe < 1:
-        raise ValueError(f"an epoch of {n} samples is less than one global batch ({world_size} ranks x "
-                         f"{micro} x {accum} accumulation steps)")
+        raise ValueError(
+            f'an epoch of {n} samples is less than one global batch ({world_size} ranks x '
+            f'{micro} x {accum} accumulation steps)'
+        )
     return Plan(world_size, micro, accum, ipe, cfg.train.epochs, slots)
 
 
 def layout(cfg: Config, plan: Plan) -> Dict:
     """How a checkpoint's ranks were laid out, recorded with it: what a resume may change and must report."""
-    return {'world_size': plan.world_size, 'zero_stage': cfg.engine.zero_stage, 'precision': cfg.engine.precision,
-            'micro_batch': plan.micro_batch, 'accum': plan.accum, 'global_batch': plan.global_batch,
-            'slots': plan.slots}
+    return {
+        'world_size': plan.world_size,
+        'zero_stage': cfg.engine.zero_stage,
+        'precision': cfg.engine.precision,
+        'micro_batch': plan.micro_batch,
+        'accum': plan.accum,
+        'global_batch': plan.global_batch,
+        'slots': plan.slots,
+    }
 
 
 def model_spec(cfg: Config) -> Dict:
@@ -131,7 +153,7 @@ def model_spec(cfg: Config) -> Dict:
 def build_student(cfg: Config) -> MultiCropWrapper:
     backbone = ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate))
     if backbone.num_features <= 0:
-        raise ValueError(f"model {cfg.model.name} has no feature dimension")
+        raise ValueError(f'model {cfg.model.name} has no feature dimension')
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     h = cfg.head

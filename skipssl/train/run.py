@@ -1,4 +1,5 @@
 """``pretrain(cfg)``: check everything cheap, start the process group, train; and the command line."""
+
 import argparse
 import difflib
 import logging
@@ -29,31 +30,32 @@ def preflight(cfg: Config) -> str:
     from .distributed import resolve_device
     from .plan import make_plan
     from .state import newest_layout
+
     try:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
-        raise ConfigError(f"engine.device: {exn}") from exn
+        raise ConfigError(f'engine.device: {exn}') from exn
     if device == 'cpu' and cfg.engine.precision == 'fp16':
-        raise ConfigError("engine.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 "
-                          "or fp32")
+        raise ConfigError('engine.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32')
     if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards: not set (a shard folder, index json, .txt list or brace pattern)")
+        raise ConfigError('data.train_shards: not set (a shard folder, index json, .txt list or brace pattern)')
     try:
         urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
         first_readable_sample(urls)
     except (FileNotFoundError, ValueError) as exn:
-        raise ConfigError(f"data.train_shards: {exn}") from exn
+        raise ConfigError(f'data.train_shards: {exn}') from exn
     try:  # a resume keeps its checkpoint's layout, which rank 0 checks for all ranks (state.find_resumable)
         if newest_layout(Path(cfg.experiment.output_dir) / 'checkpoints') is None:
             make_plan(cfg, world_size_from_env())
     except ValueError as exn:
-        raise ConfigError(f"data.samples_per_epoch: {exn}") from exn
+        raise ConfigError(f'data.samples_per_epoch: {exn}') from exn
     kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)
     try:
         build_backbone(cfg.model.name, kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as exn:  # timm checks kwargs with asserts
-        raise ConfigError(f"model: {cfg.model.name} cannot be built with {cfg.model.kwargs}: "
-                          f"{str(exn) or type(exn).__name__}") from exn
+        raise ConfigError(
+            f'model: {cfg.model.name} cannot be built with {cfg.model.kwargs}: {str(exn) or type(exn).__name__}'
+        ) from exn
     check_output_dir(Path(cfg.experiment.output_dir))
     return device
 
@@ -62,22 +64,31 @@ def check_output_dir(run_dir: Path) -> None:
     """The run folder, or the nearest folder above it that exists, must be writable."""
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"experiment.output_dir: cannot write to {existing}"
-                          + ('' if existing == run_dir else f" (to create {run_dir})"))
+        raise ConfigError(
+            f'experiment.output_dir: cannot write to {existing}'
+            + ('' if existing == run_dir else f' (to create {run_dir})')
+        )
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
     from skipssl_common.io import atomic_write_text
+
     path = run_dir / 'config.yaml'
     text = cfg.to_yaml()
     if path.is_file() and path.read_text() != text:
         old = path.read_text().splitlines()
-        diff = [ln for ln in difflib.unified_diff(old, text.splitlines(), lineterm='', n=0)
-                if ln[:1] in '+-' and not ln.startswith(('+++', '---'))]
+        diff = [
+            ln
+            for ln in difflib.unified_diff(old, text.splitlines(), lineterm='', n=0)
+            if ln[:1] in '+-' and not ln.startswith(('+++', '---'))
+        ]
         kept = run_dir / f'config-{time.strftime("%Y%m%d-%H%M%S")}.yaml'
         path.rename(kept)
-        log.warning("the config differs from the one this run folder was started with (kept as %s): %s",
-                    kept.name, '; '.join(diff))
+        log.warning(
+            'the config differs from the one this run folder was started with (kept as %s): %s',
+            kept.name,
+            '; '.join(diff),
+        )
     atomic_write_text(text, path)
 
 
@@ -88,14 +99,15 @@ def describe_failure(exn: BaseException) -> Tuple[int, Optional[str]]:
     from ..data import TooManyBadSamples
     from ..runlock import RunFolderError
     from .trainer import NonFiniteLoss
+
     if isinstance(exn, ConfigError):
-        return 2, f"config error: {exn}"
+        return 2, f'config error: {exn}'
     if isinstance(exn, NonFiniteLoss):
         return 3, str(exn)
     if isinstance(exn, (CheckpointError, TooManyBadSamples, RunFolderError)):
         return 2, first_line(exn)
     if isinstance(exn, KeyboardInterrupt):
-        return 130, "interrupted"
+        return 130, 'interrupted'
     return 1, None
 
 
@@ -103,12 +115,18 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
     """Rank 0 takes the run folder's lock (None elsewhere) and decides where to resume; every rank gets the
     answer or stops. Nothing of an existing run changes before its resume is accepted."""
     from .distributed import rank0_decides
-    from .state import find_resumable
     from .plan import model_spec
+    from .state import find_resumable
+
     held: List[RunLock] = []
     rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
-    folder = find_resumable(run_dir / 'checkpoints', info, model_spec(cfg), cfg.train.restart_if_no_valid_checkpoint,
-                            cfg.data.batch_size_per_rank)
+    folder = find_resumable(
+        run_dir / 'checkpoints',
+        info,
+        model_spec(cfg),
+        cfg.train.restart_if_no_valid_checkpoint,
+        cfg.data.batch_size_per_rank,
+    )
     return (held[0] if held else None), folder
 
 
@@ -118,18 +136,21 @@ def pretrain(cfg: Config) -> RunSummary:
     from .distributed import init_distributed, shutdown
     from .state import saved_layout
     from .trainer import Trainer
+
     device = preflight(cfg)
     info = init_distributed(device)
     watch = FailureWatch(info.rank, info.world_size, 'pretrain.py').start()
     lock = None
     try:
-        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                            format=f'%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s')
+        logging.basicConfig(
+            level=logging.INFO if info.is_main else logging.WARNING,
+            format=f'%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s',
+        )
         run_dir = Path(cfg.experiment.output_dir)
         lock, resume_from = _start_run(cfg, info, run_dir)
         if info.is_main:
             _save_config(cfg, run_dir)
-            log.info("run %s on %d %s rank(s) (launcher: %s)", run_dir, info.world_size, device, info.launcher)
+            log.info('run %s on %d %s rank(s) (launcher: %s)', run_dir, info.world_size, device, info.launcher)
         summary = Trainer(cfg, info, run_dir, saved_layout(resume_from)).fit(resume_from)
     except BaseException as exn:
         if watch.active:
@@ -146,11 +167,13 @@ def pretrain(cfg: Config) -> RunSummary:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog='pretrain.py', description="DINO pretraining of (SkipAt-)ViTs with DeepSpeed. Launch with torchrun, "
-        "srun, or as one process; resumes from the newest checkpoint in experiment.output_dir.")
-    p.add_argument('--config', help="experiment YAML (configs/*.yaml)")
-    p.add_argument('--print-config', action='store_true', help="print the resolved config and exit")
-    p.add_argument('overrides', nargs='*', help="dotted overrides, e.g. train.epochs=10 data.num_workers=4")
+        prog='pretrain.py',
+        description='DINO pretraining of (SkipAt-)ViTs with DeepSpeed. Launch with torchrun, '
+        'srun, or as one process; resumes from the newest checkpoint in experiment.output_dir.',
+    )
+    p.add_argument('--config', help='experiment YAML (configs/*.yaml)')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
+    p.add_argument('overrides', nargs='*', help='dotted overrides, e.g. train.epochs=10 data.num_workers=4')
     return p.parse_args(argv)
 
 
@@ -166,11 +189,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         status, line = describe_failure(exn)
         if line is None:
             raise
-        print(f"pretrain.py: {line}", file=sys.stderr)
+        print(f'pretrain.py: {line}', file=sys.stderr)
         return status
     if int(os.environ.get('RANK', '0')) == 0:
-        state = 'finished' if summary.finished else f"stopped ({summary.stopped_by or 'iteration limit'})"
-        print(yaml.safe_dump({'run': cfg.experiment.output_dir, 'state': state, 'iterations': summary.iterations,
-                              'device_hours': round(summary.device_hours, 4),
-                              'unit': summary.device_hours_unit}, sort_keys=False), end='')
+        state = 'finished' if summary.finished else f'stopped ({summary.stopped_by or "iteration limit"})'
+        print(
+            yaml.safe_dump(
+                {
+                    'run': cfg.experiment.output_dir,
+                    'state': state,
+                    'iterations': summary.iterations,
+                    'device_hours': round(summary.device_hours, 4),
+                    'unit': summary.device_hours_unit,
+                },
+                sort_keys=False,
+            ),
+            end='',
+        )
     return 0

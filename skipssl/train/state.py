@@ -10,6 +10,7 @@ ranks, another ZeRO stage) keeps the global batch and loads the world-size-indep
 ``weights_only``; the only non-tensor classes DeepSpeed puts into an optimizer state (loss scaler, ZeRO stage
 enum, fragment addresses) are allow-listed.
 """
+
 import json
 import logging
 import os
@@ -39,14 +40,22 @@ def _safe_globals():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def rng_state(device: torch.device) -> Dict:
     np_state = np.random.get_state()
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-             'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                       'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])}}
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': random.getstate(),
+        'numpy': {
+            'keys': torch.from_numpy(np_state[1].astype(np.int64)),
+            'pos': int(np_state[2]),
+            'has_gauss': int(np_state[3]),
+            'cached_gaussian': float(np_state[4]),
+        },
+    }
     if device.type == 'cuda':
         state['cuda'] = torch.cuda.get_rng_state(device)
     return state
@@ -57,14 +66,23 @@ def set_rng_state(state: Dict, device: torch.device) -> None:
     v, internal, gauss = state['python']
     random.setstate((v, tuple(internal), gauss))
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
+    np.random.set_state(
+        ('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian'])
+    )
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict], rank_blob: Dict,
-         keep: int, layout: Dict, optimizer_blob: Optional[Dict] = None) -> Path:
+def save(
+    root: Path,
+    iteration: int,
+    info: DistInfo,
+    model_blob: Optional[Dict],
+    rank_blob: Dict,
+    keep: int,
+    layout: Dict,
+    optimizer_blob: Optional[Dict] = None,
+) -> Path:
     """Write checkpoint ``iteration`` under ``root`` from every rank (collective); returns its folder.
     ``model_blob`` and ``optimizer_blob``: rank 0's; ``layout``: ``plan.layout``."""
     final = root / ckpt.checkpoint_name(iteration)
@@ -73,6 +91,7 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             import shutil
+
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(info)
@@ -82,23 +101,28 @@ def save(root: Path, iteration: int, info: DistInfo, model_blob: Optional[Dict],
         atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
     _barrier(info)
     if info.is_main:
-        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size,
-                                              'layout': layout})
+        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size, 'layout': layout})
         for old in ckpt.prune_checkpoints(root, keep):
-            log.info("removed old checkpoint %s", old)
+            log.info('removed old checkpoint %s', old)
     _barrier(info)
     return final
 
 
-def find_resumable(root: Path, info: DistInfo, model: Optional[Dict] = None,
-                   restart_if_none_valid: bool = False, micro_batch: Optional[int] = None) -> Optional[Path]:
+def find_resumable(
+    root: Path,
+    info: DistInfo,
+    model: Optional[Dict] = None,
+    restart_if_none_valid: bool = False,
+    micro_batch: Optional[int] = None,
+) -> Optional[Path]:
     """The newest checkpoint under ``root`` that verifies, or None for a new run; collective: rank 0 decides,
     every rank gets its answer or its refusal. A corrupt or incomplete newer checkpoint is reported and skipped;
     checkpoints that exist but none of which verifies stop the run (CheckpointError naming them) unless
     ``restart_if_none_valid``; a checkpoint of (``model``: a model spec) another model, or one whose global batch
     ``world_size`` ranks of ``micro_batch`` images cannot keep, is refused."""
-    return rank0_decides(lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid,
-                                                    micro_batch), info)
+    return rank0_decides(
+        lambda: _choose_checkpoint(root, info.world_size, model, restart_if_none_valid, micro_batch), info
+    )
 
 
 def check_resumable(root: Path, world_size: int, model: Dict, micro_batch: Optional[int] = None) -> Optional[Path]:
@@ -138,40 +162,47 @@ def check_layout(record: Dict, folder: Path, world_size: int, micro_batch: Optio
     try:
         accumulation_for(saved['global_batch'], micro_batch, world_size, saved.get('slots'))
     except ValueError as exn:
-        raise ckpt.CheckpointError(f"{folder} (written by {saved['world_size']} ranks): {exn}") from None
+        raise ckpt.CheckpointError(f'{folder} (written by {saved["world_size"]} ranks): {exn}') from None
 
 
-def _choose_checkpoint(root: Path, world_size: int, model: Optional[Dict], restart_if_none_valid: bool,
-                       micro_batch: Optional[int] = None) -> Optional[Path]:
+def _choose_checkpoint(
+    root: Path, world_size: int, model: Optional[Dict], restart_if_none_valid: bool, micro_batch: Optional[int] = None
+) -> Optional[Path]:
     unusable = []
     for _, folder in reversed(ckpt.list_checkpoints(root)):
         try:
             record = ckpt.verify_checkpoint(folder)
         except ckpt.CheckpointError as exn:
-            log.warning("checkpoint %s is not usable, trying the one before: %s", folder, exn)
+            log.warning('checkpoint %s is not usable, trying the one before: %s', folder, exn)
             unusable.append(folder.name)
             continue
         check_layout(record, folder, world_size, micro_batch)
         if model is not None:
             saved = ckpt.load_file(folder / ckpt.MODEL_FILE)['model']
             if saved != model:
-                raise ckpt.CheckpointError(f"{folder} holds {saved}, the config asks for {model}: use a new "
-                                           "experiment.output_dir")
+                raise ckpt.CheckpointError(
+                    f'{folder} holds {saved}, the config asks for {model}: use a new experiment.output_dir'
+                )
         return folder
     if unusable and not restart_if_none_valid:
         raise ckpt.CheckpointError(
-            f"{root} holds {len(unusable)} checkpoint(s) and none verifies ({', '.join(unusable)}; reasons above): "
-            "not starting again from iteration 0 over them. Set train.restart_if_no_valid_checkpoint=true to "
-            "start again (they are moved aside), or move them away yourself")
+            f'{root} holds {len(unusable)} checkpoint(s) and none verifies ({", ".join(unusable)}; reasons above): '
+            'not starting again from iteration 0 over them. Set train.restart_if_no_valid_checkpoint=true to '
+            'start again (they are moved aside), or move them away yourself'
+        )
     if unusable:
         # moved out of the way: left in place, they would sort after the new run's checkpoints and be pruned last
         aside = root / f'unusable-{time.strftime("%Y%m%d-%H%M%S")}'
         aside.mkdir()
         for name in unusable:
             os.replace(root / name, aside / name)
-        log.warning("none of the checkpoints in %s verifies (%s): starting again from iteration 0, as "
-                    "train.restart_if_no_valid_checkpoint asks; they were moved to %s", root, ', '.join(unusable),
-                    aside)
+        log.warning(
+            'none of the checkpoints in %s verifies (%s): starting again from iteration 0, as '
+            'train.restart_if_no_valid_checkpoint asks; they were moved to %s',
+            root,
+            ', '.join(unusable),
+            aside,
+        )
     return None
 
 
@@ -182,8 +213,9 @@ def relayout(saved: Optional[Dict], current: Dict) -> Dict[str, Tuple]:
     return {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
 
 
-def load(folder: Path, info: DistInfo, same_world: bool,
-         same_partitioning: bool) -> Tuple[Dict, Optional[Dict], Optional[Dict]]:
+def load(
+    folder: Path, info: DistInfo, same_world: bool, same_partitioning: bool
+) -> Tuple[Dict, Optional[Dict], Optional[Dict]]:
     """(model blob, this rank's blob, optimizer blob) of a verified checkpoint folder: the rank's blob (RNG states,
     device clock, optimizer partition) when the number of ranks is the checkpoint's, the world-size-independent
     optimizer blob when the partitioning is not."""

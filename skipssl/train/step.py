@@ -1,5 +1,6 @@
 """The DINO training step on a DeepSpeed engine, without data loading: shared by the trainer and the
 step benchmark."""
+
 from typing import List, Optional
 
 import torch

@@ -4,6 +4,7 @@ One iteration = one optimizer step over ``grad_accum_steps`` micro-batches per r
 weight decay, teacher momentum and temperature, last-layer freeze) is a per-iteration array indexed by the
 global iteration, as in DINO's code. Host syncs happen only at log, checkpoint and epoch boundaries.
 """
+
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from skipssl_common.artefacts import ExportMeta, RunSummary
 
 from .. import checkpoint as ckpt
+from ..analysis.attention import cls_attention_maps, mass_masks, render
 from ..config import Config
 from ..data import BatchedMultiCrop, MultiCropTransform, ReaderState, canvas_resize, decode_sample, resolve_shards
 from ..data.reader import batch_seed, iter_raw_samples
@@ -27,7 +29,6 @@ from ..dino import DINOLoss, collapse_state, make_teacher
 from . import state as train_state
 from .distributed import DistInfo, all_reduce_cpu
 from .engine import build_engine
-from ..analysis.attention import cls_attention_maps, mass_masks, render
 from .logger import DeviceClock, RunLogger, device_unit, devices_per_rank
 from .plan import build_student, layout, make_plan, make_schedules, model_spec
 from .step import DINOStep
@@ -42,6 +43,7 @@ class NonFiniteLoss(RuntimeError):
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out), SIGUSR2 (submitit's choice for
     ``--signal``) and SIGINT set a flag; the loop checkpoints at the next iteration boundary and returns."""
+
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
@@ -71,7 +73,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 @dataclass
 class Position:
     epoch: int = 0
-    iteration: int = 0                  # optimizer steps done
+    iteration: int = 0  # optimizer steps done
     images_seen: int = 0
     per_epoch: List[Dict] = field(default_factory=list)
 
@@ -120,9 +122,13 @@ class Trainer:
             'teacher': {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
             'loss_center': self.loss_fn.center.detach().cpu(),
             'model': model_spec(self.cfg),
-            'position': {'epoch': self.pos.epoch, 'iteration': self.pos.iteration,
-                         'images_seen': self.pos.images_seen, 'device_hours': device_hours,
-                         'device_hours_unit': device_unit(self.device.type)},
+            'position': {
+                'epoch': self.pos.epoch,
+                'iteration': self.pos.iteration,
+                'images_seen': self.pos.images_seen,
+                'device_hours': device_hours,
+                'device_hours_unit': device_unit(self.device.type),
+            },
             'per_epoch': json.dumps(self.pos.per_epoch),
             'engine': self.engine_counters(),
             'reader': reader_state,
@@ -132,15 +138,20 @@ class Trainer:
 
     def engine_counters(self) -> Dict:
         e = self.engine
-        return {'global_steps': e.global_steps, 'global_samples': e.global_samples, 'micro_steps': e.micro_steps,
-                'skipped_steps': e.skipped_steps}
+        return {
+            'global_steps': e.global_steps,
+            'global_samples': e.global_samples,
+            'micro_steps': e.micro_steps,
+            'skipped_steps': e.skipped_steps,
+        }
 
     def optimizer_blob(self) -> Dict:
         """AdamW's state per parameter name and fp16's loss-scaler state: what another layout resumes from."""
         blob = self.view.full_optimizer_state()  # collective when ZeRO partitions the state
         scaler = getattr(self.engine.optimizer, 'loss_scaler', None)
-        blob['loss_scaler'] = {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} \
-            if scaler is not None else {}
+        blob['loss_scaler'] = (
+            {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))} if scaler is not None else {}
+        )
         return blob
 
     def rank_blob(self) -> Dict:
@@ -168,8 +179,13 @@ class Trainer:
 
     def data_meta(self) -> Dict:
         d, a = self.cfg.data, self.cfg.augment
-        return {'channels': d.channels, 'mean': list(a.mean), 'std': list(a.std), 'eval_resize': d.eval_resize,
-                'eval_crop': d.eval_crop}
+        return {
+            'channels': d.channels,
+            'mean': list(a.mean),
+            'std': list(a.std),
+            'eval_resize': d.eval_resize,
+            'eval_crop': d.eval_crop,
+        }
 
     def save(self) -> Path:
         self._check_finite()
@@ -178,12 +194,18 @@ class Trainer:
         optimizer_blob = self.optimizer_blob()
         reader_state = self.all_slots().state_dict()
         hours = self.device_hours()
-        folder = train_state.save(self.ckpt_root, self.pos.iteration, self.info,
-                                  self.model_blob(student_state, hours, reader_state) if self.info.is_main else None,
-                                  self.rank_blob(), self.cfg.train.keep_checkpoints, self.layout,
-                                  optimizer_blob if self.info.is_main else None)
+        folder = train_state.save(
+            self.ckpt_root,
+            self.pos.iteration,
+            self.info,
+            self.model_blob(student_state, hours, reader_state) if self.info.is_main else None,
+            self.rank_blob(),
+            self.cfg.train.keep_checkpoints,
+            self.layout,
+            optimizer_blob if self.info.is_main else None,
+        )
         if self.info.is_main:
-            log.info("checkpoint %s", folder)
+            log.info('checkpoint %s', folder)
         return folder
 
     def resume(self, folder: Optional[Path]) -> bool:
@@ -220,8 +242,11 @@ class Trainer:
         if 'reader' in model_blob:
             self.reader_state = ReaderState.from_dict(model_blob['reader'])
         else:
-            log.warning("%s holds no slot positions (written before virtual slots): the interrupted epoch's stream "
-                        "starts again", folder)
+            log.warning(
+                "%s holds no slot positions (written before virtual slots): the interrupted epoch's stream "
+                'starts again',
+                folder,
+            )
             self.reader_state = ReaderState(epoch=p['epoch'], step=p['iteration'] % self.plan.iterations_per_epoch)
         if rank_blob is not None:
             self.clock = DeviceClock(rank_blob['device_seconds'])
@@ -232,12 +257,16 @@ class Trainer:
             # new ranks, new drop-path streams, which must not repeat those of iteration 0
             torch.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, -2))
         if self.info.is_main:
-            log.info("resumed from %s (epoch %d, iteration %d)", folder, self.pos.epoch, self.pos.iteration)
+            log.info('resumed from %s (epoch %d, iteration %d)', folder, self.pos.epoch, self.pos.iteration)
             if changed:
-                log.warning("resumed on another layout: %s; global batch %d kept%s",
-                            ', '.join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), self.plan.global_batch,
-                            '' if same_partitioning else ' (optimizer state loaded from the world-size-independent '
-                            f'{train_state.OPTIMIZER_FILE})')
+                log.warning(
+                    'resumed on another layout: %s; global batch %d kept%s',
+                    ', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items()),
+                    self.plan.global_batch,
+                    ''
+                    if same_partitioning
+                    else f' (optimizer state loaded from the world-size-independent {train_state.OPTIMIZER_FILE})',
+                )
         return True
 
     # -- data -------------------------------------------------------------------------------------------
@@ -245,22 +274,37 @@ class Trainer:
         c, d = self.cfg, self.cfg.data
         transform = canvas_resize(d.canvas_size) if self.device_aug else MultiCropTransform(self.mc)
         dataset = SlotShards(
-            self.urls, global_batch=self.plan.global_batch, n_slots=self.plan.slots,
-            iterations_per_epoch=self.plan.iterations_per_epoch, transform=transform, rank=self.info.rank,
-            world_size=self.info.world_size, num_workers=d.num_workers, seed=c.experiment.seed,
-            shuffle_buffer=d.shuffle_buffer, channels=d.channels, max_skip_fraction=d.max_skip_fraction)
+            self.urls,
+            global_batch=self.plan.global_batch,
+            n_slots=self.plan.slots,
+            iterations_per_epoch=self.plan.iterations_per_epoch,
+            transform=transform,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            num_workers=d.num_workers,
+            seed=c.experiment.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            channels=d.channels,
+            max_skip_fraction=d.max_skip_fraction,
+        )
         try:
             dataset.set_state(self.reader_state)
         except ValueError as exn:
-            raise ckpt.CheckpointError(f"cannot resume the data reader: {exn}") from exn
+            raise ckpt.CheckpointError(f'cannot resume the data reader: {exn}') from exn
         return dataset
 
     def loader(self, dataset: SlotShards) -> DataLoader:
         c, d = self.cfg, self.cfg.data
         gen = torch.Generator().manual_seed(batch_seed(c.experiment.seed, self.reader_state.epoch, self.info.rank, -1))
-        return DataLoader(dataset, batch_size=None, num_workers=d.num_workers, pin_memory=self.device.type == 'cuda',
-                          prefetch_factor=4 if d.num_workers else None, generator=gen,
-                          worker_init_fn=_ignore_stop_signals if d.num_workers else None)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=d.num_workers,
+            pin_memory=self.device.type == 'cuda',
+            prefetch_factor=4 if d.num_workers else None,
+            generator=gen,
+            worker_init_fn=_ignore_stop_signals if d.num_workers else None,
+        )
 
     def crops(self, pieces: List[Dict], micro: int) -> List[torch.Tensor]:
         batch = join(pieces, self.device)
@@ -285,8 +329,11 @@ class Trainer:
             loss = self.step.micro(crops, it)
             self._loss_sum += loss
             self._epoch_loss_sum += loss
-            self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(loss),
-                                                torch.full_like(self._first_nonfinite, it), self._first_nonfinite)
+            self._first_nonfinite = torch.where(
+                (self._first_nonfinite < 0) & ~torch.isfinite(loss),
+                torch.full_like(self._first_nonfinite, it),
+                self._first_nonfinite,
+            )
         self.step.finish(it)
         self.pos.iteration += 1
         self.pos.images_seen += self.plan.global_batch
@@ -296,10 +343,11 @@ class Trainer:
         bad = int(self._first_nonfinite.item())
         if bad >= 0:
             raise NonFiniteLoss(  # iterations counted from 1, as the console log does
-                f"the DINO loss became non-finite at iteration {bad + 1} "
-                f"(epoch {bad // self.plan.iterations_per_epoch}); "
-                "stopping without saving this state (the newest checkpoint is intact). Try a lower lr, bf16 "
-                "instead of fp16, or a smaller optim.clip_grad.")
+                f'the DINO loss became non-finite at iteration {bad + 1} '
+                f'(epoch {bad // self.plan.iterations_per_epoch}); '
+                'stopping without saving this state (the newest checkpoint is intact). Try a lower lr, bf16 '
+                'instead of fp16, or a smaller optim.clip_grad.'
+            )
 
     # -- logging ----------------------------------------------------------------------------------------------
     def device_hours(self) -> float:
@@ -319,35 +367,53 @@ class Trainer:
         m = {k: float(v) for k, v in self.loss_fn.metrics.items()}
         loss = self.mean_loss(self._loss_sum, n_iters)
         values = {
-            'train/loss': loss, 'train/lr': float(self.sched.lr[it]), 'train/weight_decay': float(self.sched.wd[it]),
+            'train/loss': loss,
+            'train/lr': float(self.sched.lr[it]),
+            'train/weight_decay': float(self.sched.wd[it]),
             'train/teacher_momentum': float(self.sched.momentum[it]),
             'train/teacher_temp': float(self.sched.teacher_temp[it]),
-            'collapse/teacher_entropy': m['teacher_entropy'], 'collapse/teacher_marginal_entropy':
-                m['teacher_marginal_entropy'], 'collapse/kl': m['kl'], 'collapse/center_norm': m['center_norm'],
+            'collapse/teacher_entropy': m['teacher_entropy'],
+            'collapse/teacher_marginal_entropy': m['teacher_marginal_entropy'],
+            'collapse/kl': m['kl'],
+            'collapse/center_norm': m['center_norm'],
             'perf/images_per_s': n_iters * self.plan.global_batch / max(wall, 1e-9),
-            'perf/step_time_s': wall / max(n_iters, 1), 'perf/data_wait_s': data_wait / max(n_iters, 1),
+            'perf/step_time_s': wall / max(n_iters, 1),
+            'perf/data_wait_s': data_wait / max(n_iters, 1),
             'perf/compute_s': (wall - data_wait) / max(n_iters, 1),
             'data/skipped_samples': float(self.all_slots().total_skipped),
             f'cost/{device_unit(self.device.type).replace("-", "_")}': self.device_hours(),
         }
         # what the optimizer applied at the last step, group by group (the schedules above are what it should)
         for g in self.engine.optimizer.param_groups:
-            values[f"optim/lr/{g['name']}"] = float(g['lr'])
-            values[f"optim/weight_decay/{g['name']}"] = float(g['weight_decay'])
+            values[f'optim/lr/{g["name"]}'] = float(g['lr'])
+            values[f'optim/weight_decay/{g["name"]}'] = float(g['weight_decay'])
         if self.step.grad_norms is not None:
             values['optim/clipped_fraction'] = float((self.step.grad_norms > self.cfg.optim.clip_grad).float().mean())
         if self.device.type == 'cuda':
-            values['perf/gpu_memory_gb'] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            values['perf/gpu_memory_gb'] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.logger.scalars(self.pos.iteration, values, epoch=self.pos.epoch)
         if self.info.is_main:
-            log.info("it %d/%d epoch %d loss %.4f lr %.2e %.1f img/s (data wait %.0f%%)", self.pos.iteration,
-                     self.plan.total_iterations, self.pos.epoch, loss, values['train/lr'],
-                     values['perf/images_per_s'], 100 * data_wait / max(wall, 1e-9))
+            log.info(
+                'it %d/%d epoch %d loss %.4f lr %.2e %.1f img/s (data wait %.0f%%)',
+                self.pos.iteration,
+                self.plan.total_iterations,
+                self.pos.epoch,
+                loss,
+                values['train/lr'],
+                values['perf/images_per_s'],
+                100 * data_wait / max(wall, 1e-9),
+            )
             state = collapse_state(m, self.cfg.head.out_dim)
             if state and self.pos.iteration >= self.cfg.train.collapse_warn_every:
-                log.warning("iteration %d: the teacher looks collapsed (%s: entropy %.3f of ln K = %.3f, KL %.4f); "
-                            "check teacher temperature, centre momentum and lr", self.pos.iteration, state,
-                            m['teacher_entropy'], math.log(self.cfg.head.out_dim), m['kl'])
+                log.warning(
+                    'iteration %d: the teacher looks collapsed (%s: entropy %.3f of ln K = %.3f, KL %.4f); '
+                    'check teacher temperature, centre momentum and lr',
+                    self.pos.iteration,
+                    state,
+                    m['teacher_entropy'],
+                    math.log(self.cfg.head.out_dim),
+                    m['kl'],
+                )
 
     def fixed_images(self) -> Optional[torch.Tensor]:
         """The first few images of the first shard, centre-cropped to the global crop size, normalised."""
@@ -355,6 +421,7 @@ class Trainer:
         if n <= 0:
             return None
         from torchvision.transforms import v2
+
         size = self.mc.global_size
         tf = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
         images = []
@@ -390,11 +457,16 @@ class Trainer:
         hours = self.device_hours()
         n = self.pos.iteration - epoch_start_iter
         wall = time.perf_counter() - epoch_start_wall
-        self.pos.per_epoch.append({
-            'epoch': self.pos.epoch, 'iteration': self.pos.iteration, 'images_seen': self.pos.images_seen,
-            'device_hours': hours, 'images_per_s': n * self.plan.global_batch / max(wall, 1e-9),
-            'loss': self.mean_loss(self._epoch_loss_sum, n),
-        })
+        self.pos.per_epoch.append(
+            {
+                'epoch': self.pos.epoch,
+                'iteration': self.pos.iteration,
+                'images_seen': self.pos.images_seen,
+                'device_hours': hours,
+                'images_per_s': n * self.plan.global_batch / max(wall, 1e-9),
+                'loss': self.mean_loss(self._epoch_loss_sum, n),
+            }
+        )
         self.log_attention(images)
         self.pos.epoch += 1
         self.reader_state.next_epoch()
@@ -404,29 +476,46 @@ class Trainer:
     def export(self, name: str) -> Optional[Path]:
         if not self.info.is_main:
             return None
-        meta = ExportMeta(self.cfg.model.name, dict(self.cfg.model.kwargs), iteration=self.pos.iteration,
-                          epoch=self.pos.epoch, images_seen=self.pos.images_seen,
-                          device_hours=self.pos.per_epoch[-1]['device_hours'] if self.pos.per_epoch else 0.0,
-                          device_hours_unit=device_unit(self.device.type), run_dir=str(self.run_dir),
-                          data=self.data_meta())
+        meta = ExportMeta(
+            self.cfg.model.name,
+            dict(self.cfg.model.kwargs),
+            iteration=self.pos.iteration,
+            epoch=self.pos.epoch,
+            images_seen=self.pos.images_seen,
+            device_hours=self.pos.per_epoch[-1]['device_hours'] if self.pos.per_epoch else 0.0,
+            device_hours_unit=device_unit(self.device.type),
+            run_dir=str(self.run_dir),
+            data=self.data_meta(),
+        )
         return ckpt.save_backbone(self.teacher.backbone, self.run_dir / 'export' / name, meta)
 
     def summary(self, finished: bool, stopped_by: Optional[str]) -> RunSummary:
         hours = self.device_hours()
         seconds = hours * 3600 / max(self.info.world_size * devices_per_rank(self.device.type), 1)
         return RunSummary(
-            run_name=self.run_dir.name, model=model_spec(self.cfg),
+            run_name=self.run_dir.name,
+            model=model_spec(self.cfg),
             skipat=bool(getattr(self.teacher.backbone, 'skip_indices', ())),  # asked of the model, not its name
-            config_name=self.cfg.experiment.name, epochs_planned=self.plan.epochs,
-            epochs_done=self.pos.epoch, iterations=self.pos.iteration,
-            iterations_planned=self.plan.total_iterations, global_batch=self.plan.global_batch,
+            config_name=self.cfg.experiment.name,
+            epochs_planned=self.plan.epochs,
+            epochs_done=self.pos.epoch,
+            iterations=self.pos.iteration,
+            iterations_planned=self.plan.total_iterations,
+            global_batch=self.plan.global_batch,
             images_seen=self.pos.images_seen,
             images_per_s=self.pos.images_seen / seconds if seconds > 0 else None,
-            device={'kind': self.device.type, 'world_size': self.info.world_size,
-                    'name': torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu',
-                    'threads_per_rank': torch.get_num_threads()},
-            device_hours=hours, device_hours_unit=device_unit(self.device.type),
-            per_epoch=self.pos.per_epoch, finished=finished, stopped_by=stopped_by)
+            device={
+                'kind': self.device.type,
+                'world_size': self.info.world_size,
+                'name': torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else 'cpu',
+                'threads_per_rank': torch.get_num_threads(),
+            },
+            device_hours=hours,
+            device_hours_unit=device_unit(self.device.type),
+            per_epoch=self.pos.per_epoch,
+            finished=finished,
+            stopped_by=stopped_by,
+        )
 
     def fit(self, resume_from: Optional[Path]) -> RunSummary:
         """Train from ``resume_from`` (``train_state.find_resumable``'s decision; None: from the start)."""
@@ -476,8 +565,11 @@ class Trainer:
                 self.clock.stop()
                 name = signal.Signals(signum).name
                 if self.info.is_main:
-                    log.warning("%s received: checkpoint written at iteration %d; run the same command to resume",
-                                name, self.pos.iteration)
+                    log.warning(
+                        '%s received: checkpoint written at iteration %d; run the same command to resume',
+                        name,
+                        self.pos.iteration,
+                    )
                 return name
             if self.pos.iteration % c.train.checkpoint_every == 0 and self.pos.iteration != end_of_epoch:
                 self.save()
