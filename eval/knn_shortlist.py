@@ -1,0 +1,115 @@
+"""Exact top-k inner-product search through a bfloat16 shortlist: a bf16 GEMM (AMX / AVX512-BF16 on recent
+Xeons, tensor cores on GPUs) ranks every training row, the best ``shortlist x k`` of each query are re-scored in
+float32, and a query whose shortlist might have missed a true neighbour is searched again by the exact index.
+
+Why it is exact: with unit-norm float32 rows q and x, bf16 rounding of both inputs (relative error u = 2^-8 each),
+float32 accumulation over D terms and the bf16 rounding of the product differ from q.x by at most
+``bf16_error_bound(D)`` (Cauchy-Schwarz bounds sum |q_i x_i| by 1). Every row left out of the shortlist has an
+approximate similarity <= tau, the shortlist's last approximate similarity, so its true similarity is <= tau + eps.
+If the k-th exact similarity in the shortlist is > tau + eps, no row outside can reach or tie the k-th place: the
+shortlist holds the true top-k and its whole tie group at the k-th place, and the re-scored top-k is the exact one
+(ties ordered by ``knn.search`` exactly as for the flat index). Queries failing the check go to the exact index.
+
+Memory: a bf16 copy of the training rows (N x D x 2 bytes) next to the float32 ones the exact index already
+holds, plus per query block (query_block x tile_rows) bf16 similarities and (query_block x L x D) float32 rows
+gathered for the re-scoring, in sub-blocks of RESCORE_ELEMENTS.
+"""
+from contextlib import contextmanager
+from typing import Tuple
+
+import numpy as np
+
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+RESCORE_ELEMENTS = 1 << 24      # float32 values gathered at once for the re-scoring: 64 MiB
+
+
+def bf16_error_bound(dim: int) -> float:
+    """Upper bound on |bf16 GEMM similarity - float32 similarity| for rows of norm <= 1 (plus float32 rounding
+    of the normalisation, covered by the 1.01 factors): two input roundings, the output rounding, and the float32
+    accumulation of the approximate and of the exact product."""
+    u = BF16_UNIT_ROUNDOFF
+    return 1.01 * (3 * u + u * u) + 2.02 * dim * FP32_UNIT_ROUNDOFF
+
+
+@contextmanager
+def _full_precision_accumulation():
+    """cuBLAS may otherwise reduce bf16 GEMMs in bf16 (split-K), and TF32 would round the float32 re-scoring."""
+    import torch
+    reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+        torch.set_float32_matmul_precision(precision)
+
+
+class ShortlistIP:
+    """An exact index's interface (``ntotal``, ``search(queries, k) -> (sims, ids)``, any valid top-k) answered by
+    a bf16 shortlist re-scored in float32 (see the module docstring); ``exact`` answers the queries the margin
+    check rejects. ``xb`` is the (N, D) float32 tensor of normalised training rows (on the CPU or a GPU) that
+    ``exact`` searches; it is read, not copied. Counters: ``queries`` searched, ``fallbacks`` sent to ``exact``."""
+
+    def __init__(self, xb, exact, shortlist: int = 4, query_block: int = 1024, tile_rows: int = 1 << 16,
+                 chunk_rows: int = 1 << 16):
+        import torch
+        if shortlist < 1:
+            raise ValueError(f"shortlist must be a positive multiple of k, got {shortlist}")
+        self.xb, self.exact, self.shortlist = xb, exact, shortlist
+        self.query_block, self.tile_rows = query_block, tile_rows
+        self.ntotal, self.dim = xb.shape
+        self.eps = bf16_error_bound(self.dim)
+        self.xb16 = torch.empty((self.ntotal, self.dim), dtype=torch.bfloat16, device=xb.device)
+        for start in range(0, self.ntotal, chunk_rows):   # chunked: no second float32-sized temporary
+            self.xb16[start:start + chunk_rows] = xb[start:start + chunk_rows]
+        self.queries = self.fallbacks = 0
+
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        import torch
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        width = min(self.ntotal, self.shortlist * k)
+        if width <= k:   # the shortlist would be the whole top-k: nothing to gain, and no margin to check
+            return self.exact.search(queries, k)
+        sims = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        with _full_precision_accumulation():
+            for start in range(0, len(queries), self.query_block):
+                q = torch.from_numpy(queries[start:start + self.query_block]).to(self.xb.device)
+                s, i, ok = self._block(q, k, width)
+                sims[start:start + len(q)], ids[start:start + len(q)] = s.cpu().numpy(), i.cpu().numpy()
+                bad = start + np.nonzero(~ok.cpu().numpy())[0]
+                if bad.size:
+                    sims[bad], ids[bad] = self.exact.search(queries[bad], k)
+                self.fallbacks += int(bad.size)
+        self.queries += len(queries)
+        return sims, ids
+
+    def _block(self, q, k: int, width: int):
+        """Exact top-k of one query block, and which rows passed the margin check."""
+        import torch
+        q16 = q.to(torch.bfloat16)
+        best_s = best_i = None
+        for start in range(0, self.ntotal, self.tile_rows):
+            tile = self.xb16[start:start + self.tile_rows]
+            s, i = (q16 @ tile.T).topk(min(width, len(tile)), dim=1)
+            i += start
+            if best_s is not None:
+                s = torch.cat([best_s, s], 1)
+                s, j = s.topk(min(width, s.shape[1]), dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_s, best_i = s, i
+        tau = best_s[:, -1].float()
+        exact = torch.empty(best_i.shape, dtype=torch.float32, device=q.device)
+        rows = max(1, RESCORE_ELEMENTS // (width * self.dim))
+        for a in range(0, len(q), rows):
+            exact[a:a + rows] = torch.einsum('bd,bld->bl', q[a:a + rows], self.xb[best_i[a:a + rows]])
+        # by training index, then (stable) by similarity descending: ties keep the lower index first
+        by_id, order = best_i.sort(dim=1)
+        exact = exact.gather(1, order)
+        exact, order = exact.sort(dim=1, descending=True, stable=True)
+        ids = by_id.gather(1, order)
+        ok = exact[:, k - 1] > tau + self.eps
+        return exact[:, :k], ids[:, :k], ok
