@@ -185,7 +185,7 @@ def flat_rows(index) -> np.ndarray:
     return faiss.rev_swig_ptr(index.codes.data(), n * index.d * 4).view(np.float32).reshape(n, index.d)
 
 
-def shortlist_index(index, backend: str, shortlist: int):
+def shortlist_index(index, backend: str, shortlist: float):
     """``index`` behind a bf16 shortlist re-scored exactly (knn_shortlist.ShortlistIP), sharing its rows."""
     import torch
 
@@ -227,9 +227,9 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE,
                  num_classes: Optional[int] = None, query_batch: int = 8192, gpu: str = 'auto',
                  keep_predictions: bool = True, progress: Optional[Callable[[str], None]] = None,
-                 shortlist: int = 0) -> KnnResult:
+                 shortlist: float = 0) -> KnnResult:
     """DINO's weighted k-NN top-1 / top-5 for every k in ``ks`` in one search of max(ks) neighbours.
-    ``shortlist`` > 0: the search goes through a bf16 shortlist of shortlist x k candidates re-scored in float32,
+    ``shortlist`` > 1: the search goes through a bf16 shortlist of ceil(shortlist x k) candidates re-scored in float32,
     with the exact index for the queries whose margin check fails (knn_shortlist): the same neighbours, faster
     where bf16 GEMMs are (AMX / AVX512-BF16 CPUs, GPUs). faiss's GPU index has no shared rows, so a shortlist on
     a GPU uses the torch search."""
@@ -252,8 +252,8 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         raise EvalError("negative labels: k-NN evaluation needs labelled data")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if shortlist < 0:
-        raise EvalError(f"shortlist must be 0 (exact search) or a positive multiple of k, got {shortlist}")
+    if shortlist and not shortlist > 1:
+        raise EvalError(f"shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}")
     backend = choose_backend(gpu)
     if shortlist and backend == 'faiss-gpu':
         if gpu == 'yes':

@@ -14,6 +14,7 @@ Memory: a bf16 copy of the training rows (N x D x 2 bytes) next to the float32 o
 holds, plus per query block (query_block x tile_rows) bf16 similarities and (query_block x L x D) float32 rows
 gathered for the re-scoring, in sub-blocks of RESCORE_ELEMENTS.
 """
+import math
 from contextlib import contextmanager
 from typing import Tuple
 
@@ -22,6 +23,7 @@ import numpy as np
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 RESCORE_ELEMENTS = 1 << 24      # float32 values gathered at once for the re-scoring: 64 MiB
+GROUP = 16                      # training rows per group in the two-stage selection of a tile
 
 
 def bf16_error_bound(dim: int) -> float:
@@ -53,11 +55,11 @@ class ShortlistIP:
     check rejects. ``xb`` is the (N, D) float32 tensor of normalised training rows (on the CPU or a GPU) that
     ``exact`` searches; it is read, not copied. Counters: ``queries`` searched, ``fallbacks`` sent to ``exact``."""
 
-    def __init__(self, xb, exact, shortlist: int = 4, query_block: int = 1024, tile_rows: int = 1 << 16,
+    def __init__(self, xb, exact, shortlist: float = 1.5, query_block: int = 1024, tile_rows: int = 1 << 16,
                  chunk_rows: int = 1 << 16):
         import torch
-        if shortlist < 1:
-            raise ValueError(f"shortlist must be a positive multiple of k, got {shortlist}")
+        if not shortlist > 1:
+            raise ValueError(f"shortlist must be a multiple of k above 1, got {shortlist}")
         self.xb, self.exact, self.shortlist = xb, exact, shortlist
         self.query_block, self.tile_rows = query_block, tile_rows
         self.ntotal, self.dim = xb.shape
@@ -70,7 +72,7 @@ class ShortlistIP:
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         import torch
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        width = min(self.ntotal, self.shortlist * k)
+        width = min(self.ntotal, math.ceil(self.shortlist * k))
         if width <= k:   # the shortlist would be the whole top-k: nothing to gain, and no margin to check
             return self.exact.search(queries, k)
         sims = np.empty((len(queries), k), np.float32)
@@ -87,21 +89,39 @@ class ShortlistIP:
         self.queries += len(queries)
         return sims, ids
 
+    @staticmethod
+    def _tile_top(sims, width: int):
+        """The ``width`` largest of each row of ``sims`` (bf16) and their columns, found in two stages because a
+        full-width top-k costs several times the GEMM: the rows' maxima over groups of GROUP columns, the
+        ``width`` best groups, the best ``width`` columns inside them. A column in a group left out is <= the
+        returned bound (the last kept group's maximum), which the margin check takes into account."""
+        import torch
+        rows, cols = sims.shape
+        if cols % GROUP or cols // GROUP <= width:
+            s, i = sims.topk(min(width, cols), dim=1)
+            return s, i, torch.full((rows,), -math.inf, device=sims.device)
+        peaks, groups = sims.view(rows, cols // GROUP, GROUP).amax(2).topk(width, dim=1)
+        cand = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=sims.device)).view(rows, -1)
+        s, j = sims.gather(1, cand).topk(width, dim=1)
+        return s, cand.gather(1, j), peaks[:, -1].float()
+
     def _block(self, q, k: int, width: int):
         """Exact top-k of one query block, and which rows passed the margin check."""
         import torch
         q16 = q.to(torch.bfloat16)
         best_s = best_i = None
+        dropped = torch.full((len(q),), -math.inf, device=q.device)   # bound on rows a tile's groups dropped
         for start in range(0, self.ntotal, self.tile_rows):
             tile = self.xb16[start:start + self.tile_rows]
-            s, i = (q16 @ tile.T).topk(min(width, len(tile)), dim=1)
+            s, i, bound = self._tile_top(q16 @ tile.T, width)
+            dropped = torch.maximum(dropped, bound)
             i += start
             if best_s is not None:
                 s = torch.cat([best_s, s], 1)
                 s, j = s.topk(min(width, s.shape[1]), dim=1)
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_s, best_i = s, i
-        tau = best_s[:, -1].float()
+        tau = torch.maximum(best_s[:, -1].float(), dropped)
         exact = torch.empty(best_i.shape, dtype=torch.float32, device=q.device)
         rows = max(1, RESCORE_ELEMENTS // (width * self.dim))
         for a in range(0, len(q), rows):

@@ -35,7 +35,8 @@ def shortlist_of(kind, index, **kw):
 
 
 @pytest.mark.parametrize('kind', ['faiss', 'torch'])
-def test_near_ties_closer_than_bf16_resolves_fall_back_and_match_the_exact_search(kind):
+@pytest.mark.parametrize('tile_rows,shortlist', [(45, 3), (512, 1.5)], ids=['narrow-tiles', 'grouped-selection'])
+def test_near_ties_closer_than_bf16_resolves_fall_back_and_match_the_exact_search(kind, tile_rows, shortlist):
     """Rows at similarities 0.5 + j * 1e-4 to the query: bf16 cannot order them, so the margin check must send the
     query to the exact index; well-separated queries stay on the fast path."""
     dim, n = 64, 400
@@ -47,7 +48,8 @@ def test_near_ties_closer_than_bf16_resolves_fall_back_and_match_the_exact_searc
                             l2_normalize(rng.standard_normal((600, dim)).astype(np.float32))]).astype(np.float32)
     queries = np.concatenate([np.eye(dim, dtype=np.float32)[:1], train[n:n + 30] + 0.01]).astype(np.float32)
     index = index_of(kind, Rows.of(train))
-    fast = shortlist_of(kind, index, shortlist=3, query_block=7, tile_rows=45)   # tiles narrower than k
+    # 45-row tiles are narrower than the shortlist; 512-row tiles of 32 groups take the two-stage selection
+    fast = shortlist_of(kind, index, shortlist=shortlist, query_block=7, tile_rows=tile_rows)
     for k in (1, 10, 50):
         want_s, want_i, _ = search(index, l2_normalize(queries), k)
         got_s, got_i, _ = search(fast, l2_normalize(queries), k)
@@ -62,8 +64,8 @@ def test_same_predictions_as_brute_force_through_the_shortlist(gpu):
     train, ytr, centers = clustered_features(1500, 24, 10, spread=2.5, seed=1)
     test, yte, _ = clustered_features(150, 24, 10, spread=2.5, seed=2, centers=centers)
     ks = (1, 10, 20, 100)
-    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=64, gpu=gpu, shortlist=3)
-    assert got.backend.endswith('+bf16-shortlist3') and got.fallbacks is not None
+    got = knn_classify(Rows.of(train), ytr, Rows.of(test), yte, ks, T, query_batch=64, gpu=gpu, shortlist=1.5)
+    assert got.backend.endswith('+bf16-shortlist1.5') and got.fallbacks is not None
     ref = brute_force(train, ytr, test, ks, T, 10)
     for k in ks:
         np.testing.assert_array_equal(got.predictions[k], ref[k], err_msg=f'k={k}')
@@ -87,4 +89,17 @@ def test_a_negative_shortlist_is_refused():
     from eval.errors import EvalError
     x = np.eye(4, dtype=np.float32)
     with pytest.raises(EvalError, match='shortlist'):
-        knn_classify(Rows.of(x), np.arange(4), Rows.of(x), np.arange(4), (1,), shortlist=-1)
+        knn_classify(Rows.of(x), np.arange(4), Rows.of(x), np.arange(4), (1,), shortlist=0.5)
+
+
+def test_the_two_stage_tile_selection_finds_the_tile_top_and_a_valid_bound():
+    from eval.knn_shortlist import GROUP
+    gen = torch.Generator().manual_seed(0)
+    sims = torch.randn(50, GROUP * 40, generator=gen).bfloat16()
+    s, i, bound = ShortlistIP._tile_top(sims, 7)
+    want_s, _ = sims.topk(7, dim=1)
+    assert torch.equal(s, want_s) and torch.equal(sims.gather(1, i), s)
+    assert bool(torch.isfinite(bound).all())   # the two-stage path ran (a plain top-k gives no bound)
+    # every column the selection left out is <= the bound
+    left_out = torch.ones_like(sims, dtype=torch.bool).scatter(1, i, False)
+    assert bool((sims.float().masked_fill(~left_out, -1e9).amax(1) <= bound).all())
