@@ -125,14 +125,32 @@ class ShortlistIP:
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_s, best_i = s, i
         tau = torch.maximum(best_s[:, -1].float(), dropped)
-        exact = torch.empty(best_i.shape, dtype=torch.float32, device=q.device)
+        sims = torch.empty((len(q), k), dtype=torch.float32, device=q.device)
+        ids = torch.empty((len(q), k), dtype=torch.int64, device=q.device)
+        ok = torch.empty(len(q), dtype=torch.bool, device=q.device)
         rows = max(1, RESCORE_ELEMENTS // (width * self.dim))
         for a in range(0, len(q), rows):
-            exact[a:a + rows] = torch.einsum('bd,bld->bl', q[a:a + rows], self.xb[best_i[a:a + rows]])
+            b = slice(a, a + rows)
+            sims[b], ids[b], ok[b] = self._rescore(q[b], best_s[b].float(), best_i[b], tau[b], k)
+        return sims, ids, ok
+
+    def _rescore(self, q, approx, cand, tau, k: int):
+        """Float32 similarities of the shortlist's leading columns, sorted like ``knn.search``, and the margin check.
+        Gathering float32 rows is the re-scoring's cost, so only the columns whose bf16 similarity is within twice
+        the error bound of the k-th are re-scored (the widest such prefix in the sub-block); the columns after the
+        prefix then bound the rows left out, like tau for the rows outside the shortlist."""
+        import torch
+        kth = approx[:, k - 1]
+        near = approx >= (kth - 2 * bf16_error_bound(self.dim, kth.abs()))[:, None]
+        width = min(approx.shape[1], max(k + 1, int(near.sum(1).max()) + 1))
+        if width < approx.shape[1]:
+            tau = torch.maximum(tau, approx[:, width])   # topk's columns are sorted: later ones are <= this one
+        cand = cand[:, :width]
+        rows = self.xb.index_select(0, cand.reshape(-1)).view(*cand.shape, self.dim)   # 25% faster than xb[cand]
+        exact = torch.einsum('bd,bld->bl', q, rows)
         # by training index, then (stable) by similarity descending: ties keep the lower index first
-        by_id, order = best_i.sort(dim=1)
-        exact = exact.gather(1, order)
-        exact, order = exact.sort(dim=1, descending=True, stable=True)
+        by_id, order = cand.sort(dim=1)
+        exact, order = exact.gather(1, order).sort(dim=1, descending=True, stable=True)
         ids = by_id.gather(1, order)
         # a row left out has bf16 similarity a <= tau, so float32 similarity <= a + bound(a) <= tau + bound(tau)
         ok = exact[:, k - 1] > tau + bf16_error_bound(self.dim, tau.abs())
