@@ -36,6 +36,9 @@ def knn_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--query-batch', type=int, default=8192, help='queries per faiss search (bounds memory)')
     p.add_argument('--faiss-gpu', default='auto', choices=('auto', 'yes', 'no'),
                    help='GPU index where faiss has GPU support (auto)')
+    p.add_argument('--shortlist', type=float, default=0,
+                   help='search through a bf16 GEMM shortlist of this many x k candidates re-scored in float32: '
+                        'the same neighbours, faster on AMX / AVX512-BF16 CPUs and GPUs (0: exact search only)')
     return run(p.prog, run_knn, vars(p.parse_args(argv)))
 
 

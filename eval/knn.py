@@ -63,12 +63,14 @@ class KnnResult:
     backend: str
     seconds: Dict[str, float] = field(default_factory=dict)
     predictions: Optional[Dict[int, np.ndarray]] = None   # per k: (n_test, min(5, C)) class ranking
+    fallbacks: Optional[int] = None   # bf16 shortlist: searches the margin check sent to the exact index
 
     def summary(self) -> Dict:
         return {'k': list(self.ks), 'temperature': self.temperature,
                 'top1': {str(k): v for k, v in self.top1.items()}, 'top5': {str(k): v for k, v in self.top5.items()},
                 'n_train': self.n_train, 'n_test': self.n_test, 'num_classes': self.num_classes,
-                'backend': self.backend, 'seconds': self.seconds}
+                'backend': self.backend, 'seconds': self.seconds,
+                **({} if self.fallbacks is None else {'shortlist_fallbacks': self.fallbacks})}
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -168,12 +170,28 @@ def build_index(train: Rows, use_gpu: bool, chunk_rows: int = 1 << 16):
     index = faiss.IndexFlatIP(train.dim)
     nbytes = train.num * train.dim * 4
     index.codes.resize(nbytes)
-    xb = faiss.rev_swig_ptr(index.codes.data(), nbytes).view(np.float32).reshape(train.num, train.dim)
+    xb = flat_rows(index)
     for start in range(0, train.num, chunk_rows):
         stop = min(start + chunk_rows, train.num)
         xb[start:stop] = l2_normalize(train.read(start, stop))
     index.ntotal = train.num
     return index
+
+
+def flat_rows(index) -> np.ndarray:
+    """The (ntotal, d) float32 rows a faiss CPU flat index stores, as a numpy view (no copy)."""
+    import faiss
+    n = index.codes.size() // (4 * index.d)
+    return faiss.rev_swig_ptr(index.codes.data(), n * index.d * 4).view(np.float32).reshape(n, index.d)
+
+
+def shortlist_index(index, backend: str, shortlist: float):
+    """``index`` behind a bf16 shortlist re-scored exactly (knn_shortlist.ShortlistIP), sharing its rows."""
+    import torch
+
+    from .knn_shortlist import ShortlistIP
+    xb = index.xb if backend.startswith('torch') else torch.from_numpy(flat_rows(index)[:index.ntotal])
+    return ShortlistIP(xb, index, shortlist)
 
 
 def sort_neighbours(sims: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -208,8 +226,13 @@ def search(index, queries: np.ndarray, k: int, max_k: Optional[int] = None) -> T
 def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE,
                  num_classes: Optional[int] = None, query_batch: int = 8192, gpu: str = 'auto',
-                 keep_predictions: bool = True, progress: Optional[Callable[[str], None]] = None) -> KnnResult:
-    """DINO's weighted k-NN top-1 / top-5 for every k in ``ks`` in one search of max(ks) neighbours."""
+                 keep_predictions: bool = True, progress: Optional[Callable[[str], None]] = None,
+                 shortlist: float = 0) -> KnnResult:
+    """DINO's weighted k-NN top-1 / top-5 for every k in ``ks`` in one search of max(ks) neighbours.
+    ``shortlist`` > 1: the search goes through a bf16 shortlist of ceil(shortlist x k) candidates re-scored in float32,
+    with the exact index for the queries whose margin check fails (knn_shortlist): the same neighbours, faster
+    where bf16 GEMMs are (AMX / AVX512-BF16 CPUs, GPUs). faiss's GPU index has no shared rows, so a shortlist on
+    a GPU uses the torch search."""
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
         raise EvalError(f"k must be positive integers, got {list(ks)}")
@@ -229,7 +252,13 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         raise EvalError("negative labels: k-NN evaluation needs labelled data")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if shortlist and not shortlist > 1:
+        raise EvalError(f"shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}")
     backend = choose_backend(gpu)
+    if shortlist and backend == 'faiss-gpu':
+        if gpu == 'yes':
+            raise EvalError("a bf16 shortlist runs on the torch search on a GPU, not on faiss's GPU index")
+        backend = 'torch-cuda'
     kmax, top = ks[-1], min(5, num_classes)
 
     t0 = time.perf_counter()
@@ -237,6 +266,8 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         index = TorchFlatIP(train, backend.split('-')[1])
     else:
         index = build_index(train, backend == 'faiss-gpu')
+    if shortlist:
+        index = shortlist_index(index, backend, shortlist)
     t_add = time.perf_counter() - t0
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
@@ -271,7 +302,11 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
     if unresolved:
         log.warning("%d queries have more neighbours tied at the k-th place than the GPU index returns; "
                     "their ties are broken arbitrarily", unresolved)
+    if shortlist:
+        backend += f'+bf16-shortlist{shortlist}'
+        log.info("bf16 shortlist: %d of %d searches fell back to the exact index", index.fallbacks, index.queries)
     return KnnResult(ks, temperature, {k: 100.0 * c / test.num for k, c in correct1.items()},
                      {k: 100.0 * c / test.num for k, c in correct5.items()}, train.num, test.num, num_classes,
                      backend,
-                     {'index': round(t_add, 3), 'search': round(t_search, 3), 'vote': round(t_vote, 3)}, preds)
+                     {'index': round(t_add, 3), 'search': round(t_search, 3), 'vote': round(t_vote, 3)}, preds,
+                     index.fallbacks if shortlist else None)

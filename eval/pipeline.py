@@ -173,8 +173,9 @@ def _common_payload(job: _Job, info, fspec: FeatureSpec, files: Dict[str, Featur
 
 def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequence[int] = DEFAULT_KS,
             temperature: float = DEFAULT_TEMPERATURE, query_batch: int = 8192, faiss_gpu: str = 'auto',
-            **options) -> List[Dict[str, Any]]:
-    """DINO's weighted k-NN of each model on (train, test) shards; result dicts on rank 0 (empty elsewhere)."""
+            shortlist: float = 0, **options) -> List[Dict[str, Any]]:
+    """DINO's weighted k-NN of each model on (train, test) shards; result dicts on rank 0 (empty elsewhere).
+    ``shortlist`` > 1: the same neighbours through a bf16 shortlist re-scored exactly (eval/knn_shortlist.py)."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise EvalError(f"--k must be positive integers, got {ks}")
@@ -182,6 +183,8 @@ def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequenc
         raise EvalError(f"--temperature must be positive, got {temperature}")
     if faiss_gpu not in ('auto', 'yes', 'no'):
         raise EvalError(f"--faiss-gpu must be auto, yes or no, got {faiss_gpu!r}")
+    if shortlist and not shortlist > 1:
+        raise EvalError(f"--shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}")
     job = _Job(checkpoint, train_shards, test_shards, **options)
     out = []
     try:
@@ -196,7 +199,7 @@ def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequenc
             say(f"[knn] {info.spec}: {train.num} train x {test.num} test, {train.knn_dim}-d, k {ks}")
             res = knn_classify(train.knn_rows(), train.labels, test.knn_rows(), test.labels, ks, temperature,
                                max(train.num_classes, test.num_classes), query_batch, faiss_gpu,
-                               keep_predictions=False, progress=say)
+                               keep_predictions=False, progress=say, shortlist=shortlist)
             payload = {**_common_payload(job, info, fspec, {'train': train, 'test': test}), **res.summary()}
             payload['feature_dim'] = train.knn_dim
             path = write_result(results, 'knn', info, job.dataset, job.data_digest(), payload)

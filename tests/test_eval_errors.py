@@ -116,6 +116,8 @@ def test_other_bad_options(inputs):
         knn(root, export, ks=[5], n_last_blocks=9)
     with pytest.raises(EvalError, match='model name .*--run-dir'):
         knn(root, MODEL, ks=[5])
+    with pytest.raises(EvalError, match='--shortlist must be 0 .* got 0.5'):
+        knn(root, export, ks=[5], shortlist=0.5)
     with pytest.raises(EvalError, match='sweep with --augment needs --val-shards'):
         run_linear(str(export), str(root / 'train'), str(root / 'test'), sweep=True, augment=True)
     with pytest.raises(EvalError, match='sweep needs --val-fraction > 0'):
