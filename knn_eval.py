@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 8 knn_eval.py --checkpoint runs/vit_s --all-exports \\
         --train-shards /data/in1k/train --test-shards /data/in1k/val
 """
+
 import sys
 
 from eval.commands import knn_main as main

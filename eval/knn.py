@@ -17,6 +17,7 @@ CUDA device is present, else faiss's CPU index; 'yes' / 'no' force faiss GPU / C
 (on CUDA if present, else on the CPU: how CI covers it). Every backend only has to return a valid top-k; the
 tie rules above are applied to all of them by the same code (``search``).
 """
+
 import logging
 import sys
 import time
@@ -32,15 +33,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
-GPU_MAX_K = 2048       # faiss's GPU k-selection limit
+GPU_MAX_K = 2048  # faiss's GPU k-selection limit
 GPU_OPTIONS = ('auto', 'yes', 'no', 'torch')
-TORCH_TILE_ELEMENTS = 1 << 27   # similarities per (query block x training tile): 512 MiB of float32
+TORCH_TILE_ELEMENTS = 1 << 27  # similarities per (query block x training tile): 512 MiB of float32
 _GPU = {}
 
 
 @dataclass
 class Rows:
     """A (num, dim) float32 matrix read in row blocks: an array, or a feature cache read from disk."""
+
     num: int
     dim: int
     read: Callable[[int, int], np.ndarray]
@@ -62,15 +64,22 @@ class KnnResult:
     num_classes: int
     backend: str
     seconds: Dict[str, float] = field(default_factory=dict)
-    predictions: Optional[Dict[int, np.ndarray]] = None   # per k: (n_test, min(5, C)) class ranking
-    fallbacks: Optional[int] = None   # bf16 shortlist: searches the margin check sent to the exact index
+    predictions: Optional[Dict[int, np.ndarray]] = None  # per k: (n_test, min(5, C)) class ranking
+    fallbacks: Optional[int] = None  # bf16 shortlist: searches the margin check sent to the exact index
 
     def summary(self) -> Dict:
-        return {'k': list(self.ks), 'temperature': self.temperature,
-                'top1': {str(k): v for k, v in self.top1.items()}, 'top5': {str(k): v for k, v in self.top5.items()},
-                'n_train': self.n_train, 'n_test': self.n_test, 'num_classes': self.num_classes,
-                'backend': self.backend, 'seconds': self.seconds,
-                **({} if self.fallbacks is None else {'shortlist_fallbacks': self.fallbacks})}
+        return {
+            'k': list(self.ks),
+            'temperature': self.temperature,
+            'top1': {str(k): v for k, v in self.top1.items()},
+            'top5': {str(k): v for k, v in self.top5.items()},
+            'n_train': self.n_train,
+            'n_test': self.n_test,
+            'num_classes': self.num_classes,
+            'backend': self.backend,
+            'seconds': self.seconds,
+            **({} if self.fallbacks is None else {'shortlist_fallbacks': self.fallbacks}),
+        }
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -84,24 +93,25 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def faiss_gpus() -> int:
     try:
         import faiss
-    except ImportError:   # a GPU machine may carry no faiss: the torch search needs none
+    except ImportError:  # a GPU machine may carry no faiss: the torch search needs none
         return 0
     return faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0
 
 
 def cuda_available() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
 def choose_backend(gpu: str) -> str:
     """'faiss-gpu', 'faiss-cpu', 'torch-cuda' or 'torch-cpu' for ``gpu`` in GPU_OPTIONS."""
     if gpu not in GPU_OPTIONS:
-        raise EvalError(f"gpu must be one of {', '.join(GPU_OPTIONS)}, got {gpu!r}")
+        raise EvalError(f'gpu must be one of {", ".join(GPU_OPTIONS)}, got {gpu!r}')
     if gpu == 'torch':
         return 'torch-cuda' if cuda_available() else 'torch-cpu'
     if gpu == 'yes' and faiss_gpus() == 0:
-        raise EvalError("a faiss GPU index was asked for, but this faiss has no GPU support (faiss-cpu)")
+        raise EvalError('a faiss GPU index was asked for, but this faiss has no GPU support (faiss-cpu)')
     if gpu == 'yes' or (gpu == 'auto' and faiss_gpus() > 0):
         return 'faiss-gpu'
     if gpu == 'auto' and cuda_available():
@@ -114,6 +124,7 @@ def _ieee_fp32():
     """Full float32 matmuls: TF32 (which the benchmarks and the trainer switch on) would round the
     similarities to 10 mantissa bits and reorder neighbours."""
     import torch
+
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision('highest')
     try:
@@ -130,6 +141,7 @@ class TorchFlatIP:
 
     def __init__(self, train: Rows, device, chunk_rows: int = 1 << 16):
         import torch
+
         self.device = torch.device(device)
         self.ntotal = train.num
         self.xb = torch.empty((train.num, train.dim), dtype=torch.float32, device=self.device)
@@ -139,12 +151,13 @@ class TorchFlatIP:
 
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         import torch
+
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         tile = max(k, TORCH_TILE_ELEMENTS // max(len(q), 1))
         best_sims = best_ids = None
         with _ieee_fp32():
             for start in range(0, self.ntotal, tile):
-                sims = q @ self.xb[start:start + tile].T
+                sims = q @ self.xb[start : start + tile].T
                 s, i = sims.topk(min(k, sims.shape[1]), dim=1)
                 i += start
                 if best_sims is not None:
@@ -158,8 +171,9 @@ class TorchFlatIP:
 def build_index(train: Rows, use_gpu: bool, chunk_rows: int = 1 << 16):
     """Exact inner-product index (flat) over the normalised training rows, filled chunk by chunk."""
     import faiss
+
     if use_gpu:
-        if 'res' not in _GPU:   # one set of GPU resources (streams, scratch memory) per process, kept alive
+        if 'res' not in _GPU:  # one set of GPU resources (streams, scratch memory) per process, kept alive
             _GPU['res'] = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatIP(_GPU['res'], train.dim)
         for start in range(0, train.num, chunk_rows):
@@ -181,6 +195,7 @@ def build_index(train: Rows, use_gpu: bool, chunk_rows: int = 1 << 16):
 def flat_rows(index) -> np.ndarray:
     """The (ntotal, d) float32 rows a faiss CPU flat index stores, as a numpy view (no copy)."""
     import faiss
+
     n = index.codes.size() // (4 * index.d)
     return faiss.rev_swig_ptr(index.codes.data(), n * index.d * 4).view(np.float32).reshape(n, index.d)
 
@@ -190,7 +205,8 @@ def shortlist_index(index, backend: str, shortlist: float):
     import torch
 
     from .knn_shortlist import ShortlistIP
-    xb = index.xb if backend.startswith('torch') else torch.from_numpy(flat_rows(index)[:index.ntotal])
+
+    xb = index.xb if backend.startswith('torch') else torch.from_numpy(flat_rows(index)[: index.ntotal])
     return ShortlistIP(xb, index, shortlist)
 
 
@@ -223,11 +239,20 @@ def search(index, queries: np.ndarray, k: int, max_k: Optional[int] = None) -> T
     return sims[:, :k], ids[:, :k], unresolved
 
 
-def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray,
-                 ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE,
-                 num_classes: Optional[int] = None, query_batch: int = 8192, gpu: str = 'auto',
-                 keep_predictions: bool = True, progress: Optional[Callable[[str], None]] = None,
-                 shortlist: float = 0) -> KnnResult:
+def knn_classify(
+    train: Rows,
+    train_labels: np.ndarray,
+    test: Rows,
+    test_labels: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: Optional[int] = None,
+    query_batch: int = 8192,
+    gpu: str = 'auto',
+    keep_predictions: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    shortlist: float = 0,
+) -> KnnResult:
     """DINO's weighted k-NN top-1 / top-5 for every k in ``ks`` in one search of max(ks) neighbours.
     ``shortlist`` > 1: the search goes through a bf16 shortlist of ceil(shortlist x k) candidates re-scored in float32,
     with the exact index for the queries whose margin check fails (knn_shortlist): the same neighbours, faster
@@ -235,25 +260,25 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
     a GPU uses the torch search."""
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
-        raise EvalError(f"k must be positive integers, got {list(ks)}")
+        raise EvalError(f'k must be positive integers, got {list(ks)}')
     if temperature <= 0:
-        raise EvalError(f"temperature must be positive, got {temperature}")
+        raise EvalError(f'temperature must be positive, got {temperature}')
     if train.num == 0 or test.num == 0:
-        raise EvalError(f"empty feature set (train {train.num}, test {test.num})")
+        raise EvalError(f'empty feature set (train {train.num}, test {test.num})')
     if ks[-1] > train.num:
-        raise EvalError(f"k={ks[-1]} is larger than the training set ({train.num} samples)")
+        raise EvalError(f'k={ks[-1]} is larger than the training set ({train.num} samples)')
     if train.dim != test.dim:
-        raise EvalError(f"train features have {train.dim} dimensions, test features {test.dim}")
+        raise EvalError(f'train features have {train.dim} dimensions, test features {test.dim}')
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     if len(train_labels) != train.num or len(test_labels) != test.num:
-        raise EvalError("one label per feature row is needed")
+        raise EvalError('one label per feature row is needed')
     if min(train_labels.min(), test_labels.min()) < 0:
-        raise EvalError("negative labels: k-NN evaluation needs labelled data")
+        raise EvalError('negative labels: k-NN evaluation needs labelled data')
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if shortlist and not shortlist > 1:
-        raise EvalError(f"shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}")
+        raise EvalError(f'shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}')
     backend = choose_backend(gpu)
     if shortlist and backend == 'faiss-gpu':
         if gpu == 'yes':
@@ -277,8 +302,9 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
     for start in range(0, test.num, query_batch):
         stop = min(start + query_batch, test.num)
         t1 = time.perf_counter()
-        sims, ids, bad = search(index, l2_normalize(test.read(start, stop)), kmax,
-                                GPU_MAX_K if backend == 'faiss-gpu' else None)
+        sims, ids, bad = search(
+            index, l2_normalize(test.read(start, stop)), kmax, GPU_MAX_K if backend == 'faiss-gpu' else None
+        )
         unresolved += bad
         t2 = time.perf_counter()
         y = test_labels[start:stop]
@@ -286,7 +312,7 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         weights = np.exp(sims.astype(np.float64) / temperature)
         votes = np.zeros((stop - start, num_classes), np.float64)
         rows = np.arange(stop - start)
-        for j in range(kmax):   # in neighbour order: the sums are the same floats as the reference's
+        for j in range(kmax):  # in neighbour order: the sums are the same floats as the reference's
             votes[rows, neighbour_labels[:, j]] += weights[:, j]
             if j + 1 in correct1:
                 ranking = np.argsort(-votes, axis=1, kind='stable')[:, :top]
@@ -298,15 +324,26 @@ def knn_classify(train: Rows, train_labels: np.ndarray, test: Rows, test_labels:
         t_search += t2 - t1
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
-            progress(f"[knn] {stop}/{test.num} queries, {t_search:.0f} s searching")
+            progress(f'[knn] {stop}/{test.num} queries, {t_search:.0f} s searching')
     if unresolved:
-        log.warning("%d queries have more neighbours tied at the k-th place than the GPU index returns; "
-                    "their ties are broken arbitrarily", unresolved)
+        log.warning(
+            '%d queries have more neighbours tied at the k-th place than the GPU index returns; '
+            'their ties are broken arbitrarily',
+            unresolved,
+        )
     if shortlist:
         backend += f'+bf16-shortlist{shortlist}'
-        log.info("bf16 shortlist: %d of %d searches fell back to the exact index", index.fallbacks, index.queries)
-    return KnnResult(ks, temperature, {k: 100.0 * c / test.num for k, c in correct1.items()},
-                     {k: 100.0 * c / test.num for k, c in correct5.items()}, train.num, test.num, num_classes,
-                     backend,
-                     {'index': round(t_add, 3), 'search': round(t_search, 3), 'vote': round(t_vote, 3)}, preds,
-                     index.fallbacks if shortlist else None)
+        log.info('bf16 shortlist: %d of %d searches fell back to the exact index', index.fallbacks, index.queries)
+    return KnnResult(
+        ks,
+        temperature,
+        {k: 100.0 * c / test.num for k, c in correct1.items()},
+        {k: 100.0 * c / test.num for k, c in correct5.items()},
+        train.num,
+        test.num,
+        num_classes,
+        backend,
+        {'index': round(t_add, 3), 'search': round(t_search, 3), 'vote': round(t_vote, 3)},
+        preds,
+        index.fallbacks if shortlist else None,
+    )

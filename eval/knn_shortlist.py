@@ -14,16 +14,17 @@ Memory: a bf16 copy of the training rows (N x D x 2 bytes) next to the float32 o
 holds, plus per query block (query_block x tile_rows) bf16 similarities and (query_block x L x D) float32 rows
 gathered for the re-scoring, in sub-blocks of RESCORE_ELEMENTS.
 """
+
 import math
 from contextlib import contextmanager
 from typing import Tuple
 
 import numpy as np
 
-BF16_UNIT_ROUNDOFF = 2.0 ** -8
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
-RESCORE_ELEMENTS = 1 << 24      # float32 values gathered at once for the re-scoring: 64 MiB
-GROUP = 8                       # training rows per group in the two-stage selection of a tile
+BF16_UNIT_ROUNDOFF = 2.0**-8
+FP32_UNIT_ROUNDOFF = 2.0**-24
+RESCORE_ELEMENTS = 1 << 24  # float32 values gathered at once for the re-scoring: 64 MiB
+GROUP = 8  # training rows per group in the two-stage selection of a tile
 
 
 def bf16_error_bound(dim: int, sim=1.0):
@@ -39,6 +40,7 @@ def bf16_error_bound(dim: int, sim=1.0):
 def _full_precision_accumulation():
     """cuBLAS may otherwise reduce bf16 GEMMs in bf16 (split-K), and TF32 would round the float32 re-scoring."""
     import torch
+
     reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     precision = torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
@@ -56,32 +58,41 @@ class ShortlistIP:
     check rejects. ``xb`` is the (N, D) float32 tensor of normalised training rows (on the CPU or a GPU) that
     ``exact`` searches; it is read, not copied. Counters: ``queries`` searched, ``fallbacks`` sent to ``exact``."""
 
-    def __init__(self, xb, exact, shortlist: float = 1.5, query_block: int = 1024, tile_rows: int = 1 << 16,
-                 chunk_rows: int = 1 << 16):
+    def __init__(
+        self,
+        xb,
+        exact,
+        shortlist: float = 1.5,
+        query_block: int = 1024,
+        tile_rows: int = 1 << 16,
+        chunk_rows: int = 1 << 16,
+    ):
         import torch
+
         if not shortlist > 1:
-            raise ValueError(f"shortlist must be a multiple of k above 1, got {shortlist}")
+            raise ValueError(f'shortlist must be a multiple of k above 1, got {shortlist}')
         self.xb, self.exact, self.shortlist = xb, exact, shortlist
         self.query_block, self.tile_rows = query_block, tile_rows
         self.ntotal, self.dim = xb.shape
         self.xb16 = torch.empty((self.ntotal, self.dim), dtype=torch.bfloat16, device=xb.device)
-        for start in range(0, self.ntotal, chunk_rows):   # chunked: no second float32-sized temporary
-            self.xb16[start:start + chunk_rows] = xb[start:start + chunk_rows]
+        for start in range(0, self.ntotal, chunk_rows):  # chunked: no second float32-sized temporary
+            self.xb16[start : start + chunk_rows] = xb[start : start + chunk_rows]
         self.queries = self.fallbacks = 0
 
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
         import torch
+
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         width = min(self.ntotal, math.ceil(self.shortlist * k))
-        if width <= k:   # the shortlist would be the whole top-k: nothing to gain, and no margin to check
+        if width <= k:  # the shortlist would be the whole top-k: nothing to gain, and no margin to check
             return self.exact.search(queries, k)
         sims = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
         with _full_precision_accumulation():
             for start in range(0, len(queries), self.query_block):
-                q = torch.from_numpy(queries[start:start + self.query_block]).to(self.xb.device)
+                q = torch.from_numpy(queries[start : start + self.query_block]).to(self.xb.device)
                 s, i, ok = self._block(q, k, width)
-                sims[start:start + len(q)], ids[start:start + len(q)] = s.cpu().numpy(), i.cpu().numpy()
+                sims[start : start + len(q)], ids[start : start + len(q)] = s.cpu().numpy(), i.cpu().numpy()
                 bad = start + np.nonzero(~ok.cpu().numpy())[0]
                 if bad.size:
                     sims[bad], ids[bad] = self.exact.search(queries[bad], k)
@@ -98,6 +109,7 @@ class ShortlistIP:
         (a max over GROUP adjacent columns runs 4x slower). A column in a group left out is <= the returned
         bound (the last kept group's maximum), which the margin check takes into account."""
         import torch
+
         rows, cols = sims.shape
         if cols % GROUP or cols // GROUP <= width:
             s, i = sims.topk(min(width, cols), dim=1)
@@ -111,11 +123,12 @@ class ShortlistIP:
     def _block(self, q, k: int, width: int):
         """Exact top-k of one query block, and which rows passed the margin check."""
         import torch
+
         q16 = q.to(torch.bfloat16)
         best_s = best_i = None
-        dropped = torch.full((len(q),), -math.inf, device=q.device)   # bound on rows a tile's groups dropped
+        dropped = torch.full((len(q),), -math.inf, device=q.device)  # bound on rows a tile's groups dropped
         for start in range(0, self.ntotal, self.tile_rows):
-            tile = self.xb16[start:start + self.tile_rows]
+            tile = self.xb16[start : start + self.tile_rows]
             s, i, bound = self._tile_top(q16 @ tile.T, width)
             dropped = torch.maximum(dropped, bound)
             i += start
@@ -140,13 +153,14 @@ class ShortlistIP:
         the error bound of the k-th are re-scored (the widest such prefix in the sub-block); the columns after the
         prefix then bound the rows left out, like tau for the rows outside the shortlist."""
         import torch
+
         kth = approx[:, k - 1]
         near = approx >= (kth - 2 * bf16_error_bound(self.dim, kth.abs()))[:, None]
         width = min(approx.shape[1], max(k + 1, int(near.sum(1).max()) + 1))
         if width < approx.shape[1]:
-            tau = torch.maximum(tau, approx[:, width])   # topk's columns are sorted: later ones are <= this one
+            tau = torch.maximum(tau, approx[:, width])  # topk's columns are sorted: later ones are <= this one
         cand = cand[:, :width]
-        rows = self.xb.index_select(0, cand.reshape(-1)).view(*cand.shape, self.dim)   # 25% faster than xb[cand]
+        rows = self.xb.index_select(0, cand.reshape(-1)).view(*cand.shape, self.dim)  # 25% faster than xb[cand]
         exact = torch.einsum('bd,bld->bl', q, rows)
         # by training index, then (stable) by similarity descending: ties keep the lower index first
         by_id, order = cand.sort(dim=1)

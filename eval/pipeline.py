@@ -6,6 +6,7 @@ their index records), model (loads, is a ViT with a class token, the asked-for a
 channels), result folder (writable); then one read of the shards (content digests and sample counts, against
 the index; memoised) and k against the training set; then features; then the evaluator.
 """
+
 import hashlib
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ from .data import Split, check_k, open_split, verify_split
 from .errors import EvalError
 from .features import FeatureFile, FeatureSpec, feature_fn, get_features
 from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
-from .linear import (DEFAULT_BASE_LR, DEFAULT_BATCH, DEFAULT_EPOCHS, SWEEP_BASE_LRS, probe_augmented,
-                     probe_cached)
+from .linear import DEFAULT_BASE_LR, DEFAULT_BATCH, DEFAULT_EPOCHS, SWEEP_BASE_LRS, probe_augmented, probe_cached
 from .results import log_scalars, result_dir, tb_dir, writable_dir, write_result
 from .source import check_blocks, check_channels, data_settings, list_exports, load_model, looks_like_path
 
@@ -34,36 +34,61 @@ def model_specs(checkpoint: str, all_exports: bool) -> List[str]:
         return [str(checkpoint)]
     exports = list_exports(Path(checkpoint))
     if not exports:
-        raise EvalError(f"--all-exports: no {checkpoint}/export/teacher-XXXXXXXX.safetensors (is {checkpoint} a "
-                        "run folder of a run that finished an epoch?)")
+        raise EvalError(
+            f'--all-exports: no {checkpoint}/export/teacher-XXXXXXXX.safetensors (is {checkpoint} a '
+            'run folder of a run that finished an epoch?)'
+        )
     return [str(p) for p in exports]
 
 
 class _Job:
     """The checks and feature extraction both evaluators share."""
 
-    def __init__(self, checkpoint: str, train_shards: str, test_shards: str, *, which: str = 'teacher',
-                 arch: Optional[str] = None, model_kwargs: Optional[Dict] = None, seed: int = 0,
-                 all_exports: bool = False, dataset: Optional[str] = None, run_dir: Optional[str] = None,
-                 out_dir: Optional[str] = None, cache_dir: Optional[str] = None, refresh: bool = False,
-                 batch_size: int = 128, num_workers: int = 2, n_last_blocks: int = 4, precision: str = 'auto',
-                 device: str = 'auto', train_prefix: Optional[str] = None, test_prefix: Optional[str] = None,
-                 channels: Optional[int] = None, resize: Optional[int] = None, crop: Optional[int] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 allow_pipe_shards: bool = False):
+    def __init__(
+        self,
+        checkpoint: str,
+        train_shards: str,
+        test_shards: str,
+        *,
+        which: str = 'teacher',
+        arch: Optional[str] = None,
+        model_kwargs: Optional[Dict] = None,
+        seed: int = 0,
+        all_exports: bool = False,
+        dataset: Optional[str] = None,
+        run_dir: Optional[str] = None,
+        out_dir: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        refresh: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        n_last_blocks: int = 4,
+        precision: str = 'auto',
+        device: str = 'auto',
+        train_prefix: Optional[str] = None,
+        test_prefix: Optional[str] = None,
+        channels: Optional[int] = None,
+        resize: Optional[int] = None,
+        crop: Optional[int] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        allow_pipe_shards: bool = False,
+    ):
         if which not in ('teacher', 'student'):
-            raise EvalError(f"--which must be teacher or student, got {which!r}")
+            raise EvalError(f'--which must be teacher or student, got {which!r}')
         if precision not in ('auto', 'fp32', 'bf16'):
-            raise EvalError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+            raise EvalError(f'--precision must be auto, fp32 or bf16, got {precision!r}')
         if batch_size < 1 or n_last_blocks < 1 or num_workers < 0:
-            raise EvalError("--batch-size and --n-last-blocks must be positive, --num-workers >= 0")
+            raise EvalError('--batch-size and --n-last-blocks must be positive, --num-workers >= 0')
         if run_dir is not None and not Path(run_dir).is_dir():
-            raise EvalError(f"--run-dir {run_dir} is not a folder")
+            raise EvalError(f'--run-dir {run_dir} is not a folder')
         if all_exports and not Path(checkpoint).is_dir():
-            raise EvalError(f"--all-exports needs a run folder, got {checkpoint}")
+            raise EvalError(f'--all-exports needs a run folder, got {checkpoint}')
         if not looks_like_path(str(checkpoint)) and run_dir is None and out_dir is None:
-            raise EvalError(f"{checkpoint} is a model name (random init): say where results go with --run-dir RUN "
-                            "(the run this baseline belongs to) or --out-dir DIR")
+            raise EvalError(
+                f'{checkpoint} is a model name (random init): say where results go with --run-dir RUN '
+                '(the run this baseline belongs to) or --out-dir DIR'
+            )
         self.opts = dict(which=which, arch=arch, model_kwargs=model_kwargs, seed=seed, run_dir=run_dir)
         self.overrides = dict(channels=channels, eval_resize=resize, eval_crop=crop, mean=mean, std=std)
         self.out_dir, self.cache_dir, self.refresh = out_dir, cache_dir, refresh
@@ -136,8 +161,18 @@ class _Job:
             yield module, info, fspec, results
 
     def features(self, module, info, fspec, results, split: Split) -> Optional[FeatureFile]:
-        return get_features(module, info, split, fspec, self._cache(results), self.ranks, self.batch_size,
-                            self.num_workers, self.refresh, say)
+        return get_features(
+            module,
+            info,
+            split,
+            fspec,
+            self._cache(results),
+            self.ranks,
+            self.batch_size,
+            self.num_workers,
+            self.refresh,
+            say,
+        )
 
     def extract_all(self, splits: Dict[str, Split]) -> List[tuple]:
         """(info, feature spec, results folder, {role: FeatureFile or None}) per model, every model's features
@@ -157,57 +192,101 @@ class _Job:
 
 
 def _common_payload(job: _Job, info, fspec: FeatureSpec, files: Dict[str, FeatureFile]) -> Dict[str, Any]:
-    return {'epoch': info.epoch, 'iteration': info.iteration, 'images_seen': info.images_seen,
-            'train_shards': job.train.spec, 'test_shards': job.test.spec, 'data_digest': job.data_digest(),
-            'shards': {role: {'spec': s.spec, 'digest': s.digest, 'num_samples': s.num_samples,
-                              'read': files[role].num if role in files else None}
-                       for role, s in job.splits.items()},
-            'features': {'n_last_blocks': fspec.n_last_blocks, 'precision': fspec.precision,
-                         'files': {role: str(f.path) for role, f in files.items()},
-                         'extract_seconds': {role: float(f.meta.get('extract_seconds', 0))
-                                             for role, f in files.items()}},
-            'data': {'channels': fspec.channels, 'mean': list(fspec.mean), 'std': list(fspec.std),
-                     'eval_resize': fspec.eval_resize, 'eval_crop': fspec.eval_crop},
-            'world_size': job.ranks.world_size}
+    return {
+        'epoch': info.epoch,
+        'iteration': info.iteration,
+        'images_seen': info.images_seen,
+        'train_shards': job.train.spec,
+        'test_shards': job.test.spec,
+        'data_digest': job.data_digest(),
+        'shards': {
+            role: {
+                'spec': s.spec,
+                'digest': s.digest,
+                'num_samples': s.num_samples,
+                'read': files[role].num if role in files else None,
+            }
+            for role, s in job.splits.items()
+        },
+        'features': {
+            'n_last_blocks': fspec.n_last_blocks,
+            'precision': fspec.precision,
+            'files': {role: str(f.path) for role, f in files.items()},
+            'extract_seconds': {role: float(f.meta.get('extract_seconds', 0)) for role, f in files.items()},
+        },
+        'data': {
+            'channels': fspec.channels,
+            'mean': list(fspec.mean),
+            'std': list(fspec.std),
+            'eval_resize': fspec.eval_resize,
+            'eval_crop': fspec.eval_crop,
+        },
+        'world_size': job.ranks.world_size,
+    }
 
 
-def run_knn(checkpoint: str, train_shards: str, test_shards: str, *, ks: Sequence[int] = DEFAULT_KS,
-            temperature: float = DEFAULT_TEMPERATURE, query_batch: int = 8192, faiss_gpu: str = 'auto',
-            shortlist: float = 0, **options) -> List[Dict[str, Any]]:
+def run_knn(
+    checkpoint: str,
+    train_shards: str,
+    test_shards: str,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    query_batch: int = 8192,
+    faiss_gpu: str = 'auto',
+    shortlist: float = 0,
+    **options,
+) -> List[Dict[str, Any]]:
     """DINO's weighted k-NN of each model on (train, test) shards; result dicts on rank 0 (empty elsewhere).
     ``shortlist`` > 1: the same neighbours through a bf16 shortlist re-scored exactly (eval/knn_shortlist.py)."""
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
-        raise EvalError(f"--k must be positive integers, got {ks}")
+        raise EvalError(f'--k must be positive integers, got {ks}')
     if temperature <= 0:
-        raise EvalError(f"--temperature must be positive, got {temperature}")
+        raise EvalError(f'--temperature must be positive, got {temperature}')
     if faiss_gpu not in ('auto', 'yes', 'no'):
-        raise EvalError(f"--faiss-gpu must be auto, yes or no, got {faiss_gpu!r}")
+        raise EvalError(f'--faiss-gpu must be auto, yes or no, got {faiss_gpu!r}')
     if shortlist and not shortlist > 1:
-        raise EvalError(f"--shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}")
+        raise EvalError(f'--shortlist must be 0 (exact search) or a multiple of k above 1, got {shortlist}')
     job = _Job(checkpoint, train_shards, test_shards, **options)
     out = []
     try:
-        if job.train.num_samples is not None:   # the index's count: before the models load
+        if job.train.num_samples is not None:  # the index's count: before the models load
             check_k(ks, job.train.num_samples, job.train.spec)
         job.check()
-        check_k(ks, job.train.num_samples, job.train.spec)   # counted by the scan where there is no index
+        check_k(ks, job.train.num_samples, job.train.spec)  # counted by the scan where there is no index
         prepared = job.extract_all({'train': job.train, 'test': job.test})
         for info, fspec, results, files in prepared if job.ranks.main else []:
             train, test = files['train'], files['test']
             check_k(ks, train.num, job.train.spec)
-            say(f"[knn] {info.spec}: {train.num} train x {test.num} test, {train.knn_dim}-d, k {ks}")
-            res = knn_classify(train.knn_rows(), train.labels, test.knn_rows(), test.labels, ks, temperature,
-                               max(train.num_classes, test.num_classes), query_batch, faiss_gpu,
-                               keep_predictions=False, progress=say, shortlist=shortlist)
+            say(f'[knn] {info.spec}: {train.num} train x {test.num} test, {train.knn_dim}-d, k {ks}')
+            res = knn_classify(
+                train.knn_rows(),
+                train.labels,
+                test.knn_rows(),
+                test.labels,
+                ks,
+                temperature,
+                max(train.num_classes, test.num_classes),
+                query_batch,
+                faiss_gpu,
+                keep_predictions=False,
+                progress=say,
+                shortlist=shortlist,
+            )
             payload = {**_common_payload(job, info, fspec, {'train': train, 'test': test}), **res.summary()}
             payload['feature_dim'] = train.knn_dim
             path = write_result(results, 'knn', info, job.dataset, job.data_digest(), payload)
-            scalars = {**{f'top1_k{k}': v for k, v in res.top1.items()},
-                       **{f'top5_k{k}': v for k, v in res.top5.items()}}
+            scalars = {
+                **{f'top1_k{k}': v for k, v in res.top1.items()},
+                **{f'top5_k{k}': v for k, v in res.top5.items()},
+            }
             log_scalars(tb_dir(info, results), 'knn', job.dataset, scalars, info.iteration or 0)
-            say(f"[knn] {info.spec}: " + ', '.join(f'k={k} top-1 {res.top1[k]:.2f} top-5 {res.top5[k]:.2f}'
-                                                   for k in res.ks) + f" -> {path}")
+            say(
+                f'[knn] {info.spec}: '
+                + ', '.join(f'k={k} top-1 {res.top1[k]:.2f} top-5 {res.top5[k]:.2f}' for k in res.ks)
+                + f' -> {path}'
+            )
             payload['_path'] = str(path)
             out.append(payload)
     finally:
@@ -219,28 +298,42 @@ def _load_all(ff: FeatureFile):
     return torch.from_numpy(ff.rows(0, ff.num)), torch.from_numpy(ff.labels)
 
 
-def run_linear(checkpoint: str, train_shards: str, test_shards: str, *, lrs: Sequence[float] = (DEFAULT_BASE_LR,),
-               sweep: bool = False, epochs: int = DEFAULT_EPOCHS, linear_batch_size: int = DEFAULT_BATCH,
-               val_fraction: Optional[float] = None, val_shards: Optional[str] = None, augment: bool = False,
-               **options) -> List[Dict[str, Any]]:
+def run_linear(
+    checkpoint: str,
+    train_shards: str,
+    test_shards: str,
+    *,
+    lrs: Sequence[float] = (DEFAULT_BASE_LR,),
+    sweep: bool = False,
+    epochs: int = DEFAULT_EPOCHS,
+    linear_batch_size: int = DEFAULT_BATCH,
+    val_fraction: Optional[float] = None,
+    val_shards: Optional[str] = None,
+    augment: bool = False,
+    **options,
+) -> List[Dict[str, Any]]:
     """DINO's linear evaluation of each model; result dicts on rank 0 (empty elsewhere)."""
     lrs = list(SWEEP_BASE_LRS) if sweep else [float(v) for v in lrs]
     if not lrs or min(lrs) <= 0:
-        raise EvalError(f"--lrs must be positive, got {lrs}")
+        raise EvalError(f'--lrs must be positive, got {lrs}')
     if epochs < 1 or linear_batch_size < 1:
-        raise EvalError("--epochs and --linear-batch-size must be positive")
+        raise EvalError('--epochs and --linear-batch-size must be positive')
     if val_fraction is not None and not 0 <= val_fraction < 1:
-        raise EvalError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise EvalError(f'--val-fraction must be in [0, 1), got {val_fraction}')
     if len(lrs) > 1 and augment and val_shards is None:
-        raise EvalError("a learning-rate sweep with --augment needs --val-shards (held-out labelled shards); the "
-                        "test set is never used to choose")
+        raise EvalError(
+            'a learning-rate sweep with --augment needs --val-shards (held-out labelled shards); the '
+            'test set is never used to choose'
+        )
     if len(lrs) > 1 and not augment and val_shards is None and val_fraction == 0:
-        raise EvalError("a learning-rate sweep needs --val-fraction > 0 or --val-shards: the lr is chosen on "
-                        "held-out training data, not on the test set")
+        raise EvalError(
+            'a learning-rate sweep needs --val-fraction > 0 or --val-shards: the lr is chosen on '
+            'held-out training data, not on the test set'
+        )
     job = _Job(checkpoint, train_shards, test_shards, **options)
     job.val = open_split(val_shards, 'val', allow_pipe=job.allow_pipe) if val_shards else None
     if augment and job.train.num_samples is None:
-        raise EvalError(f"--augment needs a shard index with num_samples for {job.train.spec} (epoch length)")
+        raise EvalError(f'--augment needs a shard index with num_samples for {job.train.spec} (epoch length)')
     evaluator = 'linear_augment' if augment else 'linear'
     seed = options.get('seed', 0)
     splits = {role: split for role, split in job.splits.items() if role != 'train'}
@@ -253,37 +346,64 @@ def run_linear(checkpoint: str, train_shards: str, test_shards: str, *, lrs: Seq
         if 'val_top1' in res:
             scalars['val_top1_best'] = max(res['val_top1'])
         log_scalars(tb_dir(info, results), evaluator, job.dataset, scalars, info.iteration or 0)
-        say(f"[linear] {info.spec}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} (lr {res['best_lr']:g} x "
-            f"batch/256) -> {path}")
+        say(
+            f'[linear] {info.spec}: top-1 {res["top1"]:.2f} top-5 {res["top5"]:.2f} (lr {res["best_lr"]:g} x '
+            f'batch/256) -> {path}'
+        )
         payload['_path'] = str(path)
         out.append(payload)
 
     try:
-        if not augment:   # every model's features first; then rank 0 trains the heads alone
+        if not augment:  # every model's features first; then rank 0 trains the heads alone
             prepared = job.extract_all({**splits, 'train': job.train})
             for info, fspec, results, files in prepared if job.ranks.main else []:
                 train_x, train_y = _load_all(files['train'])
                 val = _load_all(files['val']) if 'val' in files else None
                 num_classes = max(f.num_classes for f in files.values())
-                say(f"[linear] {info.spec}: {len(train_x)} x {train_x.shape[1]} features, lrs {lrs}, {epochs} epochs")
-                res = probe_cached(train_x, train_y, *_load_all(files['test']), num_classes, lrs, epochs,
-                                   linear_batch_size, val_fraction, seed, job.ranks.device, say, val)
+                say(f'[linear] {info.spec}: {len(train_x)} x {train_x.shape[1]} features, lrs {lrs}, {epochs} epochs')
+                res = probe_cached(
+                    train_x,
+                    train_y,
+                    *_load_all(files['test']),
+                    num_classes,
+                    lrs,
+                    epochs,
+                    linear_batch_size,
+                    val_fraction,
+                    seed,
+                    job.ranks.device,
+                    say,
+                    val,
+                )
                 finish(info, fspec, results, files, res)
-        else:   # every rank trains: augmented images through the frozen backbone, heads' gradients averaged
+        else:  # every rank trains: augmented images through the frozen backbone, heads' gradients averaged
             for module, info, fspec, results in job.models():
                 if module is None:
-                    raise EvalError("--augment needs a backbone (not pixels)")
+                    raise EvalError('--augment needs a backbone (not pixels)')
                 files = {role: job.features(module, info, fspec, results, split) for role, split in splits.items()}
                 main = job.ranks.main
                 num_classes = max(f.num_classes for f in files.values()) if main else 0
                 if job.train.classes:
                     num_classes = max(num_classes, len(job.train.classes))
-                num_classes = distributed.broadcast_object(num_classes, job.ranks)   # one head shape everywhere
+                num_classes = distributed.broadcast_object(num_classes, job.ranks)  # one head shape everywhere
                 fn, _ = feature_fn(module, fspec.n_last_blocks)
-                res = probe_augmented(module, job.train.urls, job.train.num_samples, fn, fspec,
-                                      _load_all(files['test']) if main else None, num_classes, job.ranks, lrs, epochs,
-                                      linear_batch_size, _load_all(files['val']) if main and 'val' in files else None,
-                                      job.num_workers, seed, say)
+                res = probe_augmented(
+                    module,
+                    job.train.urls,
+                    job.train.num_samples,
+                    fn,
+                    fspec,
+                    _load_all(files['test']) if main else None,
+                    num_classes,
+                    job.ranks,
+                    lrs,
+                    epochs,
+                    linear_batch_size,
+                    _load_all(files['val']) if main and 'val' in files else None,
+                    job.num_workers,
+                    seed,
+                    say,
+                )
                 if main:
                     finish(info, fspec, results, files, res)
     finally:

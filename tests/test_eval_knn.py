@@ -1,5 +1,6 @@
 """DINO's weighted k-NN on a faiss index, and on the torch search (here on the CPU; on CUDA in
 bench.gpu_suite), against a brute-force numpy implementation of the same rule."""
+
 import numpy as np
 import pytest
 
@@ -15,9 +16,11 @@ def brute_force(train, train_labels, test, ks, temperature, num_classes):
     """The rule written out: the full similarity matrix; neighbours by similarity, ties by lower training
     index; each neighbour adds exp(sim / T) to its class, in neighbour order; classes by votes, ties by lower
     class index. Returns {k: (n_test, min(5, C)) class ranking}."""
+
     def normalise(x):
         x = x.astype(np.float32)
         return x / np.maximum(np.sqrt((x * x).sum(1)), 1e-12)[:, None]
+
     sims = normalise(test) @ normalise(train).T
     out = {}
     for k in ks:
@@ -27,7 +30,7 @@ def brute_force(train, train_labels, test, ks, temperature, num_classes):
             votes = [0.0] * num_classes
             for j in nearest:
                 votes[train_labels[j]] += float(np.exp(np.float64(sims[i, j]) / temperature))
-            ranking.append(sorted(range(num_classes), key=lambda c: (-votes[c], c))[:min(5, num_classes)])
+            ranking.append(sorted(range(num_classes), key=lambda c: (-votes[c], c))[: min(5, num_classes)])
         out[k] = np.array(ranking)
     return out
 
@@ -60,15 +63,15 @@ def test_same_predictions_as_brute_force_on_random_features(gpu):
         np.testing.assert_array_equal(got.predictions[k], ref[k], err_msg=f'k={k}')
         top1, top5 = accuracies(ref[k], yte)
         assert got.top1[k] == pytest.approx(top1) and got.top5[k] == pytest.approx(top5)
-    assert 20 < got.top1[20] < 100   # neither trivial nor chance: the rule is really exercised
+    assert 20 < got.top1[20] < 100  # neither trivial nor chance: the rule is really exercised
 
 
 @BACKENDS
 def test_ties_between_neighbours_and_between_classes_resolve_like_the_reference(gpu, monkeypatch):
-    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 7 * 64)   # torch: training tiles of 64 rows, merged
+    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 7 * 64)  # torch: training tiles of 64 rows, merged
     rng = np.random.default_rng(0)
     base = exact_features(rng, 60)
-    train = np.concatenate([base, base, base[:20]])   # duplicates: many neighbours tie exactly
+    train = np.concatenate([base, base, base[:20]])  # duplicates: many neighbours tie exactly
     ytr = rng.integers(0, 3, len(train))
     test = exact_features(rng, 80)
     yte = rng.integers(0, 3, len(test))
@@ -81,8 +84,10 @@ def test_ties_between_neighbours_and_between_classes_resolve_like_the_reference(
     sims = test / 2 @ (train / 2).T
     ordered = -np.sort(-sims, axis=1)
     assert (ordered[:, 9] == ordered[:, 10]).mean() > 0.5
-    one_neighbour_ties = sum(ordered[i, 0] == ordered[i, 1] and len({ytr[j] for j in np.nonzero(
-        sims[i] == ordered[i, 0])[0]}) > 1 for i in range(len(test)))
+    one_neighbour_ties = sum(
+        ordered[i, 0] == ordered[i, 1] and len({ytr[j] for j in np.nonzero(sims[i] == ordered[i, 0])[0]}) > 1
+        for i in range(len(test))
+    )
     assert one_neighbour_ties > 0
 
 
@@ -95,23 +100,23 @@ def test_k_larger_than_the_number_of_classes():
     for k in ks:
         assert got.predictions[k].shape == (50, 2)
         np.testing.assert_array_equal(got.predictions[k], ref[k])
-        assert got.top5[k] == 100.0   # with 2 classes, the top-5 holds both
+        assert got.top5[k] == 100.0  # with 2 classes, the top-5 holds both
 
 
 @pytest.mark.parametrize('kind', ['faiss', 'torch'])
 def test_a_tie_group_larger_than_the_fetch_is_resolved_by_training_index(kind, monkeypatch):
-    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 16)   # torch: the tie group spans many tiles
+    monkeypatch.setattr(knn_module, 'TORCH_TILE_ELEMENTS', 16)  # torch: the tie group spans many tiles
     rng = np.random.default_rng(5)
     other = exact_features(rng, 200)
     same = np.zeros((1, 12), np.float32)
     same[0, :4] = 1.0
-    other = other[(other @ same.T)[:, 0] < 4]          # nothing else is as similar as the copies
+    other = other[(other @ same.T)[:, 0] < 4]  # nothing else is as similar as the copies
     train = np.concatenate([other[:50], np.repeat(same, 40, 0), other[50:]])
     rows = Rows.of(train / 2)
     index = build_index(rows, use_gpu=False) if kind == 'faiss' else TorchFlatIP(rows, 'cpu')
     sims, ids, unresolved = search(index, same / 2, 10)
     assert unresolved == 0
-    np.testing.assert_array_equal(ids[0], np.arange(50, 60))   # the 10 lowest-indexed of 40 exact ties
+    np.testing.assert_array_equal(ids[0], np.arange(50, 60))  # the 10 lowest-indexed of 40 exact ties
     assert (sims == 1.0).all()
 
 
@@ -137,6 +142,7 @@ def test_bad_k_and_labels_fail_with_a_message():
 def test_backend_choice_without_a_gpu():
     """On a machine without CUDA and with faiss-cpu: auto is faiss's CPU index; torch runs on the CPU."""
     import torch
+
     if torch.cuda.is_available():
         pytest.skip('a CUDA device is present: auto would choose it')
     assert choose_backend('auto') == 'faiss-cpu' and choose_backend('no') == 'faiss-cpu'

@@ -67,3 +67,12 @@ def test_console_scripts_are_installed_and_report_errors_under_their_own_name(tm
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith('skipssl-knn: error: train shards: ')
+
+
+def test_code_passes_ruff_lint_and_format():
+    """The style gate CI runs with the tests: ruff's lint and format check, configured in pyproject.toml."""
+    ruff = [sys.executable, '-m', 'ruff']
+    lint = subprocess.run([*ruff, 'check', '--output-format', 'concise', '.'], capture_output=True, text=True, cwd=ROOT)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([*ruff, 'format', '--check', '.'], capture_output=True, text=True, cwd=ROOT)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
