@@ -232,6 +232,17 @@ def list_exports(run_dir: Path) -> List[Path]:
     return sorted(Path(run_dir, 'export').glob('teacher-[0-9]*.safetensors'))
 
 
+def preprocessing_flags(args: Any) -> Dict[str, Any]:
+    """The preprocessing a command line sets (--channels, --resize, --crop, --mean, --std), for data_settings."""
+    return {
+        'channels': args.channels,
+        'eval_resize': args.resize,
+        'eval_crop': args.crop,
+        'mean': args.mean,
+        'std': args.std,
+    }
+
+
 def data_settings(info: ModelInfo, overrides: Dict[str, Any]) -> Dict[str, Any]:
     """Evaluation preprocessing: command line, else what the checkpoint says, else ImageNet's (DINO)."""
     settings = dict(IMAGENET_DATA)

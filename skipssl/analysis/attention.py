@@ -90,7 +90,7 @@ def render_files(args: argparse.Namespace) -> None:
     from torchvision.utils import save_image
 
     from eval.errors import EvalError
-    from eval.source import PIXELS, check_channels, data_settings, load_model
+    from eval.source import PIXELS, check_channels, data_settings, load_model, preprocessing_flags
     from skipssl.data import eval_transform
 
     if not 0 < args.keep < 1:
@@ -103,16 +103,7 @@ def render_files(args: argparse.Namespace) -> None:
     module, info = load_model(args.checkpoint, which=args.which, seed=args.seed, model_kwargs=args.model_kwargs)
     if not getattr(module, 'has_class_token', False):
         raise EvalError(f'{args.checkpoint}: the model has no class token to take attention maps from')
-    data = data_settings(
-        info,
-        {
-            'channels': args.channels,
-            'eval_resize': args.resize,
-            'eval_crop': args.crop,
-            'mean': args.mean,
-            'std': args.std,
-        },
-    )
+    data = data_settings(info, preprocessing_flags(args))
     check_channels(module, info, data['channels'])
     mode = ImageReadMode.GRAY if data['channels'] == 1 else ImageReadMode.RGB
     tf = eval_transform(data['eval_resize'], data['eval_crop'], data['mean'], data['std'])

@@ -354,7 +354,7 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
 
     from eval.data import open_split
     from eval.errors import EvalError
-    from eval.source import PIXELS, check_channels, data_settings, load_model
+    from eval.source import PIXELS, check_channels, data_settings, load_model, preprocessing_flags
     from skipssl.data import EvalShards, eval_transform
 
     from .capture import block_kinds
@@ -372,16 +372,7 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
         raise EvalError(
             f'--skips {skips}: {info.model_name} has {depth} blocks, so 0..{depth - 1} can be skipped (never block 0)'
         )
-    data = data_settings(
-        info,
-        {
-            'channels': args.channels,
-            'eval_resize': args.resize,
-            'eval_crop': args.crop,
-            'mean': args.mean,
-            'std': args.std,
-        },
-    )
+    data = data_settings(info, preprocessing_flags(args))
     check_channels(module, info, data['channels'])
     split = open_split(args.shards, 'test', args.prefix, require_labels=False)
     device = pick_device(args.device)
