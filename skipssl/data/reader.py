@@ -365,15 +365,22 @@ class PretrainShards(IterableDataset):
                 skipped += 1
                 log.warning('skipping sample: %s', exn)
             # also after good samples: samples missing from a short shard are never met one by one
-            self._check_skips(skipped + counter.total, offset + counter.lost)
+            check_skips(
+                skipped + counter.total,
+                offset + counter.lost,
+                self.max_skip_fraction,
+                self.min_samples_before_skip_check,
+            )
         return offset, skipped
 
-    def _check_skips(self, skipped: int, seen: int) -> None:
-        if seen >= self.min_samples_before_skip_check and skipped > self.max_skip_fraction * seen:
-            raise TooManyBadSamples(
-                f'{skipped} of {seen} samples were unreadable or missing (more than max_skip_fraction='
-                f'{self.max_skip_fraction}); check the shards (warnings above name them)'
-            )
+
+def check_skips(bad: int, seen: int, max_fraction: float, min_seen: int) -> None:
+    """TooManyBadSamples once more than ``max_fraction`` of the ``seen`` samples (at least ``min_seen``) were bad."""
+    if seen >= min_seen and bad > max_fraction * seen:
+        raise TooManyBadSamples(
+            f'{bad} of {seen} samples were unreadable or missing (more than max_skip_fraction='
+            f'{max_fraction}); check the shards (warnings above name them)'
+        )
 
 
 def _collate(items: List) -> Dict:

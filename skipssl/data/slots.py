@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .integrity import index_counts
-from .reader import ReadCounter, ReaderState, TooManyBadSamples, _collate, decode_sample, sample_seed, slot_stream
+from .reader import ReadCounter, ReaderState, _collate, check_skips, decode_sample, sample_seed, slot_stream
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,12 @@ class _SlotReader:
             except ValueError as exn:
                 self.skipped += 1
                 log.warning('skipping sample: %s', exn)
-            seen, bad = self.offset + self.counter.lost, self.skipped + self.counter.total
-            if seen >= ds.min_samples_before_skip_check and bad > ds.max_skip_fraction * seen:
-                raise TooManyBadSamples(
-                    f'{bad} of {seen} samples were unreadable or missing (more than max_skip_fraction='
-                    f'{ds.max_skip_fraction}); check the shards (warnings above name them)'
-                )
+            check_skips(
+                self.skipped + self.counter.total,
+                self.offset + self.counter.lost,
+                ds.max_skip_fraction,
+                ds.min_samples_before_skip_check,
+            )
         chunk = _collate(items)
         chunk.update(
             labels=torch.tensor(labels),
