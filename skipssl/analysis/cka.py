@@ -484,7 +484,9 @@ def without_nan(value: Any) -> Any:
 def write_outputs(result: Dict[str, Any], out: Path, model_name: str) -> None:
     """cka.json, cka_z.png, cka_attention.png (head-averaged) and cka_attention_head{h}.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'cka.json').write_text(json.dumps(without_nan(result), indent=1))
+    from skipssl_common.io import atomic_write_json
+
+    atomic_write_json(without_nan(result), out / 'cka.json', indent=1)
     n, skipped = result['images'], result['skipped_blocks']
     plot_matrix(
         result['z'],
