@@ -21,7 +21,7 @@ from skipssl.data import (
     decode_sample,
     resolve_shards,
 )
-from skipssl.data.reader import ReadCounter, slot_share
+from skipssl.data.reader import ReadCounter, cpu_rng_seeded, slot_share
 from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 
 
@@ -282,3 +282,25 @@ def test_pipe_urls_are_read_through_webdataset(tmp_path):
     piped = resolve_shards([f'pipe:cat {u}' for u in urls], allow_pipe=True)
     assert piped == [f'pipe:cat {u}' for u in urls]
     assert sorted(key for _, _, key in EvalShards(piped)) == [f'sample{i:05d}' for i in range(5)]
+
+
+def test_cpu_rng_seeded_draws_what_manual_seed_draws_and_restores_the_generator():
+    """The per-sample augmentation seed: inside, the draws of ``torch.manual_seed(seed)``; after, the caller's
+    stream continues as if nothing had been drawn."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    caller = torch.rand(3)
+    torch.manual_seed(7)
+    with cpu_rng_seeded(123):
+        inside = torch.rand(4)
+    assert torch.equal(inside, expected)
+    assert torch.equal(torch.rand(3), caller)
+    torch.manual_seed(7)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match='augmentation failed'):  # restored on the error path too
+        with cpu_rng_seeded(5):
+            torch.rand(1)
+            raise RuntimeError('augmentation failed')
+    assert torch.equal(torch.get_rng_state(), state)

@@ -26,7 +26,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .integrity import index_counts
-from .reader import ReadCounter, ReaderState, _collate, check_skips, decode_sample, sample_seed, slot_stream
+from .reader import (
+    ReadCounter,
+    ReaderState,
+    _collate,
+    check_skips,
+    cpu_rng_seeded,
+    decode_sample,
+    sample_seed,
+    slot_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +132,7 @@ class _SlotReader:
             try:
                 image, label = decode_sample(sample, ds.channels)
                 # seeded by the sample, not by who reads it: the same crops on any number of ranks and workers
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(ds.seed, self.epoch, self.slot, index))
+                with cpu_rng_seeded(sample_seed(ds.seed, self.epoch, self.slot, index)):
                     items.append(ds.transform(image))
                 labels.append(label)
                 keys.append(sample['__key__'])
