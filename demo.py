@@ -202,7 +202,7 @@ class Demo:
             [
                 self.python,
                 '-m',
-                'eval.report',
+                'skipssl_eval.report',
                 str(self.out / 'skipat'),
                 str(self.out / 'vit'),
                 '--out-dir',

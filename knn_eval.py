@@ -9,7 +9,7 @@
 
 import sys
 
-from eval.commands import knn_main as main
+from skipssl_eval.commands import knn_main as main
 
 if __name__ == '__main__':
     sys.exit(main())

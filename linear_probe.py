@@ -11,7 +11,7 @@
 
 import sys
 
-from eval.commands import linear_main as main
+from skipssl_eval.commands import linear_main as main
 
 if __name__ == '__main__':
     sys.exit(main())

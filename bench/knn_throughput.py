@@ -56,7 +56,7 @@ def cpu_bf16_flags() -> list:
 def write_features(folder: Path, n_train: int, n_test: int, dim: int, classes: int, seed: int = 0) -> None:
     import torch
 
-    from eval.features import FEATURES_FORMAT, save_features
+    from skipssl_eval.features import FEATURES_FORMAT, save_features
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((classes, dim), dtype=np.float32)
@@ -93,8 +93,8 @@ def search_phase(
     import faiss  # noqa: F401  (its import is not the k-NN's memory)
     import torch  # noqa: F401  (likewise)
 
-    from eval.features import FeatureFile
-    from eval.knn import Rows, knn_classify
+    from skipssl_eval.features import FeatureFile
+    from skipssl_eval.knn import Rows, knn_classify
 
     train, test = FeatureFile(folder / 'train.safetensors'), FeatureFile(folder / 'test.safetensors')
     test_rows, test_labels = test.knn_rows(), np.asarray(test.labels)

@@ -154,8 +154,8 @@ def bare_run(config: str, shards: str, iterations: int, warmup: int, overrides: 
 
 def make_shards(folder: Path, config: str, overrides: List[str], samples: int) -> str:
     """Synthetic labelled images at the config's evaluation size and channels, in the shard writer's format."""
-    from eval.synthetic import write_shards
     from skipssl.config import load_config
+    from skipssl_eval.synthetic import write_shards
 
     d = load_config(config, overrides).data
     size = max(d.eval_resize or 0, 32)

@@ -1,4 +1,5 @@
-"""Evaluation of pretrained backbones: feature extraction, faiss k-NN, linear probe, reports.
+"""Evaluation of pretrained backbones: feature extraction, faiss k-NN, linear probe, reports. The folder ``eval/``
+installs as ``skipssl_eval``.
 
 - ``source``: what to evaluate (training checkpoint, exported backbone, random-init timm model, raw pixels)
 - ``data``: labelled evaluation shards, checked before any expensive work
@@ -8,8 +9,9 @@
 - ``linear``: DINO's linear evaluation (on cached features, or with augmentation through the frozen backbone)
 - ``results``: result JSON next to the checkpoint, TensorBoard scalars in the run's ``tb/``
 - ``pipeline``: what ``knn_eval.py`` and ``linear_probe.py`` run
-- ``report``: ``python -m eval.report RUN_DIR ...``: table and plot of accuracy against device-hours
+- ``report``: ``skipssl-report RUN_DIR ...``: table and plot of accuracy against device-hours
+- ``cka``, ``attention``: ``skipssl-cka`` and ``skipssl-attention``, the commands of :mod:`skipssl.analysis`
 - ``synthetic``: labelled synthetic shards and features for tests and benchmarks
 
-``eval`` reads checkpoints and exported weights through ``skipssl.checkpoint``; it never imports the trainer.
+``skipssl_eval`` reads checkpoints and exported weights through ``skipssl.checkpoint``; it never imports the trainer.
 """

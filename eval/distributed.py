@@ -40,7 +40,7 @@ class Ranks:
     def close(self) -> None:
         """Leave the group without a barrier: rank 0 may still be evaluating, long after the others are done.
         Called (from a ``finally``) while an error propagates, it keeps the group and the failure watch: the entry
-        point (``eval.cli.run``) then ends the whole job at once instead of leaving peers in a collective."""
+        point (``skipssl_eval.cli.run``) then ends the whole job at once instead of leaving peers in a collective."""
         if self.watch is not None and sys.exc_info()[1] is not None:
             return
         if self.watch is not None:

@@ -1,6 +1,6 @@
 """Accuracy against training cost, SkipAt against plain ViT: a Markdown + JSON table and a PNG plot.
 
-    python -m eval.report runs/dino_fmnist_tiny_vit runs/dino_fmnist_tiny_skipat [--k 20] [--out-dir reports/x]
+    skipssl-report runs/dino_fmnist_tiny_vit runs/dino_fmnist_tiny_skipat [--k 20] [--out-dir reports/x]
 
 For each run folder: ``summary.json`` (written by the trainer) and the evaluators' ``eval/*.json``. One row per
 run and dataset, at the newest evaluated checkpoint: model, epochs, images seen, images/s, device-hours
@@ -322,7 +322,7 @@ def write_report(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m eval.report', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='skipssl-report', description=__doc__.split('\n')[0])
     p.add_argument('run_dirs', nargs='+', help='training run folders (summary.json and eval/*.json)')
     p.add_argument('--out-dir', help='default: RUN/report for one run, else {common parent}/report')
     p.add_argument('--k', type=int, default=20, help="k of the k-NN column (DINO's headline: 20)")

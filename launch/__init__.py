@@ -1,6 +1,6 @@
-"""Launchers: SLURM / local jobs through submitit.
+"""Launchers: SLURM / local jobs through submitit (the folder ``launch/``, installed as ``skipssl_launch``).
 
-- ``submit``: the command line (``python -m launch.submit pretrain|knn|linear|report|pipeline``), checks before
+- ``submit``: the command line (``python -m skipssl_launch.submit pretrain|knn|linear|report|pipeline``), checks before
   anything is submitted
 - ``executor``: the one submission function and its scheduler options (``--cluster slurm|local|debug``)
 - ``jobs``: the callables submitit runs (pretraining, evaluation entry points)

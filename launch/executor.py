@@ -242,7 +242,7 @@ def make_executor(res: Resources, folder: Path, name: str, dependency: Optional[
 
 
 def submit(fn, res: Resources, folder: Path, name: str, dependency: Optional[str] = None) -> submitit.Job:
-    """Submit the callable ``fn()`` (a job of :mod:`launch.jobs`) with the resources ``res``."""
+    """Submit the callable ``fn()`` (a job of :mod:`skipssl_launch.jobs`) with the resources ``res``."""
     Path(str(folder).split('%j')[0]).mkdir(parents=True, exist_ok=True)
     return make_executor(res, folder, name, dependency).submit(fn)
 

@@ -3,9 +3,9 @@
 - :class:`PretrainJob`: ``skipssl.train.pretrain(cfg)`` with the config resolved and validated at submission
   (pickled with the job, so editing the YAML while the job waits in the queue or between requeues changes
   nothing). It resumes from the newest checkpoint of the run folder, so a requeued run goes on where the
-  stopped one saved; the requeue decisions are :mod:`launch.preemption`'s.
+  stopped one saved; the requeue decisions are :mod:`skipssl_launch.preemption`'s.
 - :class:`EntryPointJob`: an evaluation entry point (``knn_eval.py``, ``linear_probe.py``,
-  ``python -m eval.report``) called with its own command line; a non-zero exit status fails the job (so
+  ``skipssl-report``) called with its own command line; a non-zero exit status fails the job (so
   SLURM dependencies ``afterok`` on it are never satisfied).
 
 Both are ``submitit.helpers.Checkpointable``: should submitit's own preemption handler ever run (a signal in
@@ -122,9 +122,9 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
 ENTRY_POINTS = {
     # kind: (program name, module, function)
-    'knn': ('knn_eval.py', 'eval.commands', 'knn_main'),
-    'linear': ('linear_probe.py', 'eval.commands', 'linear_main'),
-    'report': ('python -m eval.report', 'eval.report', 'main'),
+    'knn': ('knn_eval.py', 'skipssl_eval.commands', 'knn_main'),
+    'linear': ('linear_probe.py', 'skipssl_eval.commands', 'linear_main'),
+    'report': ('skipssl-report', 'skipssl_eval.report', 'main'),
 }
 
 

@@ -1,8 +1,8 @@
 """A real SLURM cluster of one or more nodes on this machine, for tests and local submitit launches.
 
-    python -m launch.slurm_cluster up [--dir DIR] [--nodes N] [--cpus C]  # prints: export SLURM_CONF=DIR/slurm.conf
-    python -m launch.slurm_cluster status [--dir DIR]                     # exit 0 when up, 1 when down
-    python -m launch.slurm_cluster down [--dir DIR] [--clean]
+    python -m skipssl_launch.slurm_cluster up [--dir DIR] [--nodes N] [--cpus C]  # prints SLURM_CONF=DIR/slurm.conf
+    python -m skipssl_launch.slurm_cluster status [--dir DIR]                     # exit 0 when up, 1 when down
+    python -m skipssl_launch.slurm_cluster down [--dir DIR] [--clean]
 
 Needs root and the Debian packages slurmctld slurmd slurm-client munge (SLURM 22.05), no systemd. Every
 daemon runs from DIR with its own key, socket, state, pid and log files, so a system munged or SLURM
@@ -38,7 +38,7 @@ NODE = 'localhost'
 # Ports of a cluster of several nodes: the controller's, then one per slurmd; off SLURM's defaults (6817/6818)
 # that the one-node cluster uses, so both run at once (and below 20000, where jobs' rendezvous ports start).
 MULTI_NODE_CTLD_PORT = 16817
-# Jobs derive their rendezvous port from the job id (launch.environment.rendezvous_port), and a fresh cluster
+# Jobs derive their rendezvous port from the job id (skipssl_launch.environment.rendezvous_port), and a fresh cluster
 # numbers its jobs from FirstJobId: a different first id keeps concurrent jobs of both clusters off each other's port.
 MULTI_NODE_FIRST_JOB_ID = 10000
 HEALTHY_STATES = {'idle', 'mixed', 'allocated', 'completing'}
@@ -403,7 +403,7 @@ def _log_tails(cluster: Cluster, lines: int = 15) -> str:
         ports = '6817/6818' if cluster.ctld_port is None else f'{cluster.ctld_port}-{last}'
         text += (
             f'\nHint: ports {ports} are taken, most likely by another slurmctld/slurmd on this machine; '
-            'stop it first (python -m launch.slurm_cluster down --dir ITS_DIR).'
+            'stop it first (python -m skipssl_launch.slurm_cluster down --dir ITS_DIR).'
         )
     return text
 
@@ -519,7 +519,7 @@ def status(dir: Path | str = DEFAULT_DIR) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m launch.slurm_cluster', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m skipssl_launch.slurm_cluster', description=__doc__.split('\n')[0])
     parser.add_argument('command', choices=('up', 'down', 'status'))
     parser.add_argument(
         '--dir',

@@ -1,12 +1,12 @@
 """Submit pretraining and evaluation jobs through submitit (SLURM; or local processes, or this process).
 
-    python -m launch.submit pretrain --config configs/dino_skipat_vit_s16_100ep.yaml --nodes 2 --gpus-per-node 8 \\
+    skipssl-submit pretrain --config configs/dino_skipat_vit_s16_100ep.yaml --nodes 2 --gpus-per-node 8 \\
         --partition gpu --time 2-00:00:00 data.train_shards=/data/in1k-shards experiment.output_dir=runs/skipat_s16
-    python -m launch.submit knn --checkpoint runs/skipat_s16 --train-shards T --test-shards V --gpus-per-node 1 \\
+    skipssl-submit knn --checkpoint runs/skipat_s16 --train-shards T --test-shards V --gpus-per-node 1 \\
         [-- KNN_EVAL_ARGS]
-    python -m launch.submit linear --checkpoint runs/skipat_s16 --train-shards T --test-shards V [-- LINEAR_PROBE_ARGS]
-    python -m launch.submit report runs/vit_s16 runs/skipat_s16 [-- REPORT_ARGS]
-    python -m launch.submit pipeline --config C --nodes 2 --gpus-per-node 8 --eval-train-shards T \\
+    skipssl-submit linear --checkpoint runs/skipat_s16 --train-shards T --test-shards V [-- LINEAR_PROBE_ARGS]
+    skipssl-submit report runs/vit_s16 runs/skipat_s16 [-- REPORT_ARGS]
+    skipssl-submit pipeline --config C --nodes 2 --gpus-per-node 8 --eval-train-shards T \\
         --eval-test-shards V \\
         [overrides]    # pretraining, then k-NN and linear probe (afterok), then the report (afterok)
 
@@ -27,7 +27,7 @@ from skipssl_common.artefacts import RunSummary
 from . import executor as ex
 from .jobs import ENTRY_POINTS, EntryPointJob, PretrainJob, available_entry_points
 
-PROG = 'python -m launch.submit'
+PROG = 'skipssl-submit'
 
 
 class UsageError(ValueError):
@@ -101,7 +101,7 @@ def check_shards(spec: str, option: str, allow_pipe: bool = False) -> str:
 
 
 def check_checkpoint(spec: str) -> str:
-    from eval.source import looks_like_path
+    from skipssl_eval.source import looks_like_path
 
     if looks_like_path(spec):
         if not Path(spec).exists():
@@ -111,7 +111,7 @@ def check_checkpoint(spec: str) -> str:
 
 
 def run_dir_of(spec: str) -> Optional[Path]:
-    from eval.source import find_run_dir
+    from skipssl_eval.source import find_run_dir
 
     return find_run_dir(Path(spec)) if Path(spec).exists() else None
 
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument('--test-shards', required=True, help='labelled test shards')
         ex.add_arguments(q, defaults={'time': '4:00:00'})
 
-    q = sub.add_parser('report', help='accuracy against device-hours (python -m eval.report)', allow_abbrev=False)
+    q = sub.add_parser('report', help='accuracy against device-hours (skipssl-report)', allow_abbrev=False)
     q.add_argument('run_dirs', nargs='+')
     ex.add_arguments(q, defaults={'time': '30'})
 
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--eval-test-shards', help='labelled test shards of the evaluations')
     q.add_argument('--knn-args', help='more knn_eval.py arguments, one string (e.g. "--k 10 20")')
     q.add_argument('--linear-args', help='more linear_probe.py arguments, one string (e.g. "--epochs 50")')
-    q.add_argument('--report-args', help='more eval.report arguments, one string')
+    q.add_argument('--report-args', help='more skipssl_eval.report arguments, one string')
     requeue_args(q)
     ex.add_arguments(q, help_suffix=' (pretraining)')
     ex.add_arguments(q, prefix='eval-', defaults={'time': '4:00:00'}, help_suffix=' (k-NN and linear probe)')

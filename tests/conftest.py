@@ -14,7 +14,7 @@ def _running_cluster(nodes: int, folder: Path):
     """Bring up (or reuse) the real SLURM cluster of `nodes` nodes in `folder`, yield it with SLURM_CONF set in
     os.environ, and stop it afterwards if it was started here. Skips without root or the SLURM packages, except
     in CI, where that fails."""
-    from launch import slurm_cluster as sc
+    from skipssl_launch import slurm_cluster as sc
 
     reason = sc.unavailable_reason(nodes=nodes)
     if reason:
@@ -32,26 +32,26 @@ def _running_cluster(nodes: int, folder: Path):
 
 @pytest.fixture(scope='session')
 def slurm_cluster():
-    """A real one-node SLURM cluster (launch.slurm_cluster), up for the whole session.
+    """A real one-node SLURM cluster (skipssl_launch.slurm_cluster), up for the whole session.
 
     Yields the `Cluster` (its `.env` / `.conf`); SLURM_CONF is set in os.environ meanwhile, so sbatch, srun
     and submitit reach it. Skips without root or the SLURM packages, except in CI, where that fails.
-    The cluster folder is $SKIPSSL_SLURM_DIR or launch.slurm_cluster.DEFAULT_DIR; a cluster already up
+    The cluster folder is $SKIPSSL_SLURM_DIR or skipssl_launch.slurm_cluster.DEFAULT_DIR; a cluster already up
     there is reused and left running.
     """
-    from launch import slurm_cluster as sc
+    from skipssl_launch import slurm_cluster as sc
 
     yield from _running_cluster(1, Path(os.environ.get('SKIPSSL_SLURM_DIR', sc.DEFAULT_DIR)))
 
 
 @pytest.fixture(scope='module')
 def slurm_two_nodes():
-    """A real two-node SLURM cluster (nodes n1 and n2, launch.slurm_cluster.up(nodes=2)), up for one test module.
+    """A real two-node SLURM cluster (nodes n1 and n2, slurm_cluster.up(nodes=2)), up for one test module.
 
-    As `slurm_cluster`, but in $SKIPSSL_SLURM_NODES_DIR or launch.slurm_cluster.MULTI_NODE_DIR, on its own
+    As `slurm_cluster`, but in $SKIPSSL_SLURM_NODES_DIR or skipssl_launch.slurm_cluster.MULTI_NODE_DIR, on its own
     ports, so that it runs beside a one-node cluster. Module-scoped: it points SLURM_CONF at itself, so the
     module using it must not use `slurm_cluster` too.
     """
-    from launch import slurm_cluster as sc
+    from skipssl_launch import slurm_cluster as sc
 
     yield from _running_cluster(2, Path(os.environ.get('SKIPSSL_SLURM_NODES_DIR', sc.MULTI_NODE_DIR)))

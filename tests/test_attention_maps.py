@@ -78,7 +78,7 @@ def test_command_renders_a_png_per_image(tmp_path):
         [
             sys.executable,
             '-m',
-            'skipssl.analysis.attention',
+            'skipssl_eval.attention',
             '--checkpoint',
             'vit_tiny_patch16_skipat_224',
             '--model-kwargs',
@@ -106,7 +106,7 @@ def test_command_renders_a_png_per_image(tmp_path):
         [
             sys.executable,
             '-m',
-            'skipssl.analysis.attention',
+            'skipssl_eval.attention',
             '--checkpoint',
             'vit_tiny_patch16_skipat_224',
             '--image',

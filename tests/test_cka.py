@@ -11,11 +11,12 @@ import pytest
 import timm
 import torch
 
-from eval.synthetic import write_shards
 from skipssl.analysis.capture import BlockCapture, block_kinds, gram
-from skipssl.analysis.cka import StreamingCKA, choose_skips, main, measure, unbiased_hsic
+from skipssl.analysis.cka import StreamingCKA, choose_skips, measure, unbiased_hsic
 from skipssl.checkpoint import build_backbone
 from skipssl.models import get_last_selfattention
+from skipssl_eval.cka import main
+from skipssl_eval.synthetic import write_shards
 
 KWARGS = {'img_size': 16, 'patch_size': 4, 'depth': 6, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}
 

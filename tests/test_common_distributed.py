@@ -75,7 +75,7 @@ def test_launch_starts_without_heavy_imports():
     """A launch job installs its signal handlers within milliseconds: nothing on its import path loads torch,
     timm or deepspeed."""
     code = (
-        'import sys, launch.submit, launch.jobs; '
+        'import sys, skipssl_launch.submit, skipssl_launch.jobs; '
         'print(sorted(m for m in ("torch", "timm", "deepspeed", "skipssl") if m in sys.modules))'
     )
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)

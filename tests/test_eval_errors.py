@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.errors import EvalError
-from eval.pipeline import run_knn, run_linear
-from eval.synthetic import write_shards
 from skipssl.checkpoint import CheckpointError, build_backbone, save_backbone
 from skipssl_common.artefacts import ExportMeta
+from skipssl_eval.errors import EvalError
+from skipssl_eval.pipeline import run_knn, run_linear
+from skipssl_eval.synthetic import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'vit_tiny_patch16_224'

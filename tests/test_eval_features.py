@@ -9,14 +9,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.data import open_split, verify_split
-from eval.distributed import Ranks, from_env, gather_objects
-from eval.features import FeatureFile, FeatureSpec, get_features
-from eval.source import data_settings, load_model
-from eval.synthetic import write_shards
 from skipssl.checkpoint import MODEL_FILE, build_backbone, finalize_checkpoint, save_backbone
 from skipssl_common.artefacts import ExportMeta
 from skipssl_common.distributed import free_port
+from skipssl_eval.data import open_split, verify_split
+from skipssl_eval.distributed import Ranks, from_env, gather_objects
+from skipssl_eval.features import FeatureFile, FeatureSpec, get_features
+from skipssl_eval.source import data_settings, load_model
+from skipssl_eval.synthetic import write_shards
 
 MODEL = 'vit_tiny_patch16_224'
 KWARGS = {'img_size': 16, 'patch_size': 4, 'depth': 4, 'embed_dim': 32, 'num_heads': 2, 'in_chans': 1}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.pipeline import run_knn
+from skipssl_eval.pipeline import run_knn
 
 FMNIST = Path('/usr/share/datasets/fashion-mnist')
 

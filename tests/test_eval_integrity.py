@@ -14,13 +14,13 @@ from PIL import Image
 
 import knn_eval
 import linear_probe
-from eval.errors import EvalError
-from eval.features import FeatureFile
-from eval.pipeline import run_knn
-from eval.report import main as report_main
-from eval.synthetic import class_image, write_shards
 from skipssl.data.make_shards import write_shards as make_shards
 from skipssl.data.sources import ImageFolderSource
+from skipssl_eval.errors import EvalError
+from skipssl_eval.features import FeatureFile
+from skipssl_eval.pipeline import run_knn
+from skipssl_eval.report import main as report_main
+from skipssl_eval.synthetic import class_image, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXELS = dict(channels=1, resize=16, crop=16, ks=[5], num_workers=0, batch_size=64, dataset='toy')
@@ -154,7 +154,7 @@ def test_evaluator_user_errors_are_one_line_and_exit_2(shards, tmp_path, capsys)
     run.mkdir()
     (run / 'summary.json').write_text('{"run_name": ')
     assert report_main([str(run)]) == 2
-    assert f'{run}/summary.json is unreadable' in one_line_error(capsys.readouterr().err, 'python -m eval.report')
+    assert f'{run}/summary.json is unreadable' in one_line_error(capsys.readouterr().err, 'skipssl-report')
 
 
 def _two_rank_knn(rank: int, root: str) -> None:

@@ -4,10 +4,10 @@ bench.gpu_suite), against a brute-force numpy implementation of the same rule.""
 import numpy as np
 import pytest
 
-from eval import knn as knn_module
-from eval.errors import EvalError
-from eval.knn import Rows, TorchFlatIP, build_index, choose_backend, knn_classify, search
-from eval.synthetic import clustered_features
+from skipssl_eval import knn as knn_module
+from skipssl_eval.errors import EvalError
+from skipssl_eval.knn import Rows, TorchFlatIP, build_index, choose_backend, knn_classify, search
+from skipssl_eval.synthetic import clustered_features
 
 T = 0.07
 

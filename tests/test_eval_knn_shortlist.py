@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval.knn import Rows, TorchFlatIP, build_index, knn_classify, l2_normalize, search
-from eval.knn_shortlist import ShortlistIP, bf16_error_bound
-from eval.synthetic import clustered_features
+from skipssl_eval.knn import Rows, TorchFlatIP, build_index, knn_classify, l2_normalize, search
+from skipssl_eval.knn_shortlist import ShortlistIP, bf16_error_bound
+from skipssl_eval.synthetic import clustered_features
 from tests.test_eval_knn import T, brute_force, exact_features
 
 
@@ -30,7 +30,7 @@ def index_of(kind, rows):
 
 
 def shortlist_of(kind, index, **kw):
-    from eval.knn import flat_rows
+    from skipssl_eval.knn import flat_rows
 
     xb = torch.from_numpy(flat_rows(index)) if kind == 'faiss' else index.xb
     return ShortlistIP(xb, index, **kw)
@@ -92,7 +92,7 @@ def test_exact_ties_resolve_like_the_reference_through_the_shortlist():
 
 
 def test_a_negative_shortlist_is_refused():
-    from eval.errors import EvalError
+    from skipssl_eval.errors import EvalError
 
     x = np.eye(4, dtype=np.float32)
     with pytest.raises(EvalError, match='shortlist'):
@@ -100,7 +100,7 @@ def test_a_negative_shortlist_is_refused():
 
 
 def test_the_two_stage_tile_selection_finds_the_tile_top_and_a_valid_bound():
-    from eval.knn_shortlist import GROUP
+    from skipssl_eval.knn_shortlist import GROUP
 
     gen = torch.Generator().manual_seed(0)
     sims = torch.randn(50, GROUP * 40, generator=gen).bfloat16()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from eval.errors import EvalError
-from eval.linear import LinearHeads, probe_cached, scaled_lrs
-from eval.pipeline import run_linear
-from eval.synthetic import clustered_features, write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl_common.artefacts import ExportMeta
+from skipssl_eval.errors import EvalError
+from skipssl_eval.linear import LinearHeads, probe_cached, scaled_lrs
+from skipssl_eval.pipeline import run_linear
+from skipssl_eval.synthetic import clustered_features, write_shards
 
 
 def tensors(n, dim, classes, spread, seed, centers=None):
@@ -153,10 +153,10 @@ def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int 
     nn.Linear (weights N(0, 0.01), zero bias) trained with SGD (momentum 0.9, no weight decay, lr = base lr x
     batch / 256, cosine to 0 stepped per epoch) on augmented crops; top-1 on centre-crop test features.
     Returns (test top-1 in %, the last epoch's mean training loss)."""
-    from eval.linear import augment_transform
     from skipssl.checkpoint import load_backbone
     from skipssl.data import EvalShards, PretrainShards, ReaderState, eval_transform, resolve_shards
     from skipssl.models import last_cls_tokens
+    from skipssl_eval.linear import augment_transform
 
     backbone, _ = load_backbone(run / 'run' / 'export' / 'teacher-00000020.safetensors')
     features = lambda x: last_cls_tokens(backbone, x, 4)  # noqa: E731

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.errors import EvalError
-from eval.pipeline import run_knn
-from eval.report import collect, main, write_report
-from eval.results import write_result
-from eval.source import ModelInfo
-from eval.synthetic import write_shards
 from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl_common.artefacts import ExportMeta, RunSummary
+from skipssl_eval.errors import EvalError
+from skipssl_eval.pipeline import run_knn
+from skipssl_eval.report import collect, main, write_report
+from skipssl_eval.results import write_result
+from skipssl_eval.source import ModelInfo
+from skipssl_eval.synthetic import write_shards
 
 DATA = 'd4' * 32  # the data digest of the fake runs' results
 

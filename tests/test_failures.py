@@ -167,7 +167,7 @@ def test_a_second_writer_is_refused_and_the_lock_dies_with_its_holder(shards, tm
         line = _one_error_line(proc.stderr)
         assert proc.returncode == 2 and 'in use by another run' in line and f'pid {os.getpid()}' in line
         with pytest.raises(RunFolderError, match='in use'):
-            check_free(out)  # what launch.submit checks before submitting
+            check_free(out)  # what skipssl_launch.submit checks before submitting
     finally:
         lock.release()
     check_free(out)
@@ -298,7 +298,7 @@ def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
     base = [
         sys.executable,
         '-m',
-        'launch.submit',
+        'skipssl_launch.submit',
         'pretrain',
         '--cluster',
         'debug',
@@ -312,14 +312,14 @@ def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
         (['head.bottleneck_dim=0'], 'head.bottleneck_dim'),
     ):
         proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-        line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+        line = _one_error_line(proc.stderr, 'skipssl-submit pretrain: ')
         assert proc.returncode == 2 and expect in line and 'nothing submitted' in line
     lock = RunLock(tmp_path / 'run').acquire()
     try:
         proc = subprocess.run(base, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     finally:
         lock.release()
-    line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+    line = _one_error_line(proc.stderr, 'skipssl-submit pretrain: ')
     assert proc.returncode == 2 and 'in use by another run' in line
 
 
@@ -329,7 +329,7 @@ def test_launch_submit_refuses_a_resume_the_job_would_refuse(short_run, shards, 
     base = [
         sys.executable,
         '-m',
-        'launch.submit',
+        'skipssl_launch.submit',
         'pretrain',
         '--cluster',
         'debug',
@@ -344,7 +344,7 @@ def test_launch_submit_refuses_a_resume_the_job_would_refuse(short_run, shards, 
         (['--cluster', 'local', '--tasks-per-node', '2'], 'which 2 ranks cannot share equally'),
     ):
         proc = subprocess.run(base + extra, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-        line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+        line = _one_error_line(proc.stderr, 'skipssl-submit pretrain: ')
         assert proc.returncode == 2 and expect in line and 'nothing submitted' in line
     assert not (out / 'submitit').exists()
 
@@ -407,7 +407,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
 
 
 def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(shards, tmp_path):
-    """The same one-rank failure through ``launch.submit --cluster local`` (2 tasks, srun-like environment): the
+    """The same one-rank failure through ``skipssl_launch.submit --cluster local`` (2 tasks, srun-like environment): the
     job ends in seconds (submitit then waits up to 15 s for results) and the client names rank 1's error, not
     rank 0's note that it stopped because of it."""
     data = tmp_path / 'data'
@@ -416,7 +416,7 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     cmd = [
         sys.executable,
         '-m',
-        'launch.submit',
+        'skipssl_launch.submit',
         'pretrain',
         '--cluster',
         'local',
@@ -432,7 +432,7 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start
     assert proc.returncode == 1 and elapsed < 90, (elapsed, proc.stderr[-3000:])
-    line = _one_error_line(proc.stderr, 'python -m launch.submit pretrain: ')
+    line = _one_error_line(proc.stderr, 'skipssl-submit pretrain: ')
     assert 'failed: rank 1: pretrain.py: no readable samples in shards' in line and 'train-000001.tar' in line
 
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the launch tests (no tests here): run `python -m launch.submit`, read what it printed,
+"""Shared helpers of the launch tests (no tests here): run `skipssl-submit`, read what it printed,
 wait for jobs (bounded), read their results and logs."""
 
 import json
@@ -62,7 +62,7 @@ def client_env(**extra) -> dict:
 
 def submit_cli(*args, timeout=180, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, '-m', 'launch.submit', *map(str, args)],
+        [sys.executable, '-m', 'skipssl_launch.submit', *map(str, args)],
         cwd=ROOT,
         env=env or client_env(OMP_NUM_THREADS='1'),
         capture_output=True,
@@ -74,7 +74,9 @@ def submit_cli(*args, timeout=180, env=None) -> subprocess.CompletedProcess:
 
 def submitted(proc: subprocess.CompletedProcess, kind: str = 'pretrain'):
     """(job id, log folder) of the job of `kind` the CLI printed."""
-    assert proc.returncode == 0, f'launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
+    assert proc.returncode == 0, (
+        f'skipssl_launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
+    )
     m = re.search(rf'^{kind} job (\S+) submitted .*\n\s+logs: (\S+)', proc.stdout, re.M)
     assert m, proc.stdout
     return m.group(1), Path(m.group(2))

@@ -1,4 +1,4 @@
-"""`python -m launch.submit` against the real one-node SLURM cluster (tests/conftest.py::slurm_cluster): 2-task
+"""`skipssl-submit` against the real one-node SLURM cluster (tests/conftest.py::slurm_cluster): 2-task
 CPU pretraining jobs with real DeepSpeed processes; preemption, `scontrol requeue` and the time-limit signal
 requeue the job, which resumes exactly; evaluation jobs wait for the pretraining (afterok)."""
 
@@ -56,7 +56,7 @@ def pretrain_args(shards, out, *extra, time_limit='10'):
 
 @pytest.fixture(scope='module')
 def reference(slurm_cluster, shards, tmp_path_factory):
-    """An uninterrupted 2-task run through launch.submit: (run folder, CLI output, job id, log folder, results)."""
+    """An uninterrupted 2-task run through skipssl-submit: (run folder, CLI output, job id, log folder, results)."""
     out = tmp_path_factory.mktemp('reference') / 'run'
     proc = submit_cli(*pretrain_args(shards, out))
     job_id, folder = submitted(proc)

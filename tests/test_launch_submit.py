@@ -1,4 +1,4 @@
-"""launch.submit without a SLURM cluster: argument and config checks before submission, the sbatch script it
+"""skipssl_launch.submit without a SLURM cluster: argument and config checks before submission, the sbatch script it
 asks for, and the same jobs through submitit's local executor (tasks as processes here, time-out signal and
 requeue included) and debug executor (in this process)."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import executor as ex
-from launch import submit
-from launch.jobs import available_entry_points
+from skipssl_launch import executor as ex
+from skipssl_launch import submit
+from skipssl_launch.jobs import available_entry_points
 
 from .test_launch_helpers import (
     ROOT,
@@ -234,7 +234,7 @@ def test_local_cluster_requeues_on_the_preemption_signal_and_finishes(shards, tm
     cmd = [
         sys.executable,
         '-m',
-        'launch.submit',
+        'skipssl_launch.submit',
         'pretrain',
         '--config',
         TINY,

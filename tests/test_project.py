@@ -69,6 +69,63 @@ def test_console_scripts_are_installed_and_report_errors_under_their_own_name(tm
     assert out.stderr.strip().splitlines()[-1].startswith('skipssl-knn: error: train shards: ')
 
 
+def test_wheel_installs_no_generic_top_level_names(tmp_path):
+    """A built wheel holds exactly the project's four import names (eval/ and launch/ install as skipssl_eval and
+    skipssl_launch; bench/ and tests/ stay in the repository) and every package folder of the tree."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / 'src'  # a copy, so the build leaves no build/ or egg-info in the checkout
+    top_level_outputs = {'.venv', '.git', 'runs', 'data', '.whl', 'build', 'dist'}
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=lambda folder, entries: [
+            e for e in entries if e == '__pycache__' or (Path(folder) == ROOT and e in top_level_outputs)
+        ],
+    )
+    build = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'wheel',
+            '-q',
+            '--no-deps',
+            '--no-build-isolation',
+            '--isolated',
+            '-w',
+            'dist',
+            '.',
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (src / 'dist').glob('*.whl')
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split('/')[0] for n in names if '.dist-info/' not in n} == {
+        'skipssl',
+        'skipssl_common',
+        'skipssl_eval',
+        'skipssl_launch',
+    }
+    import tomllib
+
+    # setuptools would still ship a forgotten subpackage, as data with a deprecation warning: compare the list too
+    declared = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']['packages']
+    folders = {'skipssl': 'skipssl', 'skipssl_common': 'skipssl_common', 'eval': 'skipssl_eval'}
+    folders['launch'] = 'skipssl_launch'
+    in_tree = {
+        '.'.join((name, *init.parent.relative_to(ROOT / folder).parts))
+        for folder, name in folders.items()
+        for init in (ROOT / folder).rglob('__init__.py')
+    }
+    assert sorted(declared) == sorted(in_tree)
+    assert all(p.replace('.', '/') + '/__init__.py' in names for p in in_tree)
+
+
 def test_code_passes_ruff_lint_and_format():
     """The style gate CI runs with the tests: ruff's lint and format check, configured in pyproject.toml."""
     ruff = [sys.executable, '-m', 'ruff']

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from eval.synthetic import class_image
 from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl.data import EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, resolve_shards
 from skipssl.data.integrity import scan_shard, scan_shards, verify_content
@@ -25,6 +24,7 @@ from skipssl.data.make_shards import write_shards
 from skipssl.data.sources import ImageFolderSource
 from skipssl_common.artefacts import ExportMeta
 from skipssl_common.io import atomic_torch_save, atomic_write_text
+from skipssl_eval.synthetic import class_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

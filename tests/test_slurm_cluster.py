@@ -1,4 +1,4 @@
-"""The one-node SLURM cluster (launch.slurm_cluster) runs sbatch, srun and submitit jobs, and requeues them.
+"""The one-node SLURM cluster (skipssl_launch.slurm_cluster) runs sbatch, srun and submitit jobs, and requeues them.
 
 Real cluster, no mocks: the `slurm_cluster` fixture (conftest.py) brings it up once per session.
 """
@@ -15,7 +15,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from launch import slurm_cluster as sc
+from skipssl_launch import slurm_cluster as sc
 
 ROOT = Path(__file__).resolve().parents[1]
 # Jobs unpickle this module's functions by value, so they run whatever the job's working directory.
@@ -134,7 +134,7 @@ def test_missing_packages_are_named():
 def test_cli_reports_the_running_cluster(slurm_cluster):
     def run(command):
         return subprocess.run(
-            [sys.executable, '-m', 'launch.slurm_cluster', command, '--dir', str(slurm_cluster.dir)],
+            [sys.executable, '-m', 'skipssl_launch.slurm_cluster', command, '--dir', str(slurm_cluster.dir)],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -1,5 +1,5 @@
-"""A real two-node SLURM cluster (launch.slurm_cluster with nodes=2: slurmds n1 and n2 on this machine) runs
-multi-node jobs: srun places one task on each node, and `python -m launch.submit pretrain --nodes 2` trains with
+"""A real two-node SLURM cluster (skipssl_launch.slurm_cluster with nodes=2: slurmds n1 and n2 on this machine) runs
+multi-node jobs: srun places one task on each node, and `skipssl-submit pretrain --nodes 2` trains with
 one DeepSpeed rank per node, its rendezvous at the first node of the job's node list.
 
 No mocks: the `slurm_two_nodes` fixture (conftest.py) brings the daemons up for this module.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import slurm_cluster as sc
 from skipssl import checkpoint as ckpt
+from skipssl_launch import slurm_cluster as sc
 
 from .test_launch_helpers import (
     TINY,
@@ -71,7 +71,7 @@ def test_missing_namespace_tools_are_named_for_several_nodes_only(tmp_path):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, '-m', 'launch.slurm_cluster', *args],
+        [sys.executable, '-m', 'skipssl_launch.slurm_cluster', *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -132,7 +132,7 @@ def pretrain_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def rank_placement(folder: Path, job_id: str) -> dict[int, tuple[str, str]]:
-    """rank -> (node, MASTER_ADDR) from the line launch.jobs logs in each task's .err log before training."""
+    """rank -> (node, MASTER_ADDR) from the line skipssl_launch.jobs logs in each task's .err log before training."""
     placement = {}
     for path in Path(folder).glob(f'{job_id}_*_log.err'):
         for rank, node, addr in re.findall(
@@ -149,7 +149,7 @@ def shards(slurm_two_nodes, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def two_node_run(slurm_two_nodes, shards, tmp_path_factory):
-    """An uninterrupted 2-node x 1-task run through launch.submit: (run folder, job id, log folder, results)."""
+    """An uninterrupted 2-node x 1-task run through skipssl_launch.submit: (run folder, job id, log folder, results)."""
     out = tmp_path_factory.mktemp('two_node_reference') / 'run'
     started = time.monotonic()
     job_id, folder = submitted(submit_cli(*pretrain_args(shards, out)))

@@ -392,12 +392,12 @@ KNN_MAX_DIFFERING = 0.001
 
 # -- (f) feature extraction and k-NN ---------------------------------------------------------------------------
 def knn(ctx: Context) -> None:
-    from eval import distributed
-    from eval.data import open_split
-    from eval.features import FeatureSpec, extract
-    from eval.knn import Rows, knn_classify
-    from eval.synthetic import clustered_features
     from skipssl.checkpoint import build_backbone
+    from skipssl_eval import distributed
+    from skipssl_eval.data import open_split
+    from skipssl_eval.features import FeatureSpec, extract
+    from skipssl_eval.knn import Rows, knn_classify
+    from skipssl_eval.synthetic import clustered_features
 
     s, rec = ctx.sizes, ctx.rec
     ranks = distributed.from_env(s.device)
@@ -479,7 +479,7 @@ def equal_images(ctx: Context) -> None:
     """The same DINO recipe, the same images (same shards, seed, batch and iteration count) for ViT and
     SkipAt, one after the other on the same device; device-seconds per image from each run's own clock
     (summary.json); then the k-NN of each exported teacher on the labelled train/test shards."""
-    from eval.pipeline import run_knn
+    from skipssl_eval.pipeline import run_knn
 
     s, rec = ctx.sizes, ctx.rec
     work = ctx.folder('equal_images')
