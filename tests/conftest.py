@@ -6,6 +6,14 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs a SLURM cluster is also slow (the cluster starts in seconds, its jobs take tens), so the
+    development loop ``-m "not slow"`` leaves out every SLURM test."""
+    for item in items:
+        if item.get_closest_marker('slurm') and not item.get_closest_marker('slow'):
+            item.add_marker(pytest.mark.slow)
+
+
 def _in_ci() -> bool:
     return os.environ.get('CI', '').lower() in ('true', '1')
 

@@ -142,6 +142,7 @@ def assert_same_run(ref, out, rtol=1e-5, atol=2e-5):
             torch.testing.assert_close(ob['state'][key][name], v, rtol=1e-4, atol=1e-7, msg=f'{key} {name}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('zero, one_rank_zero, three_ranks_zero', [(1, 0, 2), (2, 2, 1)])
 def test_resume_on_one_and_three_ranks_mid_epoch_is_the_same_run(
     shards, tmp_path, zero, one_rank_zero, three_ranks_zero
@@ -178,6 +179,7 @@ def test_resume_on_one_and_three_ranks_mid_epoch_is_the_same_run(
         assert record['layout']['world_size'] == nproc and record['layout']['slots'] == 6
 
 
+@pytest.mark.slow
 def test_a_resize_that_cannot_keep_the_global_batch_is_refused_before_any_work(shards, tmp_path):
     out = tmp_path / 'run'
     run(out, shards, *ELASTIC, 'train.stop_after_iterations=1', nproc=2)

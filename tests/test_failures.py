@@ -61,6 +61,7 @@ def _garble(shard: Path) -> None:
 
 
 # -- one rank fails -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(shards, tmp_path):
     """Rank 1's shard is not a tar (rank 0's is fine): rank 1 stops at its first batch while rank 0 waits in
     the first gradient all-reduce. Before, both waited for the 10-minute collective time-out."""
@@ -86,6 +87,7 @@ def test_unreadable_data_on_rank_1_only_ends_the_torchrun_job_within_seconds(sha
     assert not list((tmp_path / 'run' / 'checkpoints').glob('ckpt-*'))
 
 
+@pytest.mark.slow
 def test_resume_refused_by_rank_0_ends_the_job_at_once_and_leaves_the_config(short_run, shards, tmp_path):
     """A 1-rank run (one virtual data slot) resumed with 2 ranks, which cannot share its stream: rank 0 refuses,
     rank 1 follows (it used to wait 613 s); config.yaml stays the one the run was started with."""
@@ -143,6 +145,7 @@ def test_resume_of_another_model_is_one_line_exit_2_and_changes_nothing(short_ru
     assert after == {k: v for k, v in before.items() if k != '.writer.lock'}
 
 
+@pytest.mark.slow
 def test_resume_with_fewer_loader_workers_continues_the_same_run(shards, tmp_path):
     """Loader workers read virtual slots whose batches and augmentations do not depend on the workers: a run
     started with 2 workers and resumed with 1 equals, bit for bit, the one that kept 2 (it used to be refused)."""
@@ -294,6 +297,7 @@ def test_the_only_shard_unreadable_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and 'readable sample' in line and 'only.tar' in line
 
 
+@pytest.mark.slow
 def test_launch_submit_refuses_user_errors_in_one_line(shards, tmp_path):
     base = [
         sys.executable,
@@ -406,6 +410,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
     assert 'rank 0: stopping because rank 1 failed' in err[root:]
 
 
+@pytest.mark.slow
 def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(shards, tmp_path):
     """The same one-rank failure through ``skipssl_launch.submit --cluster local`` (2 tasks, srun-like environment): the
     job ends in seconds (submitit then waits up to 15 s for results) and the client names rank 1's error, not

@@ -113,6 +113,7 @@ def test_sbatch_script_asks_for_what_the_command_line_says(tmp_path):
     assert re.search(r'^srun .*--kill-on-bad-exit=1', script, re.M), script
 
 
+@pytest.mark.slow
 def test_bad_config_and_arguments_are_refused_before_anything_runs(shards, tmp_path, capsys):
     run = tmp_path / 'run'
     base = [
@@ -226,6 +227,7 @@ def _task_processes(root: int):
     return tasks
 
 
+@pytest.mark.slow
 def test_local_cluster_requeues_on_the_preemption_signal_and_finishes(shards, tmp_path):
     """Two local processes get USR2 (what submitit's local controller sends before the time limit): the trainer
     saves at the next iteration boundary, the tasks exit with submitit's requeue code, the controller restarts

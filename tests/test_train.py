@@ -194,6 +194,7 @@ def test_config_overrides_inheritance_and_reference_presets():
     assert diff == {'model', 'experiment'} and plain.experiment.name == skip.experiment.name
 
 
+@pytest.mark.slow
 def test_bad_shards_and_model_fail_before_training(tmp_path, shards):
     proc = run(tmp_path / 'r', tmp_path / 'nowhere', check=False)
     assert proc.returncode == 2 and 'data.train_shards' in proc.stderr and 'nowhere' in proc.stderr
@@ -315,6 +316,7 @@ def test_tensorboard_has_scalars_attention_maps_and_config(single_run):
 
 
 # -- two processes under torchrun -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason=f'needs Fashion-MNIST in {FMNIST} (Debian package dataset-fashion-mnist)')
 def test_torchrun_two_processes_train_and_loss_falls(torchrun_run):
     summary = json.loads((torchrun_run / 'summary.json').read_text())
@@ -378,6 +380,7 @@ def _state(pid: int) -> str:
         return 'Z'
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(torchrun_run, shards, tmp_path):
     """Killed (SIGKILL to every process) after the checkpoint at iteration 10, resumed from it (mid-epoch:
     12 iterations per epoch): the same losses and the same final weights as the uninterrupted run."""
@@ -500,6 +503,7 @@ OTHER_PATHS = [
 ]
 
 
+@pytest.mark.slow
 def test_bf16_zero2_gradient_accumulation_and_device_augmentation_resume_exactly(shards, tmp_path):
     """The other engine and data paths: an uninterrupted run, and one stopped (with its checkpoint) at
     iteration 3, in the middle of the first epoch and of the last layer's freeze, then resumed with the same
