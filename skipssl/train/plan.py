@@ -5,9 +5,10 @@ only (``global_batch``)."""
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import numpy as np
+from timm.models.vision_transformer import VisionTransformer
 
 from .. import checkpoint as ckpt
 from ..config import Config
@@ -151,7 +152,11 @@ def model_spec(cfg: Config) -> Dict:
 
 
 def build_student(cfg: Config) -> MultiCropWrapper:
-    backbone = ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate))
+    # typed as timm's ViT for its backbone API (num_features, set_grad_checkpointing), which nn.Module lacks
+    backbone = cast(
+        VisionTransformer,
+        ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)),
+    )
     if backbone.num_features <= 0:
         raise ValueError(f'model {cfg.model.name} has no feature dimension')
     if cfg.model.grad_checkpointing:
