@@ -5,16 +5,18 @@ only (``global_batch``)."""
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, cast
+from typing import TYPE_CHECKING, Dict, Optional, cast
 
 import numpy as np
-from timm.models.vision_transformer import VisionTransformer
 
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data.shards import count_samples
 from ..data.slots import check_slots
 from ..dino import DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule, scaled_lr
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def global_batch(micro_batch: int, accum: int, world_size: int) -> int:
@@ -154,7 +156,7 @@ def model_spec(cfg: Config) -> Dict:
 def build_student(cfg: Config) -> MultiCropWrapper:
     # typed as timm's ViT for its backbone API (num_features, set_grad_checkpointing), which nn.Module lacks
     backbone = cast(
-        VisionTransformer,
+        'VisionTransformer',
         ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)),
     )
     if backbone.num_features <= 0:
