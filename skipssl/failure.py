@@ -26,7 +26,10 @@ import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Callable, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Tuple
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
 
 FAILED_KEY = 'skipssl/failure/rank'  # the rank whose error was printed
 CLAIM_KEY = 'skipssl/failure/claims'  # the first rank to add 1 is the root
@@ -53,20 +56,21 @@ class PeerFailed(RuntimeError):
 def lost_peer(exn: BaseException) -> bool:
     """Whether ``exn`` (or what caused it) only says that another rank went away."""
     seen = 0
-    while exn is not None and seen < 8:
-        if isinstance(exn, PeerFailed):
+    current: Optional[BaseException] = exn
+    while current is not None and seen < 8:
+        if isinstance(current, PeerFailed):
             return True
         try:
             import torch.distributed as dist
 
-            if isinstance(exn, getattr(dist, 'DistNetworkError', ())):
+            if isinstance(current, getattr(dist, 'DistNetworkError', ())):
                 return True
         except ImportError:
             pass
-        text = str(exn).lower()
+        text = str(current).lower()
         if any(s in text for s in _LOST_PEER):
             return True
-        exn, seen = exn.__cause__ or exn.__context__, seen + 1
+        current, seen = current.__cause__ or current.__context__, seen + 1
     return False
 
 
@@ -83,7 +87,7 @@ def first_line(exn: BaseException) -> str:
     return lines[0]
 
 
-def _store(timeout_s: float = 10.0):
+def _store(timeout_s: float = 10.0) -> Optional['Store']:
     """A new client of the job's rendezvous store (None when there is no multi-rank job)."""
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or 'MASTER_ADDR' not in os.environ:
         return None
@@ -129,7 +133,7 @@ class FailureWatch:
         self._stop = threading.Event()
         self._exiting = threading.Lock()
         self._thread: Optional[threading.Thread] = None
-        self._store = None
+        self._store: Optional['Store'] = None
 
     @property
     def active(self) -> bool:
@@ -140,9 +144,17 @@ class FailureWatch:
         global _active
         if not self.active:
             return self
-        self._store = _store()
+        self._store, poll_store = _store(), _store()
+        if self._store is None or poll_store is None:
+            # without a store the watch thread would take it for a lost one and end a healthy job
+            raise RuntimeError(
+                f'a failure watch for {self.world_size} ranks needs the rendezvous store: set WORLD_SIZE, '
+                'MASTER_ADDR and MASTER_PORT (env://)'
+            )
         _active = self
-        self._thread = threading.Thread(target=self._poll, args=(_store(),), name='skipssl-failure-watch', daemon=True)
+        self._thread = threading.Thread(
+            target=self._poll, args=(poll_store,), name='skipssl-failure-watch', daemon=True
+        )
         self._thread.start()
         return self
 
@@ -156,7 +168,7 @@ class FailureWatch:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def _poll(self, store) -> None:
+    def _poll(self, store: 'Store') -> None:
         unreachable_since = None
         while not self._stop.wait(POLL_S):
             try:
@@ -206,12 +218,16 @@ class FailureWatch:
         )
 
     def _claim(self) -> bool:
+        if self._store is None:  # not started
+            return True
         try:
             return self._store.add(CLAIM_KEY, 1) == 1
         except Exception:  # no store (its host died first): this rank's error is all it knows
             return True
 
     def _wait_for_root(self) -> Optional[int]:
+        if self._store is None:  # not started
+            return None
         deadline = time.monotonic() + ROOT_WAIT_S
         while time.monotonic() < deadline:
             try:
@@ -222,7 +238,9 @@ class FailureWatch:
             time.sleep(POLL_S / 2)
         return None
 
-    def _ack(self, store) -> None:
+    def _ack(self, store: Optional['Store']) -> None:
+        if store is None:  # not started
+            return
         try:
             store.add(ACK_KEY, 1)
         except Exception:
@@ -234,11 +252,12 @@ class FailureWatch:
             print(message, file=sys.stderr, flush=True)
             if root:
                 try:
-                    self._store.set(FAILED_KEY, str(self.rank))
-                    # let the peers print their line before this process (perhaps the store's host) ends
-                    deadline = time.monotonic() + ACK_WAIT_S
-                    while time.monotonic() < deadline and self._store.add(ACK_KEY, 0) < self.world_size - 1:
-                        time.sleep(POLL_S / 2)
+                    if self._store is not None:
+                        self._store.set(FAILED_KEY, str(self.rank))
+                        # let the peers print their line before this process (perhaps the store's host) ends
+                        deadline = time.monotonic() + ACK_WAIT_S
+                        while time.monotonic() < deadline and self._store.add(ACK_KEY, 0) < self.world_size - 1:
+                            time.sleep(POLL_S / 2)
                 except Exception:
                     pass
             elif follower:

@@ -441,6 +441,19 @@ def test_a_failing_task_of_a_local_submitit_job_ends_the_job_and_is_reported(sha
     assert 'failed: rank 1: pretrain.py: no readable samples in shards' in line and 'train-000001.tar' in line
 
 
+def test_a_failure_watch_without_the_rendezvous_store_refuses_to_start(monkeypatch):
+    """A multi-rank watch with no env:// store (no MASTER_ADDR) would start a polling thread that takes the
+    missing store for a lost one and ends the healthy process after STORE_LOST_S; start() says why instead."""
+    from skipssl.failure import FailureWatch, active_watch
+
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.delenv('MASTER_ADDR', raising=False)
+    watch = FailureWatch(0, 2, 'probe')
+    with pytest.raises(RuntimeError, match='needs the rendezvous store'):
+        watch.start()
+    assert active_watch() is None and watch._thread is None
+
+
 WATCH_PROBE = """
 import sys, time
 import torch.distributed as dist

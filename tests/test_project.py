@@ -133,3 +133,10 @@ def test_code_passes_ruff_lint_and_format():
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run([*ruff, 'format', '--check', '.'], capture_output=True, text=True, cwd=ROOT)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_core_packages_pass_mypy():
+    """The type gate: mypy on the core packages (skipssl, skipssl_common), as configured in pyproject.toml
+    ([tool.mypy] names the files and the untyped third-party packages). Installed with the test extra."""
+    check = subprocess.run([sys.executable, '-m', 'mypy'], capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -5,28 +5,33 @@ square), and the mask of the patches that hold ``keep`` (DINO: 60%) of that head
 Used by the trainer's TensorBoard images and by the command :mod:`skipssl_eval.attention` (``skipssl-attention``).
 """
 
-from typing import Tuple
+from typing import Tuple, cast
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..models import get_last_selfattention
 
 
 def token_grid(model: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
-    pe = model.patch_embed
+    pe = cast(PatchEmbed, model.patch_embed)  # a timm ViT's
     if getattr(model, 'dynamic_img_size', False):
-        return tuple(pe.dynamic_feat_size((x.shape[-2], x.shape[-1])))
-    return tuple(pe.grid_size)
+        h, w = pe.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+    else:
+        h, w = pe.grid_size
+    return h, w
 
 
 @torch.no_grad()
 def cls_attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, heads, h, w): the last block's attention of the class token to each patch (prefix tokens left out)."""
-    attn = get_last_selfattention(model, x)
-    h, w = token_grid(model, x)
-    return attn[:, :, 0, model.num_prefix_tokens :].reshape(attn.shape[0], attn.shape[1], h, w).float()
+    vit = cast(VisionTransformer, model)  # timm's ViT or a SkipAt ViT, whose API get_last_selfattention uses
+    attn = get_last_selfattention(vit, x)
+    h, w = token_grid(vit, x)
+    return attn[:, :, 0, vit.num_prefix_tokens :].reshape(attn.shape[0], attn.shape[1], h, w).float()
 
 
 def mass_masks(maps: torch.Tensor, keep: float = 0.6) -> torch.Tensor:

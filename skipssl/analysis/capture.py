@@ -10,7 +10,7 @@ block that produced it.
 The model code is untouched: hooks only.
 """
 
-from typing import Dict, List
+from typing import Dict, Iterable, List, cast
 
 import torch
 from torch import nn
@@ -61,11 +61,13 @@ class BlockCapture:
         self._handles: list = []
 
     def __enter__(self) -> 'BlockCapture':
-        for i, (block, kind) in enumerate(zip(self.model.blocks, self.kinds)):
+        blocks = cast(Iterable[nn.Module], self.model.blocks)  # block_kinds() checked them
+        for i, (block, kind) in enumerate(zip(blocks, self.kinds)):
             if kind == SKIPPED:
                 self._handles.append(block.register_forward_hook(self._skipped_hook(i)))
             else:
-                self._handles.append(block.attn.register_forward_hook(self._attention_hook(i)))
+                attn = cast(nn.Module, block.attn)  # block_kinds() checked it is one
+                self._handles.append(attn.register_forward_hook(self._attention_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:

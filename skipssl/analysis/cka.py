@@ -14,9 +14,10 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .capture import SKIPPED, BlockCapture
@@ -118,7 +119,7 @@ def skip_variants(
         skipped = build_backbone(model_name, {**kwargs, 'skip_indices': tuple(skips)}).eval()
     else:  # a timm ViT: converted
         plain = build_backbone(model_name, kwargs).eval()
-        skipped = convert_to_skipat(plain, skips) if skips else plain
+        skipped = convert_to_skipat(cast(VisionTransformer, plain), skips) if skips else plain  # a timm ViT
     return plain, skipped
 
 
@@ -194,7 +195,7 @@ def measure(
                 break
             capture.clear()
             with autocast:
-                model.forward_features(images.to(device, non_blocking=True))
+                cast(VisionTransformer, model).forward_features(images.to(device, non_blocking=True))  # a timm ViT
             z_stream.update(capture.stacked(capture.z_grams, list(range(depth))))
             if computed:
                 attn = capture.stacked(capture.attn_grams, computed)  # (C, heads + 1, n, n)
@@ -206,8 +207,13 @@ def measure(
                 break
     if z_stream.batches == 0:
         raise ValueError(f'no batch of at least {MIN_BATCH} images was read')
-    heads = capture.attn_grams[computed[0]].shape[0] - 1 if computed else 0
-    attn_cka = attn_stream.cka().reshape(heads + 1, len(computed), heads + 1, len(computed)) if computed else None
+    attention_heads: List[Any] = []
+    attention_mean: List[Any] = []
+    if computed:
+        heads = capture.attn_grams[computed[0]].shape[0] - 1
+        attn_cka = attn_stream.cka().reshape(heads + 1, len(computed), heads + 1, len(computed))
+        attention_heads = [attn_cka[h, :, h].cpu().tolist() for h in range(heads)]
+        attention_mean = attn_cka[heads, :, heads].cpu().tolist()
     return {
         'images': seen,
         'batches': z_stream.batches,
@@ -215,8 +221,8 @@ def measure(
         'computed_blocks': computed,
         'skipped_blocks': [i for i in range(depth) if i not in computed],
         'z': z_stream.cka().cpu().tolist(),
-        'attention_heads': [attn_cka[h, :, h].cpu().tolist() for h in range(heads)] if computed else [],
-        'attention_mean': attn_cka[heads, :, heads].cpu().tolist() if computed else [],
+        'attention_heads': attention_heads,
+        'attention_mean': attention_mean,
     }
 
 

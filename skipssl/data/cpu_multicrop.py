@@ -240,7 +240,9 @@ class MultiCropTransform:
         blur = [i for i, p in enumerate(plans) if p.sigma is not None]
         if blur:
             for i in blur:
-                x[i] = _blur(x[i], plans[i].sigma, c.kernel_size)
+                sigma = plans[i].sigma
+                assert sigma is not None  # the plans picked for blur
+                x[i] = _blur(x[i], sigma, c.kernel_size)
         sol = [i for i, p in enumerate(plans) if p.solarize]
         if sol:
             x = _apply(x, sol, lambda v: _solarize(v, c.solarize_threshold))

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 from skipssl_common.io import atomic_open, atomic_write_json, sha256
 
-from .sources import FASHION_MNIST_ROOT, SOURCES, PathLike, Source, open_source
+from .sources import FASHION_MNIST_ROOT, SOURCES, ImageFolderSource, PathLike, Source, open_source
 
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1 << 30
@@ -83,6 +83,7 @@ def encode_image(source: Source, index: int, encoding: Encoding) -> Tuple[str, b
     """(tar extension, bytes) of one image; any failure is re-raised as ValueError naming the image."""
     try:
         if encoding.image_format == 'as-is':
+            assert isinstance(source, ImageFolderSource), 'only image folders store files as-is (Source.formats)'
             data = source.read_bytes(index)
             return _sniff_extension(data), data
         return _reencode(source.load_image(index), encoding)
@@ -155,9 +156,13 @@ def plan_shards(
 
     sizes[i]: sample i's tar bytes; needed only with max_bytes. locate(i) names sample i in errors.
     """
-    shards, current, members = [], [], 0
+    if max_bytes and sizes is None:
+        raise ValueError('plan_shards: max_bytes needs the sizes of the samples')
+    shards: List[List[int]] = []
+    current: List[int] = []
+    members = 0
     for i in map(int, order):
-        size = sizes[i] if max_bytes else 0
+        size = sizes[i] if max_bytes and sizes is not None else 0
         if max_bytes and _archive_bytes(size) > max_bytes:
             raise ValueError(
                 f'{locate(i)} needs a {_archive_bytes(size)}-byte shard on its own, more than --max-bytes {max_bytes}'
@@ -355,7 +360,10 @@ def _sample_sizes(runner: _Runner, encoding: Encoding, progress: bool) -> List[i
     """Every sample's exact tar bytes; re-encoded images are encoded once here to be measured."""
     source = runner.source
     if encoding.image_format == 'as-is':
-        image_sizes = [s.size for s in source.samples]
+        image_sizes = []
+        for s in source.samples:
+            assert s.size is not None, 'an image folder sizes its files when it lists them'
+            image_sizes.append(s.size)
     else:
         image_sizes = [0] * len(source.samples)
         measured = runner.imap_unordered(_measure_image, ((i, encoding) for i in range(len(image_sizes))), chunksize=64)

@@ -15,7 +15,7 @@ solarisation p 0.2 on global crop 2 only; ImageNet normalisation. Every number i
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,10 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.add(x[:, 0:1] * _GRAY[0], x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
 
 
+@overload
+def _per_sample(f: float) -> float: ...
+@overload
+def _per_sample(f: torch.Tensor) -> torch.Tensor: ...
 def _per_sample(f: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
     """Per-image factors (B,) broadcast over (B, C, H, W); a Python float (one image on the CPU) stays one, which
     spares the per-call overhead of tensor arithmetic on scalars."""
@@ -263,12 +267,15 @@ class BatchedMultiCrop:
         std = y.new_tensor(c.std).view(1, -1, 1, 1)
         return (y - mean) / std
 
-    def _crop_boxes(self, sizes: torch.Tensor, scale, gen, attempts: int = 10) -> torch.Tensor:
+    def _crop_boxes(
+        self, sizes: torch.Tensor, scale: Tuple[float, float], gen, attempts: int = 10
+    ) -> torch.Tensor:
         """RandomResizedCrop's box sampling (10 tries, then a centre crop), vectorised; returns affine thetas
         mapping output coordinates to normalised input coordinates."""
         c, dev, B = self.cfg, sizes.device, sizes.shape[0]
         Hs, Ws = sizes[:, 0:1], sizes[:, 1:2]
-        area = Hs * Ws * _uniform(B * attempts, *scale, dev, gen).view(B, attempts)
+        lo, hi = scale
+        area = Hs * Ws * _uniform(B * attempts, lo, hi, dev, gen).view(B, attempts)
         log_r = _uniform(B * attempts, math.log(c.ratio[0]), math.log(c.ratio[1]), dev, gen).view(B, attempts)
         r = torch.exp(log_r)
         w = torch.round(torch.sqrt(area * r))

@@ -21,7 +21,7 @@ import logging
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -113,7 +113,12 @@ def first_readable_sample(urls: List[str]) -> Optional[str]:
     one; None when there is no local shard to try (remote shards are read only by the run)."""
     local = [u for u in urls if not is_remote(u)]
     errors: List[Exception] = []
-    for sample in iter_raw_samples(local, handler=lambda exn: errors.append(exn) or True):
+
+    def keep_going(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    for sample in iter_raw_samples(local, handler=keep_going):
         return sample['__key__']
     if not local:
         return None
@@ -350,7 +355,8 @@ class PretrainShards(IterableDataset):
         for step in range(st.step, self.steps_per_epoch):
             if step % nw != wid:
                 continue
-            items, labels = [], []
+            items: List[Any] = []
+            labels: List[int] = []
             # each batch's augmentation draws from its own seed, so a resumed reader repeats it exactly
             with cpu_rng_seeded(batch_seed(self.seed, st.epoch, self.rank, step)):
                 offset, skipped = self._fill(stream, items, labels, offset, skipped, counter)

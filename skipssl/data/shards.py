@@ -3,7 +3,7 @@
 import json
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union, cast
 
 from webdataset.shardlists import expand_urls
 
@@ -26,7 +26,7 @@ def index_path(spec: Union[str, Sequence[str]], prefix: Optional[str] = None) ->
     ``prefix`` when given); None for anything else (lists, patterns, remote URLs, folders without one)."""
     if isinstance(spec, (list, tuple)) or is_remote(str(spec)):
         return None
-    path = Path(spec)
+    path = Path(cast(str, spec))  # lists and tuples returned above
     if path.is_dir():
         indices = find_indices(path, prefix)
         return indices[0] if len(indices) == 1 else None

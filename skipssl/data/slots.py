@@ -20,7 +20,7 @@ slot exactly after the last sample the trainer used.
 import itertools
 import logging
 import math
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -124,7 +124,9 @@ class _SlotReader:
 
     def take(self, step: int) -> Dict:
         ds = self.ds
-        items, labels, keys = [], [], []
+        items: List[Any] = []
+        labels: List[int] = []
+        keys: List[str] = []
         while len(items) < ds.per_slot:
             sample = next(self.stream)
             index = self.offset

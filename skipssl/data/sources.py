@@ -18,7 +18,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -113,7 +113,8 @@ def _class_dirs(root: Path) -> List[str]:
 
 
 def _list_images(root: Path, classes: List[str]) -> List[Sample]:
-    samples, owner = [], {}
+    samples: List[Sample] = []
+    owner: Dict[str, str] = {}
     for label, class_name in enumerate(classes):
         files = _image_files(root / class_name)
         if not files:

@@ -40,6 +40,8 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP in_dim -> hidden -> ... -> bottleneck (GELU), L2-normalise, weight-normalised Linear -> out_dim."""
 
+    mlp: nn.Module  # one Linear, or a Sequential of them with GELUs
+
     def __init__(
         self,
         in_dim: int,

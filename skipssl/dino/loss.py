@@ -25,6 +25,11 @@ class DINOLoss(nn.Module):
     and ``center_norm``.
     """
 
+    # buffers (registered in __init__; torch's stubs type a registered buffer ``Tensor | Module``)
+    center: torch.Tensor
+    _pending_sum: torch.Tensor
+    _pending_count: torch.Tensor
+
     def __init__(
         self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, n_teacher_crops: int = 2
     ) -> None:

@@ -14,6 +14,9 @@ class MultiCropWrapper(nn.Module):
     vector per image (e.g. a timm ViT with ``num_classes=0``: the CLS token after the final norm).
     """
 
+    backbone: nn.Module
+    head: nn.Module
+
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone

@@ -1,14 +1,16 @@
 """The EMA teacher: a frozen copy of the student, updated in place from the student's parameters."""
 
 import copy
-from typing import Iterable, List
+from typing import Iterable, List, TypeVar
 
 import torch
 from timm.layers import DropPath
 from torch import nn
 
+M = TypeVar('M', bound=nn.Module)
 
-def make_teacher(student: nn.Module) -> nn.Module:
+
+def make_teacher(student: M) -> M:
     """Deep copy of ``student`` without drop-path, in eval mode, with no parameter requiring grad."""
     teacher = copy.deepcopy(student)
     _remove_drop_path(teacher)

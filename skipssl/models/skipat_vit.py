@@ -7,7 +7,7 @@ intermediates API) is timm's.
 """
 
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from timm.layers.format import Format
@@ -64,7 +64,8 @@ class AttentionBlock(Block):
     which a following skipped block reuses). One signature for every block keeps the loop over blocks free
     of type dispatch, which TorchScript and torch.fx need."""
 
-    def forward(
+    # the SkipAt block interface replaces Block's (x -> x) on purpose: a SkipAt model calls no block as timm's
+    def forward(  # type: ignore[override]
         self,
         x: torch.Tensor,
         z_prev: Optional[torch.Tensor],
@@ -121,20 +122,23 @@ class SkipAtVisionTransformer(VisionTransformer):
             if i not in self.skip_indices:
                 block.__class__ = AttentionBlock  # same module, same weights; the SkipAt block interface
                 continue
-            act_layer = type(block.mlp.act) if hasattr(block.mlp, 'act') else nn.GELU
+            act_layer = type(cast(nn.Module, block.mlp.act)) if hasattr(block.mlp, 'act') else nn.GELU
             phi = SkipAttentionPhi(self.embed_dim, hidden_ratio, kernel_size, act_layer=act_layer)
             phi.apply(init_weights_vit_timm)  # timm's ViT init; the conv keeps PyTorch's fan-in default
-            phi.to(device=block.norm2.weight.device, dtype=block.norm2.weight.dtype)
+            norm2_weight = cast(torch.Tensor, block.norm2.weight)
+            phi.to(device=norm2_weight.device, dtype=norm2_weight.dtype)
             blocks[i] = SkipAttentionBlock(block, self.num_prefix_tokens, phi)
-        self.blocks = nn.ModuleList(blocks)
+        # timm types its blocks a Sequential; every SkipAt method iterates or indexes them, as ModuleList allows
+        self.blocks = nn.ModuleList(blocks)  # type: ignore[assignment]
 
     def fix_init_weight(self) -> None:
         with torch.no_grad():
             for layer_id, layer in enumerate(self.blocks):
                 scale = (2.0 * (layer_id + 1)) ** 0.5
                 if isinstance(layer, Block):
-                    layer.attn.proj.weight.div_(scale)
-                layer.mlp.fc2.weight.div_(scale)
+                    cast(nn.Linear, layer.attn.proj).weight.div_(scale)
+                mlp = cast(nn.Module, layer.mlp)
+                cast(nn.Linear, mlp.fc2).weight.div_(scale)
 
     # -- forward ------------------------------------------------------------------------------------
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -223,11 +227,12 @@ class SkipAtVisionTransformer(VisionTransformer):
             if not intermediates_only:
                 result['image_features'] = self.norm(x)
             return result
+        out: List[Any] = intermediates
         if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
+            out = list(zip(intermediates, prefix_tokens))  # (patch tokens, prefix tokens) per block, as timm's
         if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+            return out
+        return self.norm(x), out
 
     # -- what DINO and the evaluators use -----------------------------------------------------------
     def last_cls_tokens(self, x: torch.Tensor, n: int = 4) -> torch.Tensor:
@@ -246,8 +251,12 @@ def last_cls_tokens(model: VisionTransformer, x: torch.Tensor, n: int = 4) -> to
     """CLS tokens of the last ``n`` blocks after the final norm, concatenated, for any timm ViT."""
     if not model.has_class_token:
         raise ValueError('last_cls_tokens needs a model with a class token')
-    outs = model.forward_intermediates(
-        x, indices=n, return_prefix_tokens=True, norm=True, output_fmt='NLC', intermediates_only=True
+    # intermediates_only with the prefix tokens: a list of (patch tokens, prefix tokens) per block
+    outs = cast(
+        List[Tuple[torch.Tensor, torch.Tensor]],
+        model.forward_intermediates(
+            x, indices=n, return_prefix_tokens=True, norm=True, output_fmt='NLC', intermediates_only=True
+        ),
     )
     return torch.cat([prefix[:, 0] for _, prefix in outs], dim=-1)
 
@@ -263,14 +272,18 @@ def get_last_selfattention(model: VisionTransformer, x: torch.Tensor) -> torch.T
         raise ValueError('the last block has no self-attention (it is skipped); attention maps need a computed block')
     depth = len(model.blocks)
     if depth > 1:
-        feats = model.forward_intermediates(
-            x,
-            indices=[depth - 2],
-            norm=False,
-            stop_early=True,
-            output_fmt='NLC',
-            return_prefix_tokens=True,
-            intermediates_only=True,
+        # intermediates_only: a list, of (patch tokens, prefix tokens) pairs where the model has prefix tokens
+        feats = cast(
+            List[Any],
+            model.forward_intermediates(
+                x,
+                indices=[depth - 2],
+                norm=False,
+                stop_early=True,
+                output_fmt='NLC',
+                return_prefix_tokens=True,
+                intermediates_only=True,
+            ),
         )
         patches, prefix = feats[0] if model.num_prefix_tokens else (feats[0], None)
         h = torch.cat([prefix, patches], dim=1) if prefix is not None else patches
@@ -283,11 +296,11 @@ def attention_probabilities(attn: nn.Module, y: torch.Tensor, rows: Optional[int
     """softmax(q k^T / sqrt(d)) of a timm ``Attention`` for its (normed) input ``y`` (B, N, D), computed
     explicitly: (B, heads, N, N), or only the first ``rows`` query rows (B, heads, rows, N)."""
     B, N, _ = y.shape
-    qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = cast(nn.Linear, attn.qkv)(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
     if rows is not None:
         q = q[:, :, :rows]
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = cast(nn.Module, attn.q_norm)(q), cast(nn.Module, attn.k_norm)(k)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
@@ -320,13 +333,14 @@ def convert_to_skipat(
     # Swap the class rather than rebuild: timm does not keep every constructor argument around, and
     # the subclass only adds behaviour, no state beyond what _install_skips sets.
     model.__class__ = SkipAtVisionTransformer
-    model._install_skips(skip_indices, phi_hidden_ratio, phi_kernel_size)
-    return model
+    skipat = cast(SkipAtVisionTransformer, model)
+    skipat._install_skips(skip_indices, phi_hidden_ratio, phi_kernel_size)
+    return skipat
 
 
 def _set_dynamic_img_size(model: VisionTransformer, enable: bool) -> None:
     pe = model.patch_embed
-    model.dynamic_img_size = enable
+    model.dynamic_img_size = enable  # type: ignore[misc]  # Final for TorchScript; set before any scripting
     pe.strict_img_size = not enable
     pe.flatten = not enable
     pe.output_fmt = Format.NHWC if enable else Format.NCHW

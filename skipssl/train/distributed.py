@@ -19,7 +19,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     launcher: str  # 'torchrun', 'slurm' or 'single'
-    control_group: Optional[object] = None  # gloo group for small CPU-side collectives (flags, timers)
+    control_group: Optional[dist.ProcessGroup] = None  # gloo group for small CPU-side collectives (flags, timers)
 
     @property
     def is_main(self) -> bool:

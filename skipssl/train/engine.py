@@ -191,11 +191,14 @@ class EngineView:
         parameter), or None where another rank owns all of it."""
         if not self.partitioned:
             return [(self._fp32_of.get(id(p), p), 0, p.numel()) for p in self.params]
-        out = []
+        out: List[Optional[Tuple[torch.Tensor, int, int]]] = []
         for p in self.params:
             mapping = getattr(p, '_hp_mapping', None)
-            addr = mapping.lp_fragment_address if mapping is not None else None
-            out.append((mapping.hp_fragment, addr.start, addr.numel) if mapping is not None else None)
+            if mapping is None:
+                out.append(None)
+                continue
+            addr = mapping.lp_fragment_address
+            out.append((mapping.hp_fragment, addr.start, addr.numel))
         return out
 
     def _locate(self, master: torch.Tensor) -> Tuple[int, torch.Tensor, int]:

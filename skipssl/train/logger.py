@@ -4,46 +4,56 @@ and the device-hours clock (wall time of the training loop, summed over ranks)."
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import IO, TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.writer = None
-        self.jsonl = None
+        self.writer: Optional['SummaryWriter'] = None
+        self.jsonl: Optional[IO[str]] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / 'tb'))
             self.jsonl = open(run_dir / 'log.jsonl', 'a', buffering=1)
 
+    def _open(self) -> Tuple['SummaryWriter', IO[str]]:
+        """The writer and the JSON-lines file, which ``enabled`` promises are open."""
+        assert self.writer is not None and self.jsonl is not None, 'RunLogger is enabled but not open'
+        return self.writer, self.jsonl
+
     def scalars(self, step: int, values: Dict[str, float], **fields) -> None:
         if not self.enabled:
             return
+        writer, jsonl = self._open()
         for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({'iteration': step, **fields, **values}) + '\n')
+            writer.add_scalar(k, v, step)
+        jsonl.write(json.dumps({'iteration': step, **fields, **values}) + '\n')
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
-            self.writer.add_text(tag, text, step)
+            self._open()[0].add_text(tag, text, step)
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         """(N, C, H, W) in [0, 1]."""
         if self.enabled:
-            self.writer.add_images(tag, images.clamp(0, 1), step)
+            self._open()[0].add_images(tag, images.clamp(0, 1), step)
 
     def flush(self) -> None:
         if self.enabled:
-            self.writer.flush()
+            self._open()[0].flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.writer.close()
-            self.jsonl.close()
+            writer, jsonl = self._open()
+            writer.close()
+            jsonl.close()
             self.enabled = False
 
 

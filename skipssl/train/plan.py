@@ -5,7 +5,7 @@ only (``global_batch``)."""
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, cast
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from ..config import Config
 from ..data.shards import count_samples
 from ..data.slots import check_slots
 from ..dino import DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule, scaled_lr
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def global_batch(micro_batch: int, accum: int, world_size: int) -> int:
@@ -151,7 +154,11 @@ def model_spec(cfg: Config) -> Dict:
 
 
 def build_student(cfg: Config) -> MultiCropWrapper:
-    backbone = ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate))
+    # typed as timm's ViT for its backbone API (num_features, set_grad_checkpointing), which nn.Module lacks
+    backbone = cast(
+        'VisionTransformer',
+        ckpt.build_backbone(cfg.model.name, dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)),
+    )
     if backbone.num_features <= 0:
         raise ValueError(f'model {cfg.model.name} has no feature dimension')
     if cfg.model.grad_checkpointing:

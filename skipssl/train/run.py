@@ -199,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     'run': cfg.experiment.output_dir,
                     'state': state,
                     'iterations': summary.iterations,
-                    'device_hours': round(summary.device_hours, 4),
+                    'device_hours': None if summary.device_hours is None else round(summary.device_hours, 4),
                     'unit': summary.device_hours_unit,
                 },
                 sort_keys=False,

@@ -46,6 +46,7 @@ def _safe_globals():
 
 def rng_state(device: torch.device) -> Dict:
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form: numpy's global RandomState is always an MT19937
     state = {
         'torch': torch.get_rng_state(),
         'python': random.getstate(),
@@ -220,7 +221,8 @@ def load(
     device clock, optimizer partition) when the number of ranks is the checkpoint's, the world-size-independent
     optimizer blob when the partitioning is not."""
     model_blob = ckpt.load_file(folder / ckpt.MODEL_FILE)
-    rank_blob = optimizer_blob = None
+    rank_blob: Optional[Dict] = None
+    optimizer_blob: Optional[Dict] = None
     if same_world:
         with torch.serialization.safe_globals(_safe_globals()):
             rank_blob = ckpt.load_file(folder / ckpt.rank_file(info.rank))

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -48,7 +48,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
-        self._previous = {}
+        self._previous: Dict[signal.Signals, Any] = {}
 
     def install(self) -> 'StopRequest':
         for s in self.SIGNALS:
@@ -221,16 +221,19 @@ class Trainer:
         e = self.engine
         e.module.load_state_dict(model_blob['student'])
         if not same_partitioning:
+            assert optimizer_blob is not None  # load() reads it whenever the partitioning changed
             self.view.set_master_params([model_blob['student'][n] for n in self.view.names])
             self.view.set_full_optimizer_state(optimizer_blob)
             scaler = getattr(e.optimizer, 'loss_scaler', None)
             for k, v in optimizer_blob['loss_scaler'].items() if scaler is not None else ():
                 setattr(scaler, k, v)
         elif self.view.partitioned:
+            assert rank_blob is not None  # the same partitioning is the same world size, whose blobs load() reads
             states = [None] * self.info.world_size
             states[self.info.rank] = rank_blob['optimizer']
             e.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
         else:
+            assert rank_blob is not None
             e.optimizer.load_state_dict(rank_blob['optimizer'])
         for k, v in (rank_blob or model_blob)['engine'].items():
             setattr(e, k, v)
@@ -310,6 +313,7 @@ class Trainer:
         batch = join(pieces, self.device)
         if self.device_aug is None:
             return batch['crops']
+        assert self.aug_gen is not None  # made with device_aug
         self.aug_gen.manual_seed(batch_seed(self.cfg.experiment.seed, self.pos.iteration, self.info.rank, micro))
         return self.device_aug(batch['images'], batch['sizes'], generator=self.aug_gen)
 
