@@ -76,7 +76,18 @@ def test_wheel_installs_no_generic_top_level_names(tmp_path):
     import zipfile
 
     src = tmp_path / 'src'  # a copy, so the build leaves no build/ or egg-info in the checkout
-    top_level_outputs = {'.venv', '.git', 'runs', 'data', '.whl', 'build', 'dist'}
+    top_level_outputs = {
+        '.venv',
+        '.git',
+        'runs',
+        'data',
+        '.whl',
+        'build',
+        'dist',
+        '.mypy_cache',
+        '.pytest_cache',
+        '.ruff_cache',
+    }
     shutil.copytree(
         ROOT,
         src,
