@@ -129,8 +129,9 @@ def _as_hwc(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
 def _resized_crop(hwc: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     top, left, h, w = plan.box
     # a dense channels-last copy of the box first: the resize kernel reads it a quarter faster than the strided view
-    crop = hwc[top : top + h, left : left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    out = F.interpolate(crop, size=(plan.size, plan.size), mode='bicubic', antialias=True)[0]
+    box = hwc.narrow(0, top, h).narrow(1, left, w).permute(2, 0, 1).unsqueeze(0)
+    crop = box.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=(plan.size, plan.size), mode='bicubic', antialias=True).squeeze(0)
     return out.flip(-1) if plan.flip else out
 
 
@@ -164,7 +165,8 @@ def _saturation_(v: torch.Tensor, f: float) -> torch.Tensor:
     if v.shape[0] == 1:
         return v
     g = 1.0 - f
-    gray = torch.add(v[0] * (_W0 * g), v[1], alpha=_W1 * g).add_(v[2], alpha=_W2 * g)
+    r, gr, b = v.unbind(0)
+    gray = torch.add(r * (_W0 * g), gr, alpha=_W1 * g).add_(b, alpha=_W2 * g)
     v.mul_(f).add_(gray)
     return v.clamp_(0.0, 255.0) if f > 1.0 else v
 
@@ -193,7 +195,8 @@ def _hue_(v: torch.Tensor, f: float) -> torch.Tensor:
 
 def _gray_(v: torch.Tensor) -> torch.Tensor:
     if v.shape[0] > 1:
-        v.copy_(torch.add(v[0] * _W0, v[1], alpha=_W1).add_(v[2], alpha=_W2).expand_as(v))
+        r, g, b = v.unbind(0)
+        v.copy_(torch.add(r * _W0, g, alpha=_W1).add_(b, alpha=_W2).expand_as(v))
     return v
 
 
@@ -221,19 +224,22 @@ def _blur_(v: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
         return v.mul_(taps[0])
     if radius >= min(H, W):
         raise ValueError(f'blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)')
-    # rows: shifts of the flattened padded image are contiguous; each shifted sum runs into the next row only in
-    # the 2 * radius padding columns, which are dropped
-    flat = F.pad(v, (radius, radius, 0, 0), mode='reflect').view(-1)
+    # one reflect padding on both axes; rows: shifts of the flattened padded image are contiguous, and each shifted
+    # sum runs into the next row only in the 2 * radius padding columns, never read; the padding rows are blurred
+    # along too (a row's reflection blurred is the blurred row's reflection), so the column pass needs no padding
+    # of its own and writes into v, from views of the row pass's output shifted by whole rows
+    padded = F.pad(v, (radius, radius, radius, radius), mode='reflect')
+    flat = padded.view(-1)
     length = flat.numel() - 2 * radius
-    rows = torch.empty_like(flat)
-    acc = torch.mul(flat[:length], taps[0], out=rows[:length])
+    rows = torch.empty_like(padded)
+    shifted = flat.unfold(0, length, 1).unbind(0)  # the 2 radius + 1 shifts as views, in one call
+    acc = torch.mul(shifted[0], taps[0], out=rows.view(-1)[:length])
     for k in range(1, len(taps)):
-        acc.add_(flat[k : k + length], alpha=taps[k])
-    y = F.pad(rows.view(C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect').view(C, -1)
-    length = H * W
-    z = torch.mul(y[:, :length], taps[0], out=v.view(C, length))
+        acc.add_(shifted[k], alpha=taps[k])
+    shifted = rows[..., :W].unfold(1, H, 1).permute(1, 0, 3, 2).unbind(0)  # (C, H, W) views, k rows down
+    z = torch.mul(shifted[0], taps[0], out=v)
     for k in range(1, len(taps)):
-        z.add_(y[:, k * W : k * W + length], alpha=taps[k])
+        z.add_(shifted[k], alpha=taps[k])
     return v
 
 
