@@ -356,7 +356,7 @@ def test_fast_colour_ops_match_torchvision(op, ref, factors):
     for f in factors:
         got = getattr(cpu_multicrop, op)(x * 255, f) / 255
         torch.testing.assert_close(got, ref(x, f), atol=2e-6, rtol=0, msg=f'{op} {f}')
-    gray = cpu_multicrop._gray_(x * 255) / 255
+    gray = cpu_multicrop._gray(x * 255).expand_as(x) / 255
     torch.testing.assert_close(gray, TF.rgb_to_grayscale(x, num_output_channels=3), atol=2e-6, rtol=0)
 
 

@@ -193,11 +193,12 @@ def _hue_(v: torch.Tensor, f: float) -> torch.Tensor:
     return torch.addcmul(torch.add(mx, d, alpha=-2.0), w, d, value=6.0, out=v)
 
 
-def _gray_(v: torch.Tensor) -> torch.Tensor:
-    if v.shape[0] > 1:
-        r, g, b = v.unbind(0)
-        v.copy_(torch.add(r * _W0, g, alpha=_W1).add_(b, alpha=_W2).expand_as(v))
-    return v
+def _gray(v: torch.Tensor) -> torch.Tensor:
+    """The luma plane (1, H, W) of v (C, H, W): torchvision's rgb_to_grayscale, whose channels are all this plane."""
+    if v.shape[0] == 1:
+        return v
+    r, g, b = v.unbind(0)
+    return torch.add(r * _W0, g, alpha=_W1).add_(b, alpha=_W2).unsqueeze(0)
 
 
 _JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
@@ -285,9 +286,11 @@ class MultiCropTransform:
             for op_id in plan.order:
                 if plan.jitter[op_id] != _IDENTITY[op_id]:
                     _JITTER_OPS[op_id](v, plan.jitter[op_id])
-        if plan.gray:
-            _gray_(v)
+        # a grayscale crop is blurred and solarised as its one luma plane, then copied to every channel
+        x = _gray(v) if plan.gray else v
         if plan.sigma is not None:
-            _blur_(v, plan.sigma, c.kernel_size)
+            _blur_(x, plan.sigma, c.kernel_size)
         if plan.solarize:
-            _solarize_(v, c.solarize_threshold * 255.0)
+            _solarize_(x, c.solarize_threshold * 255.0)
+        if x is not v:
+            v.copy_(x.expand_as(v))
