@@ -311,6 +311,11 @@ def test_fast_transform_is_seeded_by_torch_and_takes_pil_or_tensor():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     c = t(img)
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # the photometry runs in inference mode; the crops must come out as ordinary tensors, usable in training
+    assert not any(x.is_inference() for x in a)
+    conv = torch.nn.Conv2d(3, 2, 3)
+    conv(torch.stack(a[:2])).sum().backward()
+    a[0].add_(1.0)
 
 
 def test_fast_transform_geometry_is_torchvisions():
