@@ -311,6 +311,11 @@ def test_fast_transform_is_seeded_by_torch_and_takes_pil_or_tensor():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     c = t(img)
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # the photometry runs in inference mode; the crops must come out as ordinary tensors, usable in training
+    assert not any(x.is_inference() for x in a)
+    conv = torch.nn.Conv2d(3, 2, 3)
+    conv(torch.stack(a[:2])).sum().backward()
+    a[0].add_(1.0)
 
 
 def test_fast_transform_geometry_is_torchvisions():
@@ -336,16 +341,43 @@ def test_fast_transform_geometry_is_torchvisions():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    'op, ref, factors',
+    [
+        ('_brightness_', TF.adjust_brightness, [0.6, 1.0, 1.4]),
+        ('_contrast_', TF.adjust_contrast, [0.6, 1.0, 1.4]),
+        ('_saturation_', TF.adjust_saturation, [0.8, 1.0, 1.2]),
+        ('_hue_', TF.adjust_hue, [-0.1, 0.0, 0.07]),
+    ],
+)
+def test_fast_colour_ops_match_torchvision(op, ref, factors):
+    """The CPU path's in-place colour ops work on [0, 255] floats (and skip the clamp where a factor <= 1 cannot
+    leave the range): the same images as torchvision's adjust_* on [0, 1]."""
+    from skipssl.data import cpu_multicrop
+
+    x = torch.rand(3, 12, 10)
+    x[:, 0, 0] = torch.tensor([0.5, 0.5, 0.2])  # a tie for the max: the hue of either formula
+    x[:, 0, 1] = 0.3  # gray: no hue
+    for f in factors:
+        got = getattr(cpu_multicrop, op)(x * 255, f) / 255
+        torch.testing.assert_close(got, ref(x, f), atol=2e-6, rtol=0, msg=f'{op} {f}')
+    gray = cpu_multicrop._gray(x * 255).expand_as(x) / 255
+    torch.testing.assert_close(gray, TF.rgb_to_grayscale(x, num_output_channels=3), atol=2e-6, rtol=0)
+
+
 def test_fast_blur_and_solarize_match_torchvision():
-    from skipssl.data.cpu_multicrop import _blur, _solarize
+    from skipssl.data.cpu_multicrop import _blur_, _solarize_
 
     x = torch.rand(3, 30, 26)
     for sigma in (0.1, 0.7, 1.3, 2.0):
-        # taps beyond 4 sigma (under 1e-4 of the kernel's mass) are dropped
+        # taps beyond 4 sigma (under 1e-4 of the kernel's mass) are dropped; the blur is linear, so [0, 255] or [0, 1]
         torch.testing.assert_close(
-            _blur(x.clone(), sigma, 13), TF.gaussian_blur(x, [13, 13], [sigma, sigma]), atol=1e-4, rtol=0
+            _blur_(x.clone(), sigma, 13), TF.gaussian_blur(x, [13, 13], [sigma, sigma]), atol=1e-4, rtol=0
         )
-    torch.testing.assert_close(_solarize(x.clone(), 0.5), TF.solarize(x, 0.5), atol=0, rtol=0)
+    # on [0, 255]: the threshold 0.5 * 255 picks the pixels torchvision's solarize (on [0, 1], at 0.5) flips
+    y = x * 255
+    torch.testing.assert_close(_solarize_(y.clone(), 127.5), torch.where(y >= 127.5, 255 - y, y), atol=0, rtol=0)
+    assert torch.equal(y >= 127.5, TF.solarize(x, 0.5) != x)
 
 
 def test_fast_transform_rejects_bad_input():

@@ -5,24 +5,24 @@ executed the cheap way:
 
 - geometry on uint8: each crop is a strided view of the decoded image, resized by PyTorch's antialiased bicubic
   uint8 kernel (the one torchvision's ``resized_crop`` calls on uint8 tensors, so boxes give identical pixels),
-  flipped on the small crop;
-- photometry in float, once per group of same-size crops (the 2 globals, the N locals), each op applied only to
-  the crops that drew it, in each crop's own random order; hue by a closed-form HSV rotation
-  (``multicrop._adjust_hue``), blur as per-crop separable shifted sums;
+  flipped on the small crop, then converted to float planes in [0, 255] as it is copied into its group's batch;
+- photometry in float, crop by crop, in place, in each crop's own random order, in inference mode; hue by a
+  closed-form HSV rotation, blur as separable shifted sums; one fused multiply-add normalises a group (the 1/255
+  included) into ordinary tensors;
 - all random numbers of an image from one ``torch.rand`` call on torch's default generator, so the reader's
   ``torch.manual_seed`` fixes the crops.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .multicrop import MultiCropConfig, _adjust_brightness, _adjust_contrast, _adjust_hue, _adjust_saturation, _gray
+from .multicrop import _GRAY, MultiCropConfig
 
 # uniforms per crop: 10 (area, log-ratio) attempts, top, left, flip, jitter, 4 order keys, 4 factors, gray,
 # blur, sigma, solarize
@@ -130,83 +130,125 @@ def _as_hwc(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
 def _resized_crop(hwc: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     top, left, h, w = plan.box
     # a dense channels-last copy of the box first: the resize kernel reads it a quarter faster than the strided view
-    crop = hwc[top : top + h, left : left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    out = F.interpolate(crop, size=(plan.size, plan.size), mode='bicubic', antialias=True)[0]
+    box = hwc.narrow(0, top, h).narrow(1, left, w).permute(2, 0, 1).unsqueeze(0)
+    crop = box.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=(plan.size, plan.size), mode='bicubic', antialias=True).squeeze(0)
     return out.flip(-1) if plan.flip else out
 
 
-_JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+# -- photometry, in place on one float crop (C, H, W) in [0, 255] ------------------------------------------------
+# Working in [0, 255] saves a pass over every pixel (the uint8 crop converts to float as it is copied, the 1/255
+# goes into the normalisation). Each op writes into its crop (no allocation for the result, no copy back) and
+# skips its clamp where the factor cannot leave [0, 255] (a factor <= 1 makes a convex combination of values in
+# range). The device path (``multicrop.BatchedMultiCrop``) keeps the batched out-of-place ops of ``multicrop``.
+_W0, _W1, _W2 = _GRAY
+_HUE_OFFSETS = torch.tensor((11.0, 9.0, 7.0)).view(3, 1, 1) / 6  # (n_c + 6) / 6 for (r, g, b): positive before frac
+
+
+def _brightness_(v: torch.Tensor, f: float) -> torch.Tensor:
+    v.mul_(f)
+    return v.clamp_(0.0, 255.0) if f > 1.0 else v
+
+
+def _contrast_(v: torch.Tensor, f: float) -> torch.Tensor:
+    """torchvision's adjust_contrast: blend with the mean of the grayscale image (the luma-weighted channel means)."""
+    if v.shape[0] == 1:
+        mean = v.mean().item()
+    else:
+        m = v.mean(dim=(1, 2)).tolist()
+        mean = _W0 * m[0] + _W1 * m[1] + _W2 * m[2]
+    v.mul_(f).add_((1.0 - f) * mean)
+    return v.clamp_(0.0, 255.0) if f > 1.0 else v
+
+
+def _saturation_(v: torch.Tensor, f: float) -> torch.Tensor:
+    """torchvision's adjust_saturation: blend with the grayscale image, its weights scaled by (1 - f) on the way."""
+    if v.shape[0] == 1:
+        return v
+    g = 1.0 - f
+    r, gr, b = v.unbind(0)
+    gray = torch.add(r * (_W0 * g), gr, alpha=_W1 * g).add_(b, alpha=_W2 * g)
+    v.mul_(f).add_(gray)
+    return v.clamp_(0.0, 255.0) if f > 1.0 else v
+
+
+def _hue_(v: torch.Tensor, f: float) -> torch.Tensor:
+    """torchvision's adjust_hue (HSV hue rotation), the closed form of ``multicrop._adjust_hue`` rearranged for
+    fewer passes: with M, m the per-pixel max and min, d = M - m and u = frac(h + f + (n_c + 6) / 6), every channel
+    is M - d * clamp(2 - |6u - 2|, 0, 1) = (M - 2d) + 6d * clamp(|u - 1/3|, 1/6, 1/3). The hue h of the max channel's
+    formula: on ties the formulas agree (the hexcone is continuous), so no priority is needed."""
+    if v.shape[0] == 1:
+        return v
+    r, g, b = v[0], v[1], v[2]
+    mx = torch.maximum(r, g)
+    mx = torch.maximum(mx, b, out=mx)
+    mn = torch.minimum(r, g)
+    d = torch.sub(mx, torch.minimum(mn, b, out=mn), out=mn)
+    # 6h * d where the max is b, else g, else r (lerp with a 0/1 mask written straight to float: no where)
+    h6 = torch.lerp(
+        torch.add(r - g, d, alpha=4.0), torch.add(b - r, d, alpha=2.0), torch.eq(g, mx, out=torch.empty_like(g))
+    )
+    h6 = torch.lerp(h6, g - b, torch.eq(r, mx, out=torch.empty_like(r)))
+    h = h6.div_(d.clamp_min(1e-20).mul_(6.0)).add_(f)  # d 0: the numerators are 0 too, and every channel is M
+    w = torch.add(h, _HUE_OFFSETS).frac_().sub_(1 / 3).abs_().clamp_(1 / 6, 1 / 3)
+    return torch.addcmul(torch.add(mx, d, alpha=-2.0), w, d, value=6.0, out=v)
+
+
+def _gray(v: torch.Tensor) -> torch.Tensor:
+    """The luma plane (1, H, W) of v (C, H, W): torchvision's rgb_to_grayscale, whose channels are all this plane."""
+    if v.shape[0] == 1:
+        return v
+    r, g, b = v.unbind(0)
+    return torch.add(r * _W0, g, alpha=_W1).add_(b, alpha=_W2).unsqueeze(0)
+
+
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # factors that leave the image as it is (a jitter amount of 0 always draws them)
 
 
-def _apply(x: torch.Tensor, idx: List[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """x with fn applied to the images idx (sorted); a run of neighbours is a view, so no gather or scatter."""
-    if len(idx) == x.shape[0]:
-        return fn(x)
-    if idx[-1] - idx[0] == len(idx) - 1:
-        x[idx[0] : idx[-1] + 1] = fn(x[idx[0] : idx[-1] + 1])
-    else:
-        x[idx] = fn(x[idx])
-    return x
-
-
-def _jitter(x: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
-    """ColorJitter crop by crop, each in its own random order, on views of x written back (grouping the crops
-    that share an op in a slot was slower: the gathers and scatters cost more than the calls they save)."""
-    for i, plan in enumerate(plans):
-        if plan.jitter is None:
-            continue
-        v = x[i : i + 1]
-        for op_id in plan.order:
-            if plan.jitter[op_id] != _IDENTITY[op_id]:
-                v = _JITTER_OPS[op_id](v, plan.jitter[op_id])
-        x[i : i + 1] = v
-    return x
-
-
-def blur_kernels(sigmas: Sequence[float], kernel_size: int) -> torch.Tensor:
-    """(n, kernel_size) normalised Gaussian taps, torchvision's GaussianBlur kernel for each sigma (computed in
-    Python: a dozen numbers, where torch's per-call overhead would dominate)."""
+def _taps(sigma: float, kernel_size: int, radius: int) -> List[float]:
+    """torchvision's GaussianBlur kernel for sigma (normalised over kernel_size taps), its central 2 radius + 1 taps;
+    computed in Python: a dozen numbers, where torch's per-call overhead would dominate."""
     half = (kernel_size - 1) / 2
-    rows = []
-    for sigma in sigmas:
-        w = [math.exp(-((i - half) ** 2) / (2 * sigma**2)) for i in range(kernel_size)]
-        total = sum(w)
-        rows.append([v / total for v in w])
-    return torch.tensor(rows, dtype=torch.float32)
+    w = [math.exp(-((i - half) ** 2) / (2 * sigma**2)) for i in range(kernel_size)]
+    total = sum(w)
+    mid = kernel_size // 2
+    return [x / total for x in w[mid - radius : mid + radius + 1]]
 
 
-def _blur(x: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur of x (C, H, W) with reflect padding, as torchvision's gaussian_blur, as shifted
-    sums over the taps within 4 sigma."""
-    C, H, W = x.shape
-    half = kernel_size // 2
-    radius = min(half, math.ceil(_BLUR_TAIL * sigma))
-    taps = blur_kernels([sigma], kernel_size)[0, half - radius : half + radius + 1].tolist()
+def _blur_(v: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of v (C, H, W, contiguous) in place, with reflect padding, as torchvision's
+    gaussian_blur, as shifted sums over the taps within 4 sigma."""
+    C, H, W = v.shape
+    radius = min(kernel_size // 2, math.ceil(_BLUR_TAIL * sigma))
+    taps = _taps(sigma, kernel_size, radius)
     if radius == 0:
-        return x * taps[0]
+        return v.mul_(taps[0])
     if radius >= min(H, W):
         raise ValueError(f'blur radius {radius} needs crops larger than {H}x{W} px (reflect padding)')
-    # rows: shifts of the flattened padded image are contiguous; each shifted sum runs into the next row only in
-    # the 2 * radius padding columns, which are dropped
-    flat = F.pad(x, (radius, radius, 0, 0), mode='reflect').view(-1)
+    # one reflect padding on both axes; rows: shifts of the flattened padded image are contiguous, and each shifted
+    # sum runs into the next row only in the 2 * radius padding columns, never read; the padding rows are blurred
+    # along too (a row's reflection blurred is the blurred row's reflection), so the column pass needs no padding
+    # of its own and writes into v, from views of the row pass's output shifted by whole rows
+    padded = F.pad(v, (radius, radius, radius, radius), mode='reflect')
+    flat = padded.view(-1)
     length = flat.numel() - 2 * radius
-    rows = torch.empty_like(flat)
-    torch.mul(flat[:length], taps[0], out=rows[:length])
+    rows = torch.empty_like(padded)
+    shifted = flat.unfold(0, length, 1).unbind(0)  # the 2 radius + 1 shifts as views, in one call
+    acc = torch.mul(shifted[0], taps[0], out=rows.view(-1)[:length])
     for k in range(1, len(taps)):
-        rows[:length].add_(flat[k : k + length], alpha=taps[k])
-    y = F.pad(rows.view(C, H, W + 2 * radius)[..., :W], (0, 0, radius, radius), mode='reflect').view(C, -1)
-    length = H * W
-    z = y[:, :length] * taps[0]
+        acc.add_(shifted[k], alpha=taps[k])
+    shifted = rows[..., :W].unfold(1, H, 1).permute(1, 0, 3, 2).unbind(0)  # (C, H, W) views, k rows down
+    z = torch.mul(shifted[0], taps[0], out=v)
     for k in range(1, len(taps)):
-        z.add_(y[:, k * W : k * W + length], alpha=taps[k])
-    return z.view(C, H, W)
+        z.add_(shifted[k], alpha=taps[k])
+    return v
 
 
-def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """1 - x where x >= threshold (torchvision's solarize on [0, 1] images), without the slow ``where``."""
-    above = torch.ge(x, threshold, out=torch.empty_like(x))
-    return x.addcmul_(above, 1.0 - 2.0 * x)
+def _solarize_(v: torch.Tensor, threshold: float) -> torch.Tensor:
+    """255 - v where v >= threshold (torchvision's solarize, on [0, 255]), without the slow ``where``."""
+    above = torch.ge(v, threshold, out=torch.empty_like(v))
+    return v.addcmul_(above, v.mul(-2.0).add_(255.0))
 
 
 class MultiCropTransform:
@@ -217,33 +259,42 @@ class MultiCropTransform:
 
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg = cfg or MultiCropConfig()
-        self.mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(cfg.std).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32)
+        # normalisation of [0, 255] values: x * scale + shift = (x / 255 - mean) / std
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(cfg.mean, dtype=torch.float32) / std).view(1, -1, 1, 1)
 
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> List[torch.Tensor]:
         hwc = _as_hwc(image)
-        if hwc.shape[-1] != len(self.cfg.mean):
-            raise ValueError(f'image has {hwc.shape[-1]} channels, the config normalises {len(self.cfg.mean)}')
+        channels = hwc.shape[-1]
+        if channels != len(self.cfg.mean):
+            raise ValueError(f'image has {channels} channels, the config normalises {len(self.cfg.mean)}')
         plans = sample_plans(self.cfg, hwc.shape[0], hwc.shape[1])
         out: List[torch.Tensor] = []
         for size in dict.fromkeys(p.size for p in plans):  # globals, then locals (crop_specs' order)
             group = [p for p in plans if p.size == size]
-            out.extend(self._photometric(torch.stack([_resized_crop(hwc, p) for p in group]), group).unbind(0))
+            # inference mode spares every op its autograd bookkeeping (about 5 % of the time here); the crops leave
+            # it through the normalisation, made outside, so that they are ordinary tensors (trainable, writable)
+            with torch.inference_mode():
+                x = torch.empty(len(group), channels, size, size)
+                for v, plan in zip(x, group):
+                    v.copy_(_resized_crop(hwc, plan))  # uint8 channels-last -> float planes, in one pass
+                    self._photometric(v, plan)
+            out.extend(torch.addcmul(self.shift, x, self.scale).unbind(0))
         return out
 
-    def _photometric(self, crops: torch.Tensor, plans: Sequence[CropPlan]) -> torch.Tensor:
+    def _photometric(self, v: torch.Tensor, plan: CropPlan) -> None:
+        """ColorJitter in the crop's own random order, grayscale, blur, solarisation: in place on v, in [0, 255]."""
         c = self.cfg
-        x = _jitter(crops * (1 / 255), plans)  # uint8 times a float: float32 in one pass
-        gray = [i for i, p in enumerate(plans) if p.gray]
-        if gray and x.shape[1] > 1:
-            x = _apply(x, gray, lambda v: _gray(v).expand_as(v).contiguous())
-        blur = [i for i, p in enumerate(plans) if p.sigma is not None]
-        if blur:
-            for i in blur:
-                sigma = plans[i].sigma
-                assert sigma is not None  # the plans picked for blur
-                x[i] = _blur(x[i], sigma, c.kernel_size)
-        sol = [i for i, p in enumerate(plans) if p.solarize]
-        if sol:
-            x = _apply(x, sol, lambda v: _solarize(v, c.solarize_threshold))
-        return x.sub_(self.mean).mul_(self.inv_std)
+        if plan.jitter is not None:
+            for op_id in plan.order:
+                if plan.jitter[op_id] != _IDENTITY[op_id]:
+                    _JITTER_OPS[op_id](v, plan.jitter[op_id])
+        # a grayscale crop is blurred and solarised as its one luma plane, then copied to every channel
+        x = _gray(v) if plan.gray else v
+        if plan.sigma is not None:
+            _blur_(x, plan.sigma, c.kernel_size)
+        if plan.solarize:
+            _solarize_(x, c.solarize_threshold * 255.0)
+        if x is not v:
+            v.copy_(x.expand_as(v))
