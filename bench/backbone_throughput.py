@@ -10,7 +10,6 @@ the reported ratio is the median of per-repeat ratios. Results go to bench/resul
 
 import argparse
 import platform
-import statistics
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +20,23 @@ import torch
 
 import skipssl  # noqa: F401  (registers the SkipAt models)
 from skipssl.models import count_macs, count_params
-from skipssl.models.throughput import interleaved_rates, median_ratio
+from skipssl.models.throughput import interleaved_rates, rate_report
 from skipssl_common.io import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+# what a SkipAt-against-ViT comparison reports (``rate_report``: ViT the base), here and in bench.train_step_throughput
+VIT_VS_SKIPAT_KEYS = ('vit_img_per_s', 'skipat_img_per_s', 'ratio_skipat_over_vit', 'per_repeat_img_per_s')
+
+
+def run_header(benchmark: str, device: torch.device) -> Dict:
+    """The fields every benchmark report starts with: which benchmark, when, on what, with which torch."""
+    return {
+        'benchmark': benchmark,
+        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'device': device_name(device),
+        'device_type': device.type,
+        'torch': torch.__version__,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -83,10 +95,7 @@ def run_config(args, device, batch_size: int, compile_model: bool) -> Dict:
     result = {
         'batch_size': batch_size,
         'compile': compile_model,
-        'vit_img_per_s': statistics.median(rates['vit']),
-        'skipat_img_per_s': statistics.median(rates['skipat']),
-        'ratio_skipat_over_vit': median_ratio(rates, 'skipat', 'vit'),
-        'per_repeat_img_per_s': rates,
+        **rate_report(rates, 'vit', 'skipat', VIT_VS_SKIPAT_KEYS),
     }
     print(
         f'  batch {batch_size:5d} compile={str(compile_model):5s}  ViT {result["vit_img_per_s"]:9.1f} img/s  '
@@ -158,11 +167,7 @@ def header(args, device: torch.device) -> Dict:
     skip_cpu = timm.create_model(skip_name, num_classes=0, dynamic_img_size=True)
     img = (1, 3, args.img_size, args.img_size)
     return {
-        'benchmark': 'backbone_throughput',
-        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        'device': device_name(device),
-        'device_type': device.type,
-        'torch': torch.__version__,
+        **run_header('backbone_throughput', device),
         'timm': timm.__version__,
         'models': {'vit': vit_name, 'skipat': skip_name},
         'params': {'vit': count_params(vit_cpu), 'skipat': count_params(skip_cpu)},

@@ -36,12 +36,13 @@ from skipssl.data import (
     BatchedMultiCrop,
     MultiCropConfig,
     MultiCropTransform,
-    PretrainShards,
+    SlotShards,
     TorchvisionMultiCrop,
     canvas_resize,
     decode_sample,
     resolve_shards,
 )
+from skipssl.data.slots import batches
 from skipssl.models.throughput import synchronize
 
 
@@ -105,9 +106,17 @@ def crop_rates(jpegs: List[bytes], cfg: MultiCropConfig, repeats: int) -> Dict:
     }
 
 
-def cpu_rate(urls, n_images: int, transform) -> float:
-    ds = PretrainShards(urls, batch_size=16, samples_per_epoch=n_images, transform=transform, shuffle_buffer=0)
-    it = iter(ds)
+def cpu_rate(urls, n_images: int, transform, batch: int = 16) -> float:
+    """Images/s of the training reader (one slot, in this process) with ``transform``, batches joined."""
+    ds = SlotShards(
+        urls,
+        global_batch=batch,
+        n_slots=1,
+        iterations_per_epoch=n_images // batch,
+        transform=transform,
+        shuffle_buffer=0,
+    )
+    it = batches(ds, ds)
     next(it)  # warm-up: first shard open, first decodes
     t0 = time.perf_counter()
     count = 0

@@ -14,18 +14,24 @@ known bf16 peak the model FLOP utilisation (MFU) is reported.
 
 import argparse
 import os
-import statistics
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
-from bench.backbone_throughput import RESULTS_DIR, compile_modes, device_name, pick_device, write_json
+from bench.backbone_throughput import (
+    RESULTS_DIR,
+    VIT_VS_SKIPAT_KEYS,
+    compile_modes,
+    device_name,
+    pick_device,
+    run_header,
+    write_json,
+)
 from skipssl.config import load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
-from skipssl.models.throughput import time_steps
+from skipssl.models.throughput import interleaved_rates, rate_report
 from skipssl.train.engine import build_engine
 from skipssl.train.plan import Plan, build_student, make_schedules
 from skipssl.train.step import DINOStep
@@ -111,22 +117,12 @@ def measure(args, device) -> Dict:
     runs, flops = {}, {}
     for key in CONFIGS:
         runs[key], flops[key] = build_step(key, args, device)
-        for _ in range(args.warmup):
-            runs[key]()
-    rates: Dict[str, List[float]] = {k: [] for k in CONFIGS}
-    ratios = []
-    for r in range(args.repeats):
-        for key in CONFIGS if r % 2 == 0 else list(reversed(list(CONFIGS))):
-            rates[key].append(args.batch_size * args.iters / time_steps(runs[key], args.iters, device))
-        ratios.append(rates['skipat'][-1] / rates['vit'][-1])
+    rates = interleaved_rates(runs, args.batch_size, args.iters, args.repeats, device, warmup=args.warmup)
     out = {
         'batch_size': args.batch_size,
         'compile': args.compile_model,
         'model_gflops_per_image': {k: flops[k] / 1e9 for k in CONFIGS},
-        'vit_img_per_s': statistics.median(rates['vit']),
-        'skipat_img_per_s': statistics.median(rates['skipat']),
-        'ratio_skipat_over_vit': statistics.median(ratios),
-        'per_repeat_img_per_s': rates,
+        **rate_report(rates, 'vit', 'skipat', VIT_VS_SKIPAT_KEYS),
     }
     peak = peak_tflops(device_name(device)) if device.type == 'cuda' else None
     if peak:
@@ -192,11 +188,7 @@ def init_process_group(device: torch.device) -> None:
 
 def header(args, device: torch.device) -> Dict:
     return {
-        'benchmark': 'train_step_throughput',
-        'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        'device': device_name(device),
-        'device_type': device.type,
-        'torch': torch.__version__,
+        **run_header('train_step_throughput', device),
         'configs': CONFIGS,
         'size': args.size,
         'precision': args.precision,

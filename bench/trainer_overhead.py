@@ -36,7 +36,8 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
     from torch.utils.data import DataLoader
 
     from skipssl.config import load_config
-    from skipssl.data import MultiCropTransform, PretrainShards, resolve_shards
+    from skipssl.data import MultiCropTransform, SlotShards, resolve_shards
+    from skipssl.data.slots import batches
     from skipssl.dino import (
         DINOLoss,
         apply_schedules,
@@ -58,10 +59,11 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
     loss_fn = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum)
     optimizer = torch.optim.AdamW(param_groups(student))
     d = cfg.data
-    dataset = PretrainShards(
+    dataset = SlotShards(
         resolve_shards(shards),
-        batch_size=d.batch_size_per_rank,
-        samples_per_epoch=plan.iterations_per_epoch * plan.global_batch,
+        global_batch=plan.global_batch,
+        n_slots=plan.slots,
+        iterations_per_epoch=plan.iterations_per_epoch,
         transform=MultiCropTransform(cfg.augment),
         num_workers=d.num_workers,
         seed=cfg.experiment.seed,
@@ -72,11 +74,11 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
         dataset, batch_size=None, num_workers=d.num_workers, prefetch_factor=4 if d.num_workers else None
     )
     student.train()
-    batches = iter(loader)
+    stream = batches(loader, dataset)  # the global batch, as the trainer joins it (one process)
     wait = compute = 0.0
     for it in range(iterations):
         t0 = time.perf_counter()
-        crops = next(batches)['crops']
+        crops = next(stream)['crops']
         t1 = time.perf_counter()
         apply_schedules(
             optimizer, float(sched.lr[it]), float(sched.wd[it]), freeze_last_layer=it < sched.freeze_last_layer_iters

@@ -218,7 +218,7 @@ def probe_cached(
 
 
 def augment_transform(crop: int, mean, std):
-    """DINO's linear-eval training augmentation; a list of one view (PretrainShards' crop-list format)."""
+    """DINO's linear-eval training augmentation; a list of one view (the shard readers' crop-list format)."""
     from torchvision.transforms import InterpolationMode, v2
 
     t = v2.Compose(
@@ -254,7 +254,8 @@ def probe_augmented(
     cache). Returns the result dict on rank 0, None elsewhere."""
     from torch.utils.data import DataLoader
 
-    from skipssl.data import PretrainShards, ReaderState
+    from skipssl.data import ReaderState
+    from skipssl.data.slots import SlotShards, batches, default_slots
 
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if len(base_lrs) > 1 and val is None and ranks.main:  # (val lives on rank 0 only)
@@ -264,13 +265,18 @@ def probe_augmented(
         )
     if batch_size % ranks.world_size:
         raise EvalError(f'batch size {batch_size} does not split over {ranks.world_size} ranks')
-    per_rank = batch_size // ranks.world_size
+    iterations_per_epoch = n_train // batch_size
+    if iterations_per_epoch < 1:
+        raise EvalError(
+            f'augmented linear probe: {n_train} training samples are less than one global batch of {batch_size}'
+        )
     device = ranks.device
     try:
-        dataset = PretrainShards(
+        dataset = SlotShards(
             urls,
-            batch_size=per_rank,
-            samples_per_epoch=n_train,
+            global_batch=batch_size,
+            n_slots=default_slots(ranks.world_size, num_workers, batch_size),
+            iterations_per_epoch=iterations_per_epoch,
             transform=augment_transform(spec.eval_crop, spec.mean, spec.std),
             rank=ranks.rank,
             world_size=ranks.world_size,
@@ -279,7 +285,7 @@ def probe_augmented(
             shuffle_buffer=min(2000, n_train),
             channels=spec.channels,
         )
-    except ValueError as exn:  # e.g. fewer samples than one global batch
+    except ValueError as exn:
         raise EvalError(f'augmented linear probe: {exn}') from exn
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if spec.precision == 'bf16' else nullcontext()
     with torch.no_grad(), amp:
@@ -294,7 +300,7 @@ def probe_augmented(
         dataset.set_state(ReaderState(epoch=epoch))
         loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
         total, seen = torch.zeros(len(base_lrs)), 0
-        for batch in loader:
+        for batch in batches(loader, dataset):
             with torch.no_grad(), amp:
                 feats = feature_fn(batch['crops'][0].to(device, non_blocking=True)).float()
             labels = batch['labels'].to(device)
@@ -313,7 +319,7 @@ def probe_augmented(
         mode='augment',
         epochs=epochs,
         batch_size=batch_size,
-        n_train=dataset.steps_per_epoch * batch_size,
+        n_train=iterations_per_epoch * batch_size,
         n_val=len(val[0]) if val is not None else 0,
         n_test=len(test[0]),
         feature_dim=int(heads.heads[0].in_features),

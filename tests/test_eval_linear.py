@@ -10,8 +10,9 @@ import torch
 
 from skipssl.checkpoint import build_backbone, save_backbone
 from skipssl_common.artefacts import ExportMeta
+from skipssl_eval.distributed import Ranks
 from skipssl_eval.errors import EvalError
-from skipssl_eval.linear import LinearHeads, probe_cached, scaled_lrs
+from skipssl_eval.linear import LinearHeads, probe_augmented, probe_cached, scaled_lrs
 from skipssl_eval.pipeline import run_linear
 from skipssl_eval.synthetic import clustered_features, write_shards
 
@@ -154,16 +155,18 @@ def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int 
     batch / 256, cosine to 0 stepped per epoch) on augmented crops; top-1 on centre-crop test features.
     Returns (test top-1 in %, the last epoch's mean training loss)."""
     from skipssl.checkpoint import load_backbone
-    from skipssl.data import EvalShards, PretrainShards, ReaderState, eval_transform, resolve_shards
+    from skipssl.data import EvalShards, ReaderState, SlotShards, eval_transform, resolve_shards
+    from skipssl.data.slots import batches
     from skipssl.models import last_cls_tokens
     from skipssl_eval.linear import augment_transform
 
     backbone, _ = load_backbone(run / 'run' / 'export' / 'teacher-00000020.safetensors')
     features = lambda x: last_cls_tokens(backbone, x, 4)  # noqa: E731
-    train = PretrainShards(
+    train = SlotShards(
         resolve_shards(str(run / 'train')),
-        batch_size=batch,
-        samples_per_epoch=88,
+        global_batch=batch,
+        n_slots=1,
+        iterations_per_epoch=88 // batch,
         transform=augment_transform(16, [0.5], [0.25]),
         num_workers=0,
         seed=seed,
@@ -181,7 +184,7 @@ def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int 
             group['lr'] = lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
         train.set_state(ReaderState(epoch=epoch))
         losses = []
-        for b in train:
+        for b in batches(train, train):
             with torch.no_grad():
                 x = features(b['crops'][0])
             loss = torch.nn.functional.cross_entropy(linear(x), b['labels'])
@@ -193,6 +196,11 @@ def augmented_reference(run, epochs: int, batch: int, base_lr: float, seed: int 
     with torch.no_grad():
         hits = [int(linear(features(image[None])).argmax()) == label for image, label, _ in test]
     return 100.0 * sum(hits) / len(hits), float(np.mean(losses))
+
+
+def test_augmented_probe_refuses_fewer_training_samples_than_one_batch():
+    with pytest.raises(EvalError, match='augmented linear probe: 10 training samples are less than one global batch'):
+        probe_augmented(None, ['x.tar'], 10, None, None, None, 3, Ranks(), batch_size=16)
 
 
 def test_all_exports_of_a_run_are_probed_as_the_knn_evaluates_them(run, tmp_path):

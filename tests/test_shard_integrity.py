@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from skipssl.checkpoint import build_backbone, save_backbone
-from skipssl.data import EvalShards, PretrainShards, ReaderState, TooManyBadSamples, canvas_resize, resolve_shards
+from skipssl.data import EvalShards, ReaderState, SlotShards, TooManyBadSamples, canvas_resize, resolve_shards
 from skipssl.data.integrity import scan_shard, scan_shards, verify_content
 from skipssl.data.make_shards import main as make_shards_main
 from skipssl.data.make_shards import write_shards
@@ -74,10 +74,12 @@ def edit_index(out: Path, fn) -> None:
 
 
 def read_epoch(urls, samples: int, rank: int = 0, world_size: int = 1, **kw) -> ReaderState:
-    ds = PretrainShards(
+    """The slots' positions after an epoch of ``samples``: one slot per rank, 2 images per slot and iteration."""
+    ds = SlotShards(
         urls,
-        batch_size=2,
-        samples_per_epoch=samples,
+        global_batch=2 * world_size,
+        n_slots=world_size,
+        iterations_per_epoch=samples // (2 * world_size),
         transform=canvas_resize(8),
         rank=rank,
         world_size=world_size,
@@ -85,8 +87,8 @@ def read_epoch(urls, samples: int, rank: int = 0, world_size: int = 1, **kw) -> 
         **kw,
     )
     state = ReaderState()
-    for batch in DataLoader(ds, batch_size=None, num_workers=0):
-        state.update(batch)
+    for chunk in DataLoader(ds, batch_size=None, num_workers=0):
+        state.record(chunk['slot'], chunk)
     return state
 
 
@@ -114,7 +116,7 @@ def test_truncated_on_a_member_boundary(shards, caplog):
     assert state.total_skipped == 4 and state.skipped == [0]
     assert f'shard {shard} ended after 6 of the 10 samples its index records (truncated?): 4 lost' in caplog.text
     assert len(list(EvalShards(urls))) == 16
-    # fewer shards than (rank, worker) slots: each slot counts the lost samples that were its share
+    # fewer shards than slots (one per rank here): each slot counts the lost samples that were its share
     per_rank = [read_epoch([str(shard)], 8, rank=r, world_size=2, max_skip_fraction=0.9) for r in (0, 1)]
     assert [s.total_skipped for s in per_rank] == [2, 2]
 

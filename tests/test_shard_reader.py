@@ -1,4 +1,6 @@
-"""WebDataset reader: round trip, node/worker split, fixed-length epochs, exact resume, bad input."""
+"""WebDataset readers: round trip, rank/worker split, slot streams, fixed-length epochs on uneven shards, exact resume
+with corrupt samples, bad input (the pretraining reader is ``SlotShards``; ``test_elastic_resume`` covers changing
+ranks and workers)."""
 
 import io
 import json
@@ -14,14 +16,16 @@ from torch.utils.data import DataLoader
 
 from skipssl.data import (
     EvalShards,
-    PretrainShards,
     ReaderState,
+    SlotShards,
     TooManyBadSamples,
     canvas_resize,
     decode_sample,
     resolve_shards,
 )
-from skipssl.data.reader import ReadCounter, cpu_rng_seeded, slot_share
+from skipssl.data.integrity import index_counts
+from skipssl.data.reader import ReadCounter, cpu_rng_seeded, slot_share, slot_stream
+from skipssl.data.slots import iterations, join
 from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 
 
@@ -69,9 +73,30 @@ def keys_transform(image):
     return {'image': image[:, :1, :1].clone(), 'size': torch.tensor(image.shape[-2:])}
 
 
+def slot_shards(urls, global_batch, n_slots, iterations_per_epoch, **kw):
+    return SlotShards(
+        urls,
+        global_batch=global_batch,
+        n_slots=n_slots,
+        iterations_per_epoch=iterations_per_epoch,
+        transform=kw.pop('transform', keys_transform),
+        **kw,
+    )
+
+
 def run_epoch(ds, num_workers):
+    """The rest of the epoch, one (joined batch, slots' position fields) per iteration."""
     loader = DataLoader(ds, batch_size=None, num_workers=num_workers)
-    return list(loader)
+    return [(join(it['micro'][0]), it['chunks']) for it in iterations(iter(loader), ds, 1)]
+
+
+def positions(epoch, state=None):
+    """``state`` (a new one by default) after the iterations of ``run_epoch``."""
+    state = state or ReaderState()
+    for _, chunks in epoch:
+        for c in chunks:
+            state.record(c['slot'], c)
+    return state
 
 
 def test_round_trip_pixels_and_labels(tmp_path):
@@ -101,117 +126,73 @@ def test_eval_split_is_disjoint_and_complete(tmp_path, world):
         assert len(all_keys) == len(set(all_keys)) == sum(counts)
 
 
-@pytest.mark.parametrize('world', [1, 2, 3])
-def test_pretrain_split_is_disjoint_and_covers_the_data_in_one_pass(tmp_path, world):
-    """Each (rank, worker) slot's first pass is a disjoint part of the data; together they cover it."""
+@pytest.mark.parametrize('n_slots', [2, 4, 6])
+def test_slot_streams_are_disjoint_and_cover_the_data_in_one_pass(tmp_path, n_slots):
+    """Each slot's first pass is a disjoint part of the data; together they cover it."""
     for counts in ([4, 3, 5, 2, 6, 1, 3], [9, 8]):
         urls = write_shards(tmp_path / f'{len(counts)}', counts)
         total = sum(counts)
         slots = []
-        for rank in range(world):
-            ds = PretrainShards(
-                urls,
-                batch_size=1,
-                samples_per_epoch=total,
-                transform=keys_transform,
-                rank=rank,
-                world_size=world,
-                num_workers=2,
-                shuffle_buffer=0,
+        for slot in range(n_slots):
+            shard_urls, stride = slot_share(urls, slot, n_slots)
+            n = (
+                sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls)
+                if stride is None
+                else len(range(slot, total, stride))
             )
-            n_slots = world * 2
-            for wid in range(2):
-                slot = rank * 2 + wid
-                shard_urls, stride = slot_share(urls, slot, n_slots)
-                n = (
-                    sum(counts[u] for u in range(len(counts)) if urls[u] in shard_urls)
-                    if stride is None
-                    else len(range(slot, total, stride))
-                )
-                stream = ds.raw_stream(0, slot, n_slots, ReadCounter())
-                slots.append([next(stream)['__key__'] for _ in range(n)])
+            stream = slot_stream(urls, index_counts(urls), 0, 0, slot, n_slots, 0, ReadCounter())
+            slots.append([next(stream)['__key__'] for _ in range(n)])
         keys = [k for s in slots for k in s]
         assert sorted(keys) == sorted(f'sample{i:05d}' for i in range(total))
 
 
-def test_every_rank_runs_the_same_number_of_steps_with_uneven_shards(tmp_path):
+def test_every_rank_runs_the_same_number_of_full_iterations_with_uneven_shards(tmp_path):
     urls = write_shards(tmp_path, [11, 2, 7, 1, 5])  # 26 samples, very uneven
     steps = []
     for rank in range(3):
-        ds = PretrainShards(
-            urls,
-            batch_size=4,
-            samples_per_epoch=26,
-            transform=keys_transform,
-            rank=rank,
-            world_size=3,
-            num_workers=2,
-            shuffle_buffer=8,
-        )
-        batches = run_epoch(ds, 2)
-        assert all(b['images'].shape[0] == 4 for b in batches)
-        assert [b['step'] for b in batches] == list(range(len(batches)))
-        steps.append(len(batches))
+        ds = slot_shards(urls, 12, 6, 26 // 12, rank=rank, world_size=3, num_workers=2, shuffle_buffer=8)
+        epoch = run_epoch(ds, 2)
+        assert all(b['images'].shape[0] == 4 for b, _ in epoch)
+        assert [chunks[0]['step'] for _, chunks in epoch] == list(range(len(epoch)))
+        steps.append(len(epoch))
     assert steps == [26 // 12] * 3
 
 
 def test_resume_mid_epoch_yields_exactly_the_unseen_samples(tmp_path):
     urls = write_shards(tmp_path, [9, 8, 7, 6], corrupt={5, 17})
 
-    def make():
-        return PretrainShards(
-            urls,
-            batch_size=3,
-            samples_per_epoch=30,
-            transform=keys_transform,
-            num_workers=2,
-            seed=3,
-            shuffle_buffer=6,
-            max_skip_fraction=0.5,
-        )
+    def make(workers=2):  # 3 slots over 2 workers: one worker hands out a filler every iteration
+        return slot_shards(urls, 6, 3, 5, num_workers=workers, seed=3, shuffle_buffer=6, max_skip_fraction=0.5)
 
-    def keys(batch):
-        # the 1x1 top-left pixel identifies the sample
-        return [tuple(p.flatten().tolist()) for p in batch['images']]
+    def skipped(epoch):
+        return [[c['skipped'] for c in chunks] for _, chunks in epoch]
 
     full = run_epoch(make(), 2)
-    assert len(full) == 10
-    state = ReaderState()
-    for batch in full[:4]:
-        state.update(batch)
-    resumed_ds = make()
-    resumed_ds.set_state(ReaderState.from_dict(json.loads(json.dumps(state.state_dict()))))
-    resumed = run_epoch(resumed_ds, 2)
-    assert [b['step'] for b in resumed] == list(range(4, 10))
-    assert [keys(b) for b in resumed] == [keys(b) for b in full[4:]]
-    assert [b['skipped'] for b in resumed] == [b['skipped'] for b in full[4:]]
+    assert len(full) == 5
+    assert skipped(full)[-1] != [0, 0, 0]  # the corrupt samples were met (and skipped)
+    state = positions(full[:2])
+    for workers in (2, 0):
+        resumed_ds = make(workers)
+        resumed_ds.set_state(ReaderState.from_dict(json.loads(json.dumps(state.state_dict()))))
+        resumed = run_epoch(resumed_ds, workers)
+        assert [chunks[0]['step'] for _, chunks in resumed] == list(range(2, 5))
+        assert [b['keys'] for b, _ in resumed] == [b['keys'] for b, _ in full[2:]]
+        assert skipped(resumed) == skipped(full[2:])
     # a new epoch reshuffles
     state.next_epoch()
     nxt = make()
     nxt.set_state(state)
-    assert [keys(b) for b in run_epoch(nxt, 2)] != [keys(b) for b in full]
-    with pytest.raises(ValueError, match='same number of data-loader workers'):
-        big = ReaderState(offsets=[1, 2, 3], skipped=[0, 0, 0], unreadable=[0, 0, 0])
-        make().set_state(big)
+    assert [b['keys'] for b, _ in run_epoch(nxt, 2)] != [b['keys'] for b, _ in full]
+    with pytest.raises(ValueError, match='has 2 slots, this reader 3'):
+        make().set_state(ReaderState(offsets=[1, 2], skipped=[0, 0], unreadable=[0, 0]))
 
 
 def test_corrupt_and_missing_images_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
     urls = write_shards(tmp_path, [6, 6, 6], corrupt={2}, missing_image={8})
     with open(urls[2], 'r+b') as f:  # truncate the last shard mid-way
         f.truncate(os.path.getsize(urls[2]) // 2)
-    ds = PretrainShards(
-        urls,
-        batch_size=2,
-        samples_per_epoch=16,
-        transform=keys_transform,
-        num_workers=0,
-        shuffle_buffer=0,
-        max_skip_fraction=0.5,
-        min_samples_before_skip_check=1000,
-    )
-    state = ReaderState()
-    for b in run_epoch(ds, 0):
-        state.update(b)
+    ds = slot_shards(urls, 2, 1, 8, shuffle_buffer=0, max_skip_fraction=0.5, min_samples_before_skip_check=1000)
+    state = positions(run_epoch(ds, 0))
     assert state.skipped[0] >= 2  # the corrupt and the image-less sample (again when cycling)
     assert state.unreadable[0] >= 1  # the truncated shard
     assert state.total_skipped >= 3
@@ -223,15 +204,7 @@ def test_corrupt_and_missing_images_and_truncated_shard_are_skipped_and_counted(
 
 def test_too_many_bad_samples_stop_the_run(tmp_path):
     urls = write_shards(tmp_path, [20], corrupt=set(range(0, 20, 2)))
-    ds = PretrainShards(
-        urls,
-        batch_size=2,
-        samples_per_epoch=8,
-        transform=keys_transform,
-        shuffle_buffer=0,
-        max_skip_fraction=0.1,
-        min_samples_before_skip_check=5,
-    )
+    ds = slot_shards(urls, 2, 1, 4, shuffle_buffer=0, max_skip_fraction=0.1, min_samples_before_skip_check=5)
     with pytest.raises(TooManyBadSamples, match='max_skip_fraction'):
         run_epoch(ds, 0)
 
@@ -247,8 +220,10 @@ def test_missing_or_empty_shards_fail_at_startup(tmp_path):
     write_shards(tmp_path / 'some', [2])
     with pytest.raises(FileNotFoundError, match='train-000001.tar does not exist'):
         resolve_shards(str(tmp_path / 'some' / 'train-{000000..000001}.tar'))
-    with pytest.raises(ValueError, match='less than one global batch'):
-        PretrainShards(['x.tar'], batch_size=8, samples_per_epoch=10, transform=None, world_size=2)
+    with pytest.raises(ValueError, match='needs at least one shard'):
+        slot_shards([], 8, 2, 1)
+    with pytest.raises(ValueError, match='virtual_slots=3 must divide the global batch of 8 images'):
+        slot_shards(['x.tar'], 8, 3, 1)
 
 
 def test_eval_requires_labels(tmp_path):
@@ -261,8 +236,8 @@ def test_eval_requires_labels(tmp_path):
 
 def test_device_path_batches_raw_images_on_a_canvas(tmp_path):
     urls = write_shards(tmp_path, [8])
-    ds = PretrainShards(urls, batch_size=4, samples_per_epoch=8, transform=canvas_resize(16), shuffle_buffer=0)
-    batches = run_epoch(ds, 0)
+    ds = slot_shards(urls, 4, 1, 2, transform=canvas_resize(16), shuffle_buffer=0)
+    batches = [b for b, _ in run_epoch(ds, 0)]
     assert batches[0]['images'].shape == (4, 3, 16, 16) and batches[0]['images'].dtype == torch.uint8
     assert Counter(tuple(s.tolist()) for b in batches for s in b['sizes']) == Counter(
         tuple(image_for(i).shape[:2]) for i in range(8)

@@ -2,7 +2,7 @@
 minute or two, for CI). One place, so a stage's code is the same in both modes."""
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 # the stages in order, with their share of the budget in seconds for the default 480 s (they sum to it, the
 # data preparation's share included); unused time flows on to the next stages
@@ -69,43 +69,6 @@ class Sizes:
 
 
 _S16 = ('model.drop_path_rate=0.1', 'data.augment_on=device', 'engine.device=cuda')
-GPU = Sizes(
-    mode='gpu',
-    device='cuda',
-    workers=12,
-    train_images=4096,
-    test_images=1024,
-    image_size=(500, 375),
-    trainer_config='dino_skipat_vit_s16_100ep.yaml',
-    trainer_overrides=_S16 + ('data.num_workers=3',),
-    trainer_batch=32,
-    trainer_ipe=25,
-    trainer_epochs=2,
-    sigterm_after=15,
-    backbone_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '2'),
-    backbone_batches=(256, 1024),
-    step_args=('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '3'),
-    step_batches=(64, 128),
-    aug_batch=128,
-    aug_canvas=256,
-    aug_n_local=10,
-    decode_batch=256,
-    repeats=5,
-    knn_train=200_000,
-    knn_test=10_000,
-    knn_dim=384,
-    knn_classes=1000,
-    extract_model='vit_small_patch16_skipat_224',
-    extract_kwargs={},
-    extract_resize=256,
-    extract_crop=224,
-    equal_configs={'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'},
-    equal_overrides=_S16 + ('data.num_workers=12',),
-    equal_batch=64,
-    equal_iterations=64,
-    knn_ks=(10, 20),
-)
-
 _TINY = (
     'data.channels=3',
     'model.kwargs.in_chans=3',
@@ -119,58 +82,56 @@ _TINY = (
     'data.num_workers=0',
     'train.attention_images=1',
 )
-DRY = Sizes(
-    mode='dry',
-    device='cpu',
-    workers=2,
-    train_images=96,
-    test_images=48,
-    image_size=(64, 48),
-    trainer_config='cpu_tiny_skipat.yaml',
-    trainer_overrides=_TINY,
-    trainer_batch=8,
-    trainer_ipe=8,
-    trainer_epochs=3,
-    sigterm_after=4,
-    backbone_args=('--size', 'tiny', '--img-size', '64', '--repeats', '1', '--iters', '1', '--warmup', '1'),
-    backbone_batches=(2,),
-    step_args=(
-        '--size',
-        'tiny',
-        '--global-size',
-        '32',
-        '--local-size',
-        '16',
-        '--n-local',
-        '2',
-        '--head-out-dim',
-        '1024',
-        '--repeats',
-        '1',
-        '--iters',
-        '1',
-        '--warmup',
-        '1',
-    ),
-    step_batches=(2,),
-    aug_batch=4,
-    aug_canvas=48,
-    aug_n_local=2,
-    decode_batch=16,
-    repeats=2,
-    knn_train=4000,
-    knn_test=300,
-    knn_dim=32,
-    knn_classes=10,
-    extract_model='vit_tiny_patch16_skipat_224',
-    extract_kwargs={'img_size': 32, 'patch_size': 8, 'depth': 4, 'skip_indices': [1, 2]},
-    extract_resize=36,
-    extract_crop=32,
-    equal_configs={'vit': 'cpu_tiny_vit.yaml', 'skipat': 'cpu_tiny_skipat.yaml'},
-    equal_overrides=_TINY,
-    equal_batch=8,
-    equal_iterations=6,
-    knn_ks=(5, 10),
-)
 
-MODES = {'gpu': GPU, 'dry': DRY}
+
+def _modes(**fields: Tuple[Any, Any]) -> Dict[str, Sizes]:
+    """Both modes' Sizes from one table: every field's (gpu, dry) values side by side."""
+    return {mode: Sizes(mode=mode, **{k: v[i] for k, v in fields.items()}) for i, mode in enumerate(('gpu', 'dry'))}
+
+
+MODES = _modes(
+    device=('cuda', 'cpu'),
+    workers=(12, 2),
+    train_images=(4096, 96),
+    test_images=(1024, 48),
+    image_size=((500, 375), (64, 48)),
+    trainer_config=('dino_skipat_vit_s16_100ep.yaml', 'cpu_tiny_skipat.yaml'),
+    trainer_overrides=(_S16 + ('data.num_workers=3',), _TINY),
+    trainer_batch=(32, 8),
+    trainer_ipe=(25, 8),
+    trainer_epochs=(2, 3),
+    sigterm_after=(15, 4),
+    backbone_args=(
+        ('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '2'),
+        ('--size', 'tiny', '--img-size', '64', '--repeats', '1', '--iters', '1', '--warmup', '1'),
+    ),
+    backbone_batches=((256, 1024), (2,)),
+    step_args=(
+        ('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '3'),
+        ('--size', 'tiny', '--global-size', '32', '--local-size', '16', '--n-local', '2', '--head-out-dim', '1024')
+        + ('--repeats', '1', '--iters', '1', '--warmup', '1'),
+    ),
+    step_batches=((64, 128), (2,)),
+    aug_batch=(128, 4),
+    aug_canvas=(256, 48),
+    aug_n_local=(10, 2),
+    decode_batch=(256, 16),
+    repeats=(5, 2),
+    knn_train=(200_000, 4000),
+    knn_test=(10_000, 300),
+    knn_dim=(384, 32),
+    knn_classes=(1000, 10),
+    extract_model=('vit_small_patch16_skipat_224', 'vit_tiny_patch16_skipat_224'),
+    extract_kwargs=({}, {'img_size': 32, 'patch_size': 8, 'depth': 4, 'skip_indices': [1, 2]}),
+    extract_resize=(256, 36),
+    extract_crop=(224, 32),
+    equal_configs=(
+        {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'},
+        {'vit': 'cpu_tiny_vit.yaml', 'skipat': 'cpu_tiny_skipat.yaml'},
+    ),
+    equal_overrides=(_S16 + ('data.num_workers=12',), _TINY),
+    equal_batch=(64, 8),
+    equal_iterations=(64, 6),
+    knn_ks=((10, 20), (5, 10)),
+)
+GPU, DRY = MODES['gpu'], MODES['dry']

@@ -10,7 +10,6 @@ The command that runs it on a checkpoint is :mod:`skipssl_eval.cka` (``skipssl-c
 """
 
 import math
-import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -135,7 +134,7 @@ def cost_of_skips(
     """MACs per image (torch's FLOP counter) and inference images/s measured interleaved on ``device`` at
     ``batch_size`` (0: not timed) of the two variants, and the ratio of their rates."""
     from skipssl.models import count_macs
-    from skipssl.models.throughput import interleaved_rates, median_ratio
+    from skipssl.models.throughput import interleaved_rates, rate_report
 
     cost: Dict[str, Any] = {
         'macs_without_skips': count_macs(plain, input_size),
@@ -166,10 +165,12 @@ def cost_of_skips(
         'device': str(device),
         'precision': precision,
         'batch_size': batch_size,
-        'img_per_s_without_skips': statistics.median(rates['without_skips']),
-        'img_per_s_with_skips': statistics.median(rates['with_skips']),
-        'speedup': median_ratio(rates, 'with_skips', 'without_skips'),
-        'per_repeat': rates,
+        **rate_report(
+            rates,
+            'without_skips',
+            'with_skips',
+            ('img_per_s_without_skips', 'img_per_s_with_skips', 'speedup', 'per_repeat'),
+        ),
     }
     return cost
 

@@ -6,7 +6,6 @@ from .multicrop import BatchedMultiCrop, MultiCropConfig, TorchvisionMultiCrop, 
 __all__ = ['BatchedMultiCrop', 'MultiCropConfig', 'MultiCropTransform', 'TorchvisionMultiCrop', 'stack_crops']
 from .reader import (
     EvalShards,
-    PretrainShards,
     ReaderState,
     TooManyBadSamples,
     canvas_resize,
@@ -15,11 +14,11 @@ from .reader import (
     first_readable_sample,
 )
 from .shards import read_index, resolve_shards
+from .slots import SlotShards
 from .sources import FashionMNISTSource, ImageFolderSource, open_source
 
 __all__ += [
     'EvalShards',
-    'PretrainShards',
     'ReaderState',
     'TooManyBadSamples',
     'canvas_resize',
@@ -28,5 +27,6 @@ __all__ += [
     'first_readable_sample',
     'read_index',
     'resolve_shards',
+    'SlotShards',
 ]
 __all__ += ['FashionMNISTSource', 'ImageFolderSource', 'open_source']

@@ -1,13 +1,11 @@
-"""Reading WebDataset shards for pretraining (shuffled, split, resumable) and evaluation (fixed order).
+"""Reading WebDataset shards: the pieces of the pretraining stream (``skipssl.data.slots.SlotShards``) and the
+evaluation reader (fixed order).
 
-Pretraining stream: every (rank, worker) pair is a *slot* with its own deterministic sample stream: its
-shards (``shards[slot::n_slots]``; with fewer shards than slots, every slot reads all shards and keeps
-every n_slots-th sample), repeated as needed, shard order and shuffle buffer seeded by (seed, epoch, slot).
-An epoch is a fixed number of samples, so every rank runs exactly ``steps_per_epoch`` steps however
-unevenly the shards divide. Batches are built in the workers; PyTorch's DataLoader hands them out
-round-robin (batch b comes from worker b % num_workers), so each batch carries its worker's position
-(raw samples consumed, samples skipped) and :class:`ReaderState` records it: a resumed reader skips
-exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
+Pretraining stream: every slot has its own deterministic stream of raw samples (``slot_stream``): its shards
+(``shards[slot::n_slots]``; with fewer shards than slots, every slot reads all shards and keeps every
+n_slots-th sample), repeated as needed, shard order and shuffle buffer seeded by (seed, epoch, slot).
+:class:`ReaderState` records each slot's position (raw samples consumed, samples skipped), so a resumed reader
+skips exactly the samples already consumed, corrupt ones included, and continues with the unseen ones.
 
 Both readers compare what each shard yields with the count its index records (``integrity.index_counts``):
 a shard that ends early (truncated, even on a member boundary, or an index that overstates it) has its
@@ -175,12 +173,11 @@ def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
 # -- pretraining ----------------------------------------------------------------------------------------
 @dataclass
 class ReaderState:
-    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per worker (or per
-    virtual slot, ``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard
-    parts met (plus samples missing from shards that ended before their index count), up to the last batch the
-    trainer used. (Unreadable parts and
-    missing samples are met again when a resumed worker re-reads up to its offset, so only ``offsets`` and
-    ``skipped`` are restored.)"""
+    """The reader's position, saved with every checkpoint: epoch, steps done in it, and per virtual slot
+    (``skipssl.data.slots``) the raw samples consumed, bad samples skipped and unreadable shard parts met (plus
+    samples missing from shards that ended before their index count), up to the last batch the trainer used.
+    (Unreadable parts and missing samples are met again when a resumed slot re-reads up to its offset, so only
+    ``offsets`` and ``skipped`` are restored.)"""
 
     epoch: int = 0
     step: int = 0
@@ -188,11 +185,8 @@ class ReaderState:
     skipped: List[int] = field(default_factory=list)
     unreadable: List[int] = field(default_factory=list)
 
-    def update(self, batch: Dict) -> None:
-        self.record(batch['worker'], batch)
-
     def record(self, w: int, batch: Dict) -> None:
-        """Position ``w`` (a worker's, or a virtual slot's) after ``batch``, which carries its position fields."""
+        """Slot ``w``'s position after ``batch``, which carries its position fields."""
         for values in (self.offsets, self.skipped, self.unreadable):
             values.extend([0] * (w + 1 - len(values)))
         self.offsets[w] = batch['offset']
@@ -283,114 +277,6 @@ def canvas_resize(size: int) -> Callable[[torch.Tensor], Dict]:
         return {'image': TF.resize(image, [size, size], antialias=True), 'size': torch.tensor([h, w])}
 
     return fn
-
-
-class PretrainShards(IterableDataset):
-    """Shuffled, split, fixed-length, resumable batches for one rank; use with ``DataLoader(batch_size=None,
-    num_workers=num_workers)`` (non-persistent workers, so each epoch's position reaches them).
-
-    ``transform`` maps a uint8 CxHxW image to a list of crops (CPU multi-crop) or to a dict with 'image'
-    and 'size' (``canvas_resize``, for BatchedMultiCrop on the device). Batches are dicts with 'crops'
-    (list of (B, C, s, s)) or 'images' + 'sizes', plus 'labels', and the position fields.
-    """
-
-    def __init__(
-        self,
-        urls: List[str],
-        *,
-        batch_size: int,
-        samples_per_epoch: int,
-        transform: Callable,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        seed: int = 0,
-        shuffle_buffer: int = 2000,
-        channels: int = 3,
-        max_skip_fraction: float = 0.01,
-        min_samples_before_skip_check: int = 200,
-    ) -> None:
-        super().__init__()
-        if not urls:
-            raise ValueError('PretrainShards needs at least one shard')
-        self.urls = list(urls)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers = max(num_workers, 1)
-        self.steps_per_epoch = samples_per_epoch // (world_size * batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f'samples_per_epoch={samples_per_epoch} is less than one global batch '
-                f'({world_size} ranks x {batch_size})'
-            )
-        self.transform, self.seed, self.shuffle_buffer, self.channels = transform, seed, shuffle_buffer, channels
-        self.max_skip_fraction = max_skip_fraction
-        self.min_samples_before_skip_check = min_samples_before_skip_check
-        self.expected = index_counts(self.urls)
-        self.state = ReaderState()
-
-    def set_state(self, state: ReaderState) -> None:
-        if state.offsets and len(state.offsets) > self.num_workers:
-            raise ValueError(
-                f'the saved reader position has {len(state.offsets)} workers, this reader '
-                f'{self.num_workers}: resume with the same number of data-loader workers'
-            )
-        self.state = ReaderState.from_dict(state.state_dict())
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.state.step
-
-    def raw_stream(self, epoch: int, slot: int, n_slots: int, counter: ReadCounter) -> Iterator[Dict]:
-        """The slot's endless, deterministic stream of raw samples for an epoch (``slot_stream``)."""
-        return slot_stream(self.urls, self.expected, self.seed, epoch, slot, n_slots, self.shuffle_buffer, counter)
-
-    def __iter__(self) -> Iterator[Dict]:
-        wid, nw, slot, n_slots = worker_slot(self.rank, self.world_size)
-        if nw != self.num_workers:
-            raise ValueError(f'PretrainShards was built for {self.num_workers} workers but runs in {nw}')
-        st = self.state
-        offset = st.offsets[wid] if wid < len(st.offsets) else 0
-        skipped = st.skipped[wid] if wid < len(st.skipped) else 0
-        counter = ReadCounter()
-        stream = itertools.islice(self.raw_stream(st.epoch, slot, n_slots, counter), offset, None)
-        for step in range(st.step, self.steps_per_epoch):
-            if step % nw != wid:
-                continue
-            items: List[Any] = []
-            labels: List[int] = []
-            # each batch's augmentation draws from its own seed, so a resumed reader repeats it exactly
-            with cpu_rng_seeded(batch_seed(self.seed, st.epoch, self.rank, step)):
-                offset, skipped = self._fill(stream, items, labels, offset, skipped, counter)
-            batch = _collate(items)
-            batch.update(
-                labels=torch.tensor(labels),
-                worker=wid,
-                offset=offset,
-                skipped=skipped,
-                unreadable=counter.total,
-                step=step,
-                epoch=st.epoch,
-            )
-            yield batch
-
-    def _fill(self, stream, items: List, labels: List, offset: int, skipped: int, counter) -> Tuple[int, int]:
-        while len(items) < self.batch_size:
-            sample = next(stream)
-            offset += 1
-            try:
-                image, label = decode_sample(sample, self.channels)
-                items.append(self.transform(image))
-                labels.append(label)
-            except ValueError as exn:
-                skipped += 1
-                log.warning('skipping sample: %s', exn)
-            # also after good samples: samples missing from a short shard are never met one by one
-            check_skips(
-                skipped + counter.total,
-                offset + counter.lost,
-                self.max_skip_fraction,
-                self.min_samples_before_skip_check,
-            )
-        return offset, skipped
 
 
 def check_skips(bad: int, seen: int, max_fraction: float, min_seen: int) -> None:

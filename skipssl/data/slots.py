@@ -20,7 +20,7 @@ slot exactly after the last sample the trainer used.
 import itertools
 import logging
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -52,10 +52,19 @@ def check_slots(n_slots: int, global_batch: int, world_size: int) -> None:
         )
 
 
+def default_slots(world_size: int, num_workers: int, global_batch: int) -> int:
+    """One slot per rank and loader worker, as many as divide the batch (``data.virtual_slots=0``)."""
+    return world_size * math.gcd(max(num_workers, 1), global_batch // world_size)
+
+
 class SlotShards(IterableDataset):
     """One rank's share of every global batch, slot by slot; use with ``DataLoader(batch_size=None,
-    num_workers=num_workers)`` and :func:`iterations`. ``transform`` as for ``PretrainShards``. Items are dicts
-    with 'crops' (or 'images' + 'sizes'), 'labels', 'keys', and the slot's position fields ('slot', 'step',
+    num_workers=num_workers)`` (non-persistent workers, so each epoch's position reaches them) and
+    :func:`iterations` (or :func:`batches`).
+
+    ``transform`` maps a uint8 CxHxW image to a list of crops (CPU multi-crop) or to a dict with 'image' and
+    'size' (``canvas_resize``, for BatchedMultiCrop on the device). Items are dicts with 'crops' (list of
+    (n, C, s, s)) or 'images' + 'sizes', plus 'labels', 'keys', and the slot's position fields ('slot', 'step',
     'offset', 'skipped', 'unreadable'); fillers are ``{'filler': True}``."""
 
     def __init__(
@@ -195,8 +204,8 @@ def iterations(items: Iterator[Dict], ds: SlotShards, accum: int) -> Iterator[Di
 
 
 def join(pieces: List[Dict], device: Optional[torch.device] = None) -> Dict:
-    """One micro-batch from its pieces (moved to ``device`` first, asynchronously from pinned memory): a dict as
-    ``PretrainShards`` yields ('crops' or 'images' + 'sizes', 'labels'), plus 'keys'."""
+    """One micro-batch from its pieces (moved to ``device`` first, asynchronously from pinned memory): a dict with
+    'crops' (or 'images' + 'sizes'), 'labels' and 'keys'."""
 
     def cat(tensors):
         return torch.cat([t.to(device, non_blocking=True) if device is not None else t for t in tensors])
@@ -208,3 +217,10 @@ def join(pieces: List[Dict], device: Optional[torch.device] = None) -> Dict:
         elif k != 'keys':
             out[k] = cat([p[k] for p in pieces])
     return out
+
+
+def batches(items: Iterable[Dict], ds: SlotShards, device: Optional[torch.device] = None) -> Iterator[Dict]:
+    """The rank's share of every global batch as one batch (:func:`join`), for readers that neither accumulate
+    gradients nor keep positions (the linear probe, benchmarks)."""
+    for share in iterations(iter(items), ds, 1):
+        yield join(share['micro'][0], device)

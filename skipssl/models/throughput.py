@@ -6,7 +6,7 @@ Each repeat times every model back to back, the order alternating between repeat
 
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -50,3 +50,11 @@ def interleaved_rates(
 def median_ratio(rates: Mapping[str, List[float]], num: str, den: str) -> float:
     """Median over repeats of rate[num] / rate[den] (paired per repeat)."""
     return statistics.median(a / b for a, b in zip(rates[num], rates[den]))
+
+
+def rate_report(rates: Mapping[str, List[float]], base: str, other: str, keys: Sequence[str]) -> Dict:
+    """What a comparison of ``other`` against ``base`` reports, under ``keys`` in this order: the median images/s
+    of ``base`` and of ``other``, the median over repeats of other / base (:func:`median_ratio`), and every
+    repeat's rates."""
+    values = (statistics.median(rates[base]), statistics.median(rates[other]), median_ratio(rates, other, base), rates)
+    return dict(zip(keys, values, strict=True))

@@ -3,7 +3,6 @@ every schedule is indexed by), DINO's per-iteration schedules, the student netwo
 the launcher's pre-submission checks and the benchmarks build from here; the global-batch formula lives here
 only (``global_batch``)."""
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Optional, cast
 
@@ -12,7 +11,7 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data.shards import count_samples
-from ..data.slots import check_slots
+from ..data.slots import check_slots, default_slots
 from ..dino import DINOHead, MultiCropWrapper, cosine_schedule, epoch_warmup_schedule, linear_warmup_schedule, scaled_lr
 
 if TYPE_CHECKING:
@@ -121,8 +120,7 @@ def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Pla
     if saved is None:
         accum = cfg.train.grad_accum_steps
         batch = global_batch(micro, accum, world_size)
-        # one slot per rank and worker, as many as divide the batch
-        slots = cfg.data.virtual_slots or world_size * math.gcd(max(cfg.data.num_workers, 1), batch // world_size)
+        slots = cfg.data.virtual_slots or default_slots(world_size, cfg.data.num_workers, batch)
         check_slots(slots, batch, world_size)
     else:
         batch, slots = saved['global_batch'], saved.get('slots') or world_size
