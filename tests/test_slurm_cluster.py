@@ -72,18 +72,20 @@ class Counter(submitit.helpers.Checkpointable):
     """Counts steps; `self` is the state submitit pickles when the preemption/time-out signal comes.
 
     The first run counts until it is requeued; the requeued run adds `extra` steps and returns them all,
-    each tagged with the restart count of the run that made it.
+    each tagged with the restart count of the run that made it, and the wall-clock time of each step.
     """
 
     def __init__(self):
         self.steps = []
+        self.times = []
 
     def __call__(self, extra, progress_file):
         while restart_count() == 0 or len(self.steps) < self.first_run_steps() + extra:
             self.steps.append(restart_count())
+            self.times.append(time.time())
             Path(progress_file).write_text(str(len(self.steps)))
             time.sleep(0.1)
-        return self.steps
+        return {'steps': self.steps, 'times': self.times}
 
     def first_run_steps(self):
         return self.steps.count(0)
@@ -192,7 +194,7 @@ def test_checkpointable_resumes_after_preemption_signal(slurm_cluster, tmp_path)
     # ignores, then the preemption signal, on which it pickles Counter.checkpoint() and requeues the job.
     for sig in ('TERM', 'USR2'):
         subprocess.run(['scancel', f'--signal={sig}', job.job_id], check=True, timeout=30)
-    steps = wait_results(job, 90)[0]
+    steps = wait_results(job, 90)[0]['steps']
     first = steps.count(0)
     assert first >= 5 and steps == [0] * first + [1] * 5  # nothing of the first run is lost or redone
     logs = job_logs(job)
@@ -201,12 +203,17 @@ def test_checkpointable_resumes_after_preemption_signal(slurm_cluster, tmp_path)
 
 @pytest.mark.slurm
 def test_checkpointable_is_requeued_at_its_time_limit(slurm_cluster, tmp_path):
-    """--time=1 with signal_delay_s=50: SLURM sends the signal 10 s after the start (checked every 30 s)."""
+    """--time=1 with signal_delay_s=50: SLURM sends the signal once the job has run 10 s (its time-limit check
+    runs every 30 s, so it may come later), not at once: the first run's last step is no earlier than 10 s after
+    the submission, less one step's sleep. (Counting steps instead would also count the job's start-up.)"""
     progress = tmp_path / 'progress'
+    submitted = time.time()
     job = executor(tmp_path / 'logs', timeout_min=1, slurm_signal_delay_s=50).submit(Counter(), 3, str(progress))
-    steps = wait_results(job, 110)[0]
+    result = wait_results(job, 110)[0]
+    steps, times = result['steps'], result['times']
     first = steps.count(0)
-    assert first >= 10 and steps == [0] * first + [1] * 3
+    assert first >= 1 and steps == [0] * first + [1] * 3
+    assert times[first - 1] - submitted >= 10 - 0.5, f'signalled {times[first - 1] - submitted:.1f} s after submission'
     assert 'this job is timed-out' in job_logs(job)
 
 
