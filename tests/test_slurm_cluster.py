@@ -72,20 +72,18 @@ class Counter(submitit.helpers.Checkpointable):
     """Counts steps; `self` is the state submitit pickles when the preemption/time-out signal comes.
 
     The first run counts until it is requeued; the requeued run adds `extra` steps and returns them all,
-    each tagged with the restart count of the run that made it, and the wall-clock time of each step.
+    each tagged with the restart count of the run that made it.
     """
 
     def __init__(self):
         self.steps = []
-        self.times = []
 
     def __call__(self, extra, progress_file):
         while restart_count() == 0 or len(self.steps) < self.first_run_steps() + extra:
             self.steps.append(restart_count())
-            self.times.append(time.time())
             Path(progress_file).write_text(str(len(self.steps)))
             time.sleep(0.1)
-        return {'steps': self.steps, 'times': self.times}
+        return self.steps
 
     def first_run_steps(self):
         return self.steps.count(0)
@@ -194,7 +192,7 @@ def test_checkpointable_resumes_after_preemption_signal(slurm_cluster, tmp_path)
     # ignores, then the preemption signal, on which it pickles Counter.checkpoint() and requeues the job.
     for sig in ('TERM', 'USR2'):
         subprocess.run(['scancel', f'--signal={sig}', job.job_id], check=True, timeout=30)
-    steps = wait_results(job, 90)[0]['steps']
+    steps = wait_results(job, 90)[0]
     first = steps.count(0)
     assert first >= 5 and steps == [0] * first + [1] * 5  # nothing of the first run is lost or redone
     logs = job_logs(job)
@@ -203,17 +201,15 @@ def test_checkpointable_resumes_after_preemption_signal(slurm_cluster, tmp_path)
 
 @pytest.mark.slurm
 def test_checkpointable_is_requeued_at_its_time_limit(slurm_cluster, tmp_path):
-    """--time=1 with signal_delay_s=50: SLURM sends the signal once the job has run 10 s (its time-limit check
-    runs every 30 s, so it may come later), not at once: the first run's last step is no earlier than 10 s after
-    the submission, less one step's sleep. (Counting steps instead would also count the job's start-up.)"""
+    """--time=1 with signal_delay_s=50: SLURM signals the job before its time limit and submitit checkpoints and
+    requeues it. When is SLURM's: sbatch(1) on --signal, "Due to the resolution of event handling by Slurm, the
+    signal may be sent up to 60 seconds earlier than specified" (seen here 5 s after submission), so the test
+    checks what the signal does, not when it comes."""
     progress = tmp_path / 'progress'
-    submitted = time.time()
     job = executor(tmp_path / 'logs', timeout_min=1, slurm_signal_delay_s=50).submit(Counter(), 3, str(progress))
-    result = wait_results(job, 110)[0]
-    steps, times = result['steps'], result['times']
+    steps = wait_results(job, 110)[0]
     first = steps.count(0)
-    assert first >= 1 and steps == [0] * first + [1] * 3
-    assert times[first - 1] - submitted >= 10 - 0.5, f'signalled {times[first - 1] - submitted:.1f} s after submission'
+    assert first >= 1 and steps == [0] * first + [1] * 3  # the first run's steps kept, then 3 more after the requeue
     assert 'this job is timed-out' in job_logs(job)
 
 
