@@ -103,10 +103,10 @@ def bare_loop(config: str, shards: str, iterations: int, warmup: int, overrides:
 
 # -- the trainer (pretrain.py in its own process) ----------------------------------------------------------
 def trainer_run(
-    config: str, shards: str, iterations: int, warmup: int, overrides: List[str], env: Dict, out: Path
+    config: str, shards: str, iterations: int, warmup: int, overrides: List[str], env: Dict, out: Path, batch: int
 ) -> Dict:
     """pretrain.py for ``iterations``, logging every ``warmup`` iterations; the rate of the log intervals after
-    the first."""
+    the first, for ``batch`` images per iteration."""
     cmd = [
         sys.executable,
         str(ROOT / 'pretrain.py'),
@@ -128,7 +128,6 @@ def trainer_run(
         raise RuntimeError(f'pretrain.py logged no interval after the warm-up in {out / "log.jsonl"}')
     step = statistics.fmean(r['perf/step_time_s'] for r in steps)
     wait = statistics.fmean(r['perf/data_wait_s'] for r in steps)
-    batch = steps[0]['perf/images_per_s'] * steps[0]['perf/step_time_s']
     return {'images_per_s': batch / step, 'data_wait_s': wait, 'compute_s': step - wait}
 
 
@@ -195,18 +194,20 @@ def main(argv=None) -> Dict:
     runs: Dict[str, List[Dict]] = {'trainer': [], 'bare_loop': []}
     with tempfile.TemporaryDirectory(prefix='trainer-overhead-') as tmp:
         from skipssl.config import load_config
+        from skipssl.train.plan import global_batch
 
         cfg = load_config(args.config, args.overrides)
+        batch = global_batch(cfg.data.batch_size_per_rank, cfg.train.grad_accum_steps, 1)  # one process
         # one epoch of exactly --iterations steps, so the trainer stops where the bare loop does
-        overrides = [*args.overrides, f'data.samples_per_epoch={args.iterations * cfg.data.batch_size_per_rank}']
+        overrides = [*args.overrides, f'data.samples_per_epoch={args.iterations * batch}']
         shards = args.shards or make_shards(
-            Path(tmp) / 'shards', args.config, overrides, max(2048, args.iterations * cfg.data.batch_size_per_rank)
+            Path(tmp) / 'shards', args.config, overrides, max(2048, args.iterations * batch)
         )
         for r in range(args.repeats):
             for kind in ('trainer', 'bare_loop') if r % 2 == 0 else ('bare_loop', 'trainer'):
                 if kind == 'trainer':
                     res = trainer_run(
-                        args.config, shards, args.iterations, args.warmup, overrides, env, Path(tmp) / f'run{r}'
+                        args.config, shards, args.iterations, args.warmup, overrides, env, Path(tmp) / f'run{r}', batch
                     )
                 else:
                     res = bare_run(args.config, shards, args.iterations, args.warmup, overrides, env)
@@ -232,7 +233,7 @@ def main(argv=None) -> Dict:
         'threads': args.threads,
         'iterations': args.iterations,
         'warmup': args.warmup,
-        'global_batch': cfg.data.batch_size_per_rank,
+        'global_batch': batch,
         'num_workers': cfg.data.num_workers,
         'trainer_over_bare_loop': statistics.median(ratios),
         'overhead_pct': 100.0 * (1.0 - statistics.median(ratios)),
