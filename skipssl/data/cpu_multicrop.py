@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .multicrop import _GRAY, MultiCropConfig
+from .multicrop import _gray as _batched_gray
 
 # uniforms per crop: 10 (area, log-ratio) attempts, top, left, flip, jitter, 4 order keys, 4 factors, gray,
 # blur, sigma, solarize
@@ -195,11 +196,9 @@ def _hue_(v: torch.Tensor, f: float) -> torch.Tensor:
 
 
 def _gray(v: torch.Tensor) -> torch.Tensor:
-    """The luma plane (1, H, W) of v (C, H, W): torchvision's rgb_to_grayscale, whose channels are all this plane."""
-    if v.shape[0] == 1:
-        return v
-    r, g, b = v.unbind(0)
-    return torch.add(r * _W0, g, alpha=_W1).add_(b, alpha=_W2).unsqueeze(0)
+    """The luma plane (1, H, W) of v (C, H, W): torchvision's rgb_to_grayscale, whose channels are all this plane
+    (v itself when it has one channel)."""
+    return v if v.shape[0] == 1 else _batched_gray(v.unsqueeze(0)).squeeze(0)
 
 
 _JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
