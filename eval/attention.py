@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 from skipssl.analysis.attention import cls_attention_maps, mass_masks, render
 from skipssl.data import eval_transform
 
-from .cli import run
+from .cli import add_preprocessing_arguments, run
 from .errors import EvalError
 from .source import PIXELS, check_channels, data_settings, load_model, preprocessing_flags
 
@@ -34,10 +34,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--which', choices=('teacher', 'student'), default='teacher')
     p.add_argument('--model-kwargs', type=json.loads, default=None, help='JSON kwargs of a random-init timm model')
     p.add_argument('--seed', type=int, default=0, help='random-init seed')
-    for flag in ('--channels', '--resize', '--crop'):
-        p.add_argument(flag, type=int, default=None)
-    p.add_argument('--mean', type=float, nargs='+', default=None)
-    p.add_argument('--std', type=float, nargs='+', default=None)
+    add_preprocessing_arguments(p)
     return p.parse_args(argv)
 
 

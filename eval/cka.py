@@ -33,7 +33,7 @@ from skipssl.analysis.cka import (
 from skipssl.data import EvalShards, eval_transform
 from skipssl_common.io import atomic_write_json
 
-from .cli import run
+from .cli import add_preprocessing_arguments, run
 from .data import open_split
 from .errors import EvalError
 from .source import PIXELS, check_channels, data_settings, load_model, preprocessing_flags
@@ -72,12 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         choices=('fp32', 'bf16'),
         help='forward precision (Grams and HSIC are float32/float64 either way)',
     )
-    g = p.add_argument_group('preprocessing (default: what the checkpoint says, else ImageNet 256/224)')
-    g.add_argument('--channels', type=int)
-    g.add_argument('--resize', type=int)
-    g.add_argument('--crop', type=int)
-    g.add_argument('--mean', type=float, nargs='+')
-    g.add_argument('--std', type=float, nargs='+')
+    add_preprocessing_arguments(p)
     return p.parse_args(argv)
 
 

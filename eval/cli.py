@@ -78,6 +78,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         action='store_true',
         help="accept 'pipe:' shard specs (also in .txt lists): each runs as a shell command",
     )
+    add_preprocessing_arguments(p)
+
+
+def add_preprocessing_arguments(p: argparse.ArgumentParser) -> None:
+    """--channels, --resize, --crop, --mean, --std: what ``source.preprocessing_flags`` reads back."""
     g = p.add_argument_group('preprocessing (default: what the checkpoint says, else ImageNet 256/224)')
     g.add_argument('--channels', type=int)
     g.add_argument('--resize', type=int, help='shorter side before the centre crop')
