@@ -20,9 +20,11 @@ from skipssl.data import resolve_shards
 from skipssl.runlock import RunFolderError, RunLock, check_free
 from skipssl.train import state as train_state
 from skipssl.train.distributed import DistInfo
+from skipssl.train.engine import precision_unsupported
 from skipssl_common.distributed import free_port
 
 from .image_shards import write_pattern_shards
+from .precision import needs, needs_no
 from .test_train import ROOT, TINY, _env, command, final_weights, log_lines, run
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -286,6 +288,25 @@ def test_user_errors_before_the_process_group_are_one_line_exit_2(shards, tmp_pa
     line = _one_error_line(proc.stderr)
     assert proc.returncode == 2 and expect in line, line
     assert not (tmp_path / 'run').exists()
+
+
+@needs_no('fp16')
+def test_fp16_on_a_machine_whose_deepspeed_refuses_it_is_one_line_before_the_process_group(shards, tmp_path):
+    """On a CPU whose oneDNN has no fp16 (AMD EPYC, some Xeons) DeepSpeed's engine raises 'Type fp16 is not
+    supported on your device' once every rank is up; pretrain.py refuses first, with DeepSpeed's own check."""
+    proc = run(tmp_path / 'run', shards, 'engine.precision=fp16', 'engine.zero_stage=1', check=False)
+    line = _one_error_line(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert line == f'pretrain.py: config error: engine.precision: {precision_unsupported("fp16")}; use bf16 or fp32'
+    assert not (tmp_path / 'run').exists()
+
+
+@needs('fp16')
+def test_fp16_trains_on_a_machine_whose_deepspeed_accepts_it(shards, tmp_path):
+    """The other side of the refusal: where DeepSpeed has fp16 (a GPU, a CPU whose oneDNN has fp16 kernels),
+    pretrain.py runs it (ZeRO 1, dynamic loss scaling)."""
+    proc = run(tmp_path / 'run', shards, 'engine.precision=fp16', 'engine.zero_stage=1', 'data.samples_per_epoch=64')
+    assert 'state: finished' in proc.stdout
 
 
 def test_the_only_shard_unreadable_is_one_line_exit_2(tmp_path):
