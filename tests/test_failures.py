@@ -475,13 +475,15 @@ def test_a_failure_watch_without_the_rendezvous_store_refuses_to_start(monkeypat
     assert active_watch() is None and watch._thread is None
 
 
-WATCH_PROBE = """
+WATCH_START = """
 import sys, time
 import torch.distributed as dist
 from skipssl.failure import FailureWatch
 dist.init_process_group('gloo')
 rank = dist.get_rank()
 watch = FailureWatch(rank, 2, 'probe').start()
+"""
+WATCH_FAIL = """
 if rank == int(sys.argv[1]):
     try:
         raise ValueError(f'bad input on rank {rank}')
@@ -489,17 +491,16 @@ if rank == int(sys.argv[1]):
         watch.fail(exn, lambda e: (2, str(e)))
 time.sleep(120)   # in no collective: only the watch can end this rank
 """
+WATCH_PROBE = WATCH_START + WATCH_FAIL
 
 
-@pytest.mark.parametrize('failing', [0, 1])
-def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, failing):
-    """Two plain processes with env:// variables (as srun starts them, no agent to kill the rest; rank 0 hosts
-    the store): the rank that is not failing sleeps outside any collective, as one stuck in an NCCL kernel or a
-    long step would, and still ends within seconds."""
-    port = free_port()
-    procs = [
+def two_plain_ranks(script: str, *args: str) -> list:
+    """``python -c script *args`` as ranks 0 and 1 of a job with env:// variables (as srun starts them, no agent
+    to kill the rest; rank 0 hosts the store); their stderr piped."""
+    port = str(free_port())
+    return [
         subprocess.Popen(
-            [sys.executable, '-c', WATCH_PROBE, str(failing)],
+            [sys.executable, '-c', script, *args],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
@@ -509,11 +510,18 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
                 'RANK': str(r),
                 'WORLD_SIZE': '2',
                 'MASTER_ADDR': '127.0.0.1',
-                'MASTER_PORT': str(port),
+                'MASTER_PORT': port,
             },
         )
         for r in (0, 1)
     ]
+
+
+@pytest.mark.parametrize('failing', [0, 1])
+def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, failing):
+    """Two plain processes with env:// variables: the rank that is not failing sleeps outside any collective,
+    as one stuck in an NCCL kernel or a long step would, and still ends within seconds."""
+    procs = two_plain_ranks(WATCH_PROBE, str(failing))
     start = time.monotonic()
     errs = [p.communicate(timeout=60)[1] for p in procs]
     assert time.monotonic() - start < 30

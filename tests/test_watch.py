@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from skipssl import checkpoint as ckpt
 
 from .image_shards import write_pattern_shards
+from .test_failures import WATCH_FAIL, WATCH_START, two_plain_ranks
 from .test_train import ROOT, _descendants, _env, _wait_for, command, log_lines
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -93,29 +93,25 @@ def test_stop_vote_blocks_no_iteration_and_stops_every_rank_at_the_same_iteratio
         cmd, cwd=ROOT, env={**_env(), 'PYTHONPATH': str(ROOT)}, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f'calls-{rank}.json').read_text())
+        for b in range(1, STOP):  # ordinary boundaries: no log, checkpoint or epoch end
+            at = [c for c in calls if c['boundary'] == b]
+            assert [c['async'] for c in at] == [True], (rank, b, at)
+        # the vote read at STOP + 1 says stop: no new vote, the checkpoint's blocking collectives
+        assert not [c for c in calls if c['boundary'] == STOP + 1 and c['async']], calls
     assert 'SIGTERM received: checkpoint written at iteration 5' in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['stopped_by'] == 'SIGTERM' and summary['iterations'] == STOP + 1
     assert [i for i, _ in ckpt.list_checkpoints(out / 'checkpoints')] == [STOP + 1]
-    for rank in (0, 1):
-        calls = json.loads((tmp_path / f'calls-{rank}.json').read_text())
-        for b in range(1, STOP + 1):  # ordinary boundaries: no log, checkpoint or epoch end
-            at = [c for c in calls if c['boundary'] == b]
-            assert [c['async'] for c in at] == [True], (rank, b, at)
-        # the stop itself: the vote read, then the checkpoint's blocking collectives
-        assert not [c for c in calls if c['boundary'] == STOP + 1 and c['async']], calls
 
 
 # -- logs flushed before the watch ends a process ---------------------------------------------------------------
-FLUSH_PROBE = """
-import sys, time
+FLUSH_PROBE = (
+    WATCH_START
+    + """
 from pathlib import Path
-import torch.distributed as dist
-from skipssl.failure import FailureWatch
 from skipssl.train.logger import RunLogger
-dist.init_process_group('gloo')
-rank = dist.get_rank()
-watch = FailureWatch(rank, 2, 'probe').start()
 run_dir = Path(sys.argv[2]) / f'rank{rank}'
 run_dir.mkdir()
 logger = RunLogger(run_dir, True)
@@ -125,41 +121,9 @@ watch.flush_at_exit(lambda: (run_dir / 'flushed').touch())
 if rank == 0:  # a file system that hangs: the exit waits for it a bounded time only
     watch.flush_at_exit(lambda: time.sleep(600))
 dist.barrier()
-if rank == int(sys.argv[1]):
-    try:
-        raise ValueError(f'bad input on rank {rank}')
-    except ValueError as exn:
-        watch.fail(exn, lambda e: (2, str(e)))
-time.sleep(120)   # in no collective: only the watch can end this rank
 """
-
-
-def _two_plain_ranks(script: str, *args: str, extra_env=None) -> list:
-    port = str(_free_port())
-    return [
-        subprocess.Popen(
-            [sys.executable, '-c', script, *args],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **_env(),
-                'PYTHONPATH': str(ROOT),
-                'RANK': str(r),
-                'WORLD_SIZE': '2',
-                'MASTER_ADDR': '127.0.0.1',
-                'MASTER_PORT': port,
-                **(extra_env or {}),
-            },
-        )
-        for r in (0, 1)
-    ]
-
-
-def _free_port() -> int:
-    from skipssl_common.distributed import free_port
-
-    return free_port()
+    + WATCH_FAIL
+)
 
 
 @pytest.mark.parametrize('failing', [0, 1])
@@ -172,10 +136,10 @@ def test_a_rank_the_watch_ends_flushes_tensorboard_and_log_jsonl_first(tmp_path,
     gfile or a file system without append they wait for a flush every 2 minutes.)"""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    procs = _two_plain_ranks(FLUSH_PROBE, str(failing), str(tmp_path))
+    procs = two_plain_ranks(FLUSH_PROBE, str(failing), str(tmp_path))
     start = time.monotonic()
-    errs = [p.communicate(timeout=90)[1] for p in procs]
-    assert time.monotonic() - start < 45, errs
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    assert time.monotonic() - start < 120, errs  # the hanging flush would hold it for 600 s
     assert procs[failing].returncode == 2 and procs[1 - failing].returncode == 1, errs
     for rank in (0, 1):
         run_dir = tmp_path / f'rank{rank}'
