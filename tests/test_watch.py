@@ -95,7 +95,7 @@ def test_stop_vote_blocks_no_iteration_and_stops_every_rank_at_the_same_iteratio
     assert proc.returncode == 0, proc.stderr[-5000:]
     for rank in (0, 1):
         calls = json.loads((tmp_path / f'calls-{rank}.json').read_text())
-        for b in range(1, STOP):  # ordinary boundaries: no log, checkpoint or epoch end
+        for b in range(1, STOP + 1):  # ordinary boundaries: no log, checkpoint or epoch end
             at = [c for c in calls if c['boundary'] == b]
             assert [c['async'] for c in at] == [True], (rank, b, at)
         # the vote read at STOP + 1 says stop: no new vote, the checkpoint's blocking collectives
