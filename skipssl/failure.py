@@ -17,7 +17,7 @@ every rank's tracebacks. Here:
 - the watch threads also beat in the store (every ``BEAT_S``), and each one watches the next rank's beat: a rank
   that shows no sign of life for ``STALL_S`` (stopped with SIGSTOP, frozen, its host gone while its sockets
   stay open) would leave the others waiting in a collective without a word, so its watcher says so in one
-  line, ``rank N: stopping: rank M has shown no sign of life for S s ...``, and ends the job as for an error.
+  line, ``rank N: PROG: rank M has shown no sign of life for S s ...``, and ends the job as for rank M's error.
 - before ``os._exit``, the run's logs are flushed (TensorBoard events, ``log.jsonl``: whatever registered with
   :meth:`FailureWatch.flush_at_exit`), for at most ``EXIT_FLUSH_S``.
 
