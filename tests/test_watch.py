@@ -78,6 +78,7 @@ sys.exit(status)
 """
 
 
+@pytest.mark.slow
 def test_stop_vote_blocks_no_iteration_and_stops_every_rank_at_the_same_iteration(shards, tmp_path):
     """2 ranks, 10 iterations per epoch, no logging or checkpoint before the end: each ordinary iteration
     boundary starts one asynchronous host all-reduce (the vote) and waits for none; a SIGTERM that rank 1 alone
