@@ -73,7 +73,8 @@ def resolve_pretrain_config(config: str, overrides: List[str], res: ex.Resources
         data = dataclasses.replace(data, train_shards=str(Path(data.train_shards).resolve()))
     experiment = dataclasses.replace(cfg.experiment, output_dir=str(Path(cfg.experiment.output_dir).resolve()))
     cfg = dataclasses.replace(cfg, engine=engine, data=data, experiment=experiment)
-    # this machine's devices are not the job's: check the rest on CPU (fp16 is checked for CPU jobs only)
+    # this machine's devices are not the job's: check the rest on CPU (the precision for CPU jobs only, against
+    # this machine's CPU, which is the job's with --cluster local or debug; the job checks its own at start-up)
     preflight(
         cfg
         if device == 'cpu'

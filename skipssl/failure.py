@@ -14,6 +14,12 @@ every rank's tracebacks. Here:
   failed``, and ends its process. This ends ranks stuck where no socket error reaches them (an NCCL kernel, a long
   step).
 - a rank whose own error is a consequence (a lost connection, :class:`PeerFailed`) prints only that line.
+- the watch threads also beat in the store (every ``BEAT_S``), and each one watches the next rank's beat: a rank
+  that shows no sign of life for ``STALL_S`` (stopped with SIGSTOP, frozen, its host gone while its sockets
+  stay open) would leave the others waiting in a collective without a word, so its watcher says so in one
+  line, ``rank N: PROG: rank M has shown no sign of life for S s ...``, and ends the job as for rank M's error.
+- before ``os._exit``, the run's logs are flushed (TensorBoard events, ``log.jsonl``: whatever registered with
+  :meth:`FailureWatch.flush_at_exit`), for at most ``EXIT_FLUSH_S``.
 
 Dependency-light on purpose: training and evaluation both use it, and it imports nothing of either.
 """
@@ -26,7 +32,7 @@ import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Tuple
 
 if TYPE_CHECKING:
     from torch.distributed import Store
@@ -39,6 +45,15 @@ ACK_WAIT_S = 3.0  # the root waits this long for its peers to print their line
 FOLLOWER_DELAY_S = 1.0  # a follower outlives the root by this long
 STORE_LOST_S = 30.0  # a store unreachable this long means the job is gone
 ROOT_WAIT_S = 5.0  # a peer that lost contact waits this long for the root's record
+BEAT_KEY = 'skipssl/failure/beat'  # /RANK: a counter each watch thread moves, or DONE once it has stopped
+DONE = 'done'
+BEAT_S = 1.0
+# a rank whose watch thread has not beaten for this long is frozen: the thread runs every second through a long
+# step or a checkpoint write, so only a process that does not run at all (or a C call that holds the GIL this
+# long) falls silent; well under the collectives' own time-outs (NCCL 10 min, gloo 30 min). The environment
+# variable is for tests.
+STALL_S = float(os.environ.get('SKIPSSL_STALL_S', '300'))
+EXIT_FLUSH_S = 5.0  # the most an exit waits for the logs (a hung file system must not keep a failed rank alive)
 
 # Messages of errors that only say a peer went away (gloo, NCCL, the TCPStore).
 _LOST_PEER = (
@@ -134,6 +149,8 @@ class FailureWatch:
         self._exiting = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._store: Optional['Store'] = None
+        self._flushers: List[Callable[[], None]] = []
+        self._root = False  # this rank claimed the job's failure
 
     @property
     def active(self) -> bool:
@@ -167,13 +184,51 @@ class FailureWatch:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+            try:  # a rank that has finished is not a frozen one: its watcher stops looking
+                if self._store is not None:
+                    self._store.set(f'{BEAT_KEY}/{self.rank}', DONE)
+            except Exception:
+                pass
+
+    def flush_at_exit(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Have ``fn`` (a log's flush) run before this process ends through the watch; returns its removal."""
+        self._flushers.append(fn)
+        return lambda: self._flushers.remove(fn) if fn in self._flushers else None
+
+    def _run_flushers(self) -> None:
+        if not self._flushers:
+            return
+
+        def run() -> None:
+            for fn in list(self._flushers):
+                try:
+                    fn()
+                except Exception:  # a log that cannot be flushed must not keep the others from it
+                    pass
+
+        thread = threading.Thread(target=run, name='skipssl-exit-flush', daemon=True)
+        thread.start()
+        thread.join(EXIT_FLUSH_S)
 
     def _poll(self, store: 'Store') -> None:
         unreachable_since = None
+        beats, next_beat = 0, 0.0
+        peer = (self.rank + 1) % self.world_size
+        peer_beat: Optional[bytes] = None
+        peer_moved = time.monotonic()
         while not self._stop.wait(POLL_S):
             try:
                 found = store.check([FAILED_KEY])
                 root = int(store.get(FAILED_KEY)) if found else None
+                if root is None and time.monotonic() >= next_beat:
+                    beats, next_beat = beats + 1, time.monotonic() + BEAT_S
+                    store.set(f'{BEAT_KEY}/{self.rank}', str(beats))
+                    key = f'{BEAT_KEY}/{peer}'
+                    beat = store.get(key) if store.check([key]) else None
+                    if beat != peer_beat or beat == DONE.encode():
+                        peer_beat, peer_moved = beat, time.monotonic()
+                    elif time.monotonic() - peer_moved > STALL_S:
+                        self._stalled(peer, time.monotonic() - peer_moved)
                 unreachable_since = None
             except Exception as exn:  # the store's host (rank 0 or the launcher) may be gone
                 unreachable_since = unreachable_since or time.monotonic()
@@ -185,9 +240,23 @@ class FailureWatch:
                     f"rank {self.rank}: stopping because the job's rendezvous store has been unreachable "
                     f'for {STORE_LOST_S:.0f} s (rank 0 or the launcher ended?): {first_line(exn)}',
                 )
+            if root == self.rank and not self._root:  # woken (SIGCONT) after the others ended the job for its silence
+                self._exit(1, f'rank {self.rank}: stopping: the other ranks ended the job while this one was silent')
             if root is not None and root != self.rank:
                 self._ack(store)
                 self._exit(1, f'rank {self.rank}: stopping because rank {root} failed', follower=True)
+
+    def _stalled(self, peer: int, silent_s: float) -> None:
+        """End the job for ``peer``, silent for ``silent_s``; nothing when another rank has claimed a failure first
+        (its record then ends this one)."""
+        if not self._claim():
+            return
+        text = (
+            f'{self.prog}: rank {peer} has shown no sign of life for {silent_s:.0f} s (its failure watch stopped '
+            f'beating: stopped with SIGSTOP, frozen, or its host unreachable?); ending the job'
+        )
+        _record_for_torchrun(text)
+        self._exit(1, f'rank {self.rank}: {text}', root=True, failed=peer)
 
     # -- the error path ------------------------------------------------------------------------------------
     def fail(self, exn: BaseException, describe: Callable[[BaseException], Tuple[int, Optional[str]]]) -> NoReturn:
@@ -221,9 +290,10 @@ class FailureWatch:
         if self._store is None:  # not started
             return True
         try:
-            return self._store.add(CLAIM_KEY, 1) == 1
+            self._root = self._store.add(CLAIM_KEY, 1) == 1
         except Exception:  # no store (its host died first): this rank's error is all it knows
-            return True
+            self._root = True
+        return self._root
 
     def _wait_for_root(self) -> Optional[int]:
         if self._store is None:  # not started
@@ -246,14 +316,18 @@ class FailureWatch:
         except Exception:
             pass
 
-    def _exit(self, status: int, message: str, root: bool = False, follower: bool = False) -> NoReturn:
+    def _exit(
+        self, status: int, message: str, root: bool = False, follower: bool = False, failed: Optional[int] = None
+    ) -> NoReturn:
+        """``failed``: the rank the root's record names (itself unless another rank stalled)."""
         with self._exiting:  # the watch thread and the main thread must not both print
             _flush()
             print(message, file=sys.stderr, flush=True)
+            self._run_flushers()
             if root:
                 try:
                     if self._store is not None:
-                        self._store.set(FAILED_KEY, str(self.rank))
+                        self._store.set(FAILED_KEY, str(self.rank if failed is None else failed))
                         # let the peers print their line before this process (perhaps the store's host) ends
                         deadline = time.monotonic() + ACK_WAIT_S
                         while time.monotonic() < deadline and self._store.add(ACK_KEY, 0) < self.world_size - 1:

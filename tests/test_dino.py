@@ -201,6 +201,58 @@ def test_head_structure_and_fixed_last_layer_norm():
     assert DINOHead(32, out_dim=8, nlayers=1).mlp.out_features == 256
 
 
+class _DINOHeadLayout(torch.nn.Module):
+    """DINO's own DINOHead (main_dino.py / vision_transformer.py, no batch norm), rebuilt with the modules it
+    uses: an MLP in ``mlp`` (Linear, GELU, ..., Linear) and ``nn.utils.weight_norm`` on a bias-free Linear, whose
+    ``weight_g`` DINO fills with 1 (and freezes with norm_last_layer)."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(in_dim, hidden_dim),
+            torch.nn.GELU(),
+            torch.nn.Linear(hidden_dim, hidden_dim),
+            torch.nn.GELU(),
+            torch.nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        with pytest.warns(FutureWarning):  # torch's deprecated weight_norm is the one DINO's checkpoints come from
+            self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+@pytest.mark.parametrize('norm_last_layer', [True, False])
+def test_head_loads_a_state_dict_in_dinos_layout(norm_last_layer):
+    torch.manual_seed(0)
+    dino = _DINOHeadLayout(32, 64, 48, 16, norm_last_layer)
+    if not norm_last_layer:  # a trained free gain
+        dino.last_layer.weight_g.data.uniform_(0.5, 2.0)
+    state = dino.state_dict()
+    assert sorted(state) == sorted(
+        [f'mlp.{i}.{p}' for i in (0, 2, 4) for p in ('weight', 'bias')] + ['last_layer.weight_g', 'last_layer.weight_v']
+    )
+    head = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16, norm_last_layer=norm_last_layer)
+    head.load_state_dict(state)  # strict
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(head(x), dino(x), rtol=1e-6, atol=1e-6)
+    if norm_last_layer:  # the fixed gain is no state of ours: our own state dict round-trips without it
+        assert 'last_layer.weight_g' not in head.state_dict()
+        head.load_state_dict(head.state_dict())
+
+
+def test_head_with_a_fixed_norm_refuses_trained_gains():
+    torch.manual_seed(0)
+    dino = _DINOHeadLayout(32, 64, 48, 16, norm_last_layer=False)
+    dino.last_layer.weight_g.data.uniform_(0.5, 2.0)
+    head = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16, norm_last_layer=True)
+    with pytest.raises(RuntimeError, match=r'last_layer.weight_g: the gains are not all 1 .*norm_last_layer=False'):
+        head.load_state_dict(dino.state_dict())
+
+
 def test_multicrop_wrapper_runs_backbone_once_per_resolution():
     torch.manual_seed(0)
     backbone = timm.create_model('vit_tiny_patch16_skipat_224', num_classes=0, depth=4, skip_indices=(2,)).eval()

@@ -10,6 +10,8 @@ from torch import nn
 
 from skipssl_common.distributed import free_port
 
+from .precision import param as precision_param
+
 WORLD = 2
 MAX_NORM = 4.0
 
@@ -82,7 +84,11 @@ def _worker(rank, port, stage, precision, out_dir):
 
 
 @pytest.mark.parametrize(
-    'stage,precision', [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'), (2, 'fp16')]
+    'stage,precision',
+    [
+        precision_param(stage, precision, precision=precision)
+        for stage, precision in [(2, 'fp32'), (2, 'bf16'), (1, 'bf16'), (0, 'bf16'), (1, 'fp16'), (2, 'fp16')]
+    ],
 )
 def test_clip_per_param_and_master_weights_match_deepspeed(tmp_path, stage, precision):
     mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=WORLD, join=True)

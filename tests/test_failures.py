@@ -20,9 +20,11 @@ from skipssl.data import resolve_shards
 from skipssl.runlock import RunFolderError, RunLock, check_free
 from skipssl.train import state as train_state
 from skipssl.train.distributed import DistInfo
+from skipssl.train.engine import precision_unsupported
 from skipssl_common.distributed import free_port
 
 from .image_shards import write_pattern_shards
+from .precision import needs, needs_no
 from .test_train import ROOT, TINY, _env, command, final_weights, log_lines, run
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
@@ -288,6 +290,25 @@ def test_user_errors_before_the_process_group_are_one_line_exit_2(shards, tmp_pa
     assert not (tmp_path / 'run').exists()
 
 
+@needs_no('fp16')
+def test_fp16_on_a_machine_whose_deepspeed_refuses_it_is_one_line_before_the_process_group(shards, tmp_path):
+    """On a CPU whose oneDNN has no fp16 (AMD EPYC, some Xeons) DeepSpeed's engine raises 'Type fp16 is not
+    supported on your device' once every rank is up; pretrain.py refuses first, with DeepSpeed's own check."""
+    proc = run(tmp_path / 'run', shards, 'engine.precision=fp16', 'engine.zero_stage=1', check=False)
+    line = _one_error_line(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert line == f'pretrain.py: config error: engine.precision: {precision_unsupported("fp16")}; use bf16 or fp32'
+    assert not (tmp_path / 'run').exists()
+
+
+@needs('fp16')
+def test_fp16_trains_on_a_machine_whose_deepspeed_accepts_it(shards, tmp_path):
+    """The other side of the refusal: where DeepSpeed has fp16 (a GPU, a CPU whose oneDNN has fp16 kernels),
+    pretrain.py runs it (ZeRO 1, dynamic loss scaling)."""
+    proc = run(tmp_path / 'run', shards, 'engine.precision=fp16', 'engine.zero_stage=1', 'data.samples_per_epoch=64')
+    assert 'state: finished' in proc.stdout
+
+
 def test_the_only_shard_unreadable_is_one_line_exit_2(tmp_path):
     data = tmp_path / 'data'
     data.mkdir()
@@ -454,13 +475,15 @@ def test_a_failure_watch_without_the_rendezvous_store_refuses_to_start(monkeypat
     assert active_watch() is None and watch._thread is None
 
 
-WATCH_PROBE = """
+WATCH_START = """
 import sys, time
 import torch.distributed as dist
 from skipssl.failure import FailureWatch
 dist.init_process_group('gloo')
 rank = dist.get_rank()
 watch = FailureWatch(rank, 2, 'probe').start()
+"""
+WATCH_FAIL = """
 if rank == int(sys.argv[1]):
     try:
         raise ValueError(f'bad input on rank {rank}')
@@ -468,17 +491,16 @@ if rank == int(sys.argv[1]):
         watch.fail(exn, lambda e: (2, str(e)))
 time.sleep(120)   # in no collective: only the watch can end this rank
 """
+WATCH_PROBE = WATCH_START + WATCH_FAIL
 
 
-@pytest.mark.parametrize('failing', [0, 1])
-def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, failing):
-    """Two plain processes with env:// variables (as srun starts them, no agent to kill the rest; rank 0 hosts
-    the store): the rank that is not failing sleeps outside any collective, as one stuck in an NCCL kernel or a
-    long step would, and still ends within seconds."""
-    port = free_port()
-    procs = [
+def two_plain_ranks(script: str, *args: str) -> list:
+    """``python -c script *args`` as ranks 0 and 1 of a job with env:// variables (as srun starts them, no agent
+    to kill the rest; rank 0 hosts the store); their stderr piped."""
+    port = str(free_port())
+    return [
         subprocess.Popen(
-            [sys.executable, '-c', WATCH_PROBE, str(failing)],
+            [sys.executable, '-c', script, *args],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
@@ -488,11 +510,18 @@ def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, fai
                 'RANK': str(r),
                 'WORLD_SIZE': '2',
                 'MASTER_ADDR': '127.0.0.1',
-                'MASTER_PORT': str(port),
+                'MASTER_PORT': port,
             },
         )
         for r in (0, 1)
     ]
+
+
+@pytest.mark.parametrize('failing', [0, 1])
+def test_the_failure_watch_ends_a_rank_that_waits_in_no_collective(tmp_path, failing):
+    """Two plain processes with env:// variables: the rank that is not failing sleeps outside any collective,
+    as one stuck in an NCCL kernel or a long step would, and still ends within seconds."""
+    procs = two_plain_ranks(WATCH_PROBE, str(failing))
     start = time.monotonic()
     errs = [p.communicate(timeout=60)[1] for p in procs]
     assert time.monotonic() - start < 30

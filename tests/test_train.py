@@ -200,8 +200,6 @@ def test_bad_shards_and_model_fail_before_training(tmp_path, shards):
     assert proc.returncode == 2 and 'data.train_shards' in proc.stderr and 'nowhere' in proc.stderr
     proc = run(tmp_path / 'r', shards, 'model.kwargs.skip_indices=[0, 9]', check=False)
     assert proc.returncode == 2 and 'model:' in proc.stderr and 'skip' in proc.stderr
-    proc = run(tmp_path / 'r', shards, 'engine.precision=fp16', 'engine.zero_stage=1', check=False)
-    assert proc.returncode == 2 and 'fp16 needs a CUDA device' in proc.stderr
     assert not (tmp_path / 'r' / 'checkpoints').exists()
 
 

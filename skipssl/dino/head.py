@@ -11,7 +11,8 @@ class WeightNormLinear(nn.Module):
 
     With ``fixed_norm`` the gain g is not a parameter (every row of W has norm 1), so no frozen parameter
     reaches the optimizer. Parameter names match ``nn.utils.weight_norm`` (``weight_g``, ``weight_v``), so
-    DINO checkpoints load.
+    DINO's head state dicts load (``tests/test_dino.py``): with ``fixed_norm`` their ``weight_g``, which
+    DINO stores although ``norm_last_layer`` fixes it at 1, is checked to be all ones and dropped.
     """
 
     def __init__(self, in_features: int, out_features: int, fixed_norm: bool = True) -> None:
@@ -32,6 +33,21 @@ class WeightNormLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + 'weight_g'
+        if self.fixed_norm and key in state_dict:  # load_state_dict hands each module its own copy of the dict
+            g = state_dict.pop(key)
+            if tuple(g.shape) != (self.out_features, 1) or not bool((g == 1).all()):
+                error_msgs.append(
+                    f'{key}: the gains are not all 1 (shape {tuple(g.shape)}): a last layer trained with '
+                    'norm_last_layer=False, which a head with norm_last_layer=True cannot hold'
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, fixed_norm={self.fixed_norm}'

@@ -2,7 +2,7 @@
 DeepSpeed process group and this rank's device, and the small collectives the trainer needs."""
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -91,3 +91,37 @@ def all_reduce_cpu(t: torch.Tensor, info: DistInfo, op=dist.ReduceOp.SUM) -> tor
     if info.world_size > 1:
         dist.all_reduce(t, op=op, group=info.control_group)
     return t
+
+
+class StopVote:
+    """The ranks' agreement on a stop (the largest signal number any rank has received, 0 for none) without a
+    blocking round trip per iteration: the vote started at one iteration boundary is read at the next, by when
+    it has long arrived (one small gloo all-reduce in flight while the step runs). Every rank reads the same
+    vote at the same boundary, so all stop at the same iteration, one iteration after the signal's; with one
+    rank there is nothing to agree on and the signal is read at once."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self._pending: Optional[Tuple[dist.Work, torch.Tensor]] = None
+
+    def __call__(self, signum: int) -> int:
+        """The vote started at the previous boundary (0 at the first); when it is 0, this boundary's vote
+        (``signum``, this rank's) is started."""
+        if self.info.world_size <= 1:
+            return signum
+        decided = self.settle()
+        if not decided:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.info.control_group, async_op=True)
+            assert work is not None  # async_op
+            self._pending = (work, flag)
+        return decided
+
+    def settle(self) -> int:
+        """The vote in flight, waited for (0 if none): where no further boundary comes (the end of an epoch)."""
+        if self._pending is None:
+            return 0
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return int(flag[0])

@@ -20,6 +20,31 @@ from ..dino import param_groups, reset_state
 from .plan import global_batch
 
 
+def precision_unsupported(precision: str) -> Optional[str]:
+    """Why ``deepspeed.initialize`` would refuse ``precision`` ('bf16', 'fp16', 'fp32') on this machine, None where
+    it accepts it. The answer is DeepSpeed's own check (its accelerator's ``is_fp16_supported`` /
+    ``is_bf16_supported``): on CPU, fp16 needs oneDNN's fp16 kernels, which depend on the CPU model (absent on an
+    AMD EPYC with avx512_bf16 but no avx512_fp16, and on Xeons without it); on CUDA, the GPU's compute capability
+    decides.
+    Used by the start-up check and by the tests' skip markers, so that both agree with DeepSpeed."""
+    if precision == 'fp32':
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.is_fp16_supported() if precision == 'fp16' else acc.is_bf16_supported():
+        return None
+    name = acc.device_name()
+    if name == 'cuda':
+        major, minor = torch.cuda.get_device_capability()
+        where = f'{torch.cuda.get_device_name()}, compute capability {major}.{minor}'
+    elif name == 'cpu' and precision == 'fp16':
+        where = 'oneDNN has no fp16 kernels for this CPU: torch.ops.mkldnn._is_mkldnn_fp16_supported() is False'
+    else:
+        where = f'DeepSpeed accelerator {name!r}'
+    return f"{precision} is not supported on this machine's {name} ({where}), DeepSpeed would refuse it"
+
+
 def deepspeed_config(cfg: Config, world_size: int, accum: Optional[int] = None) -> Dict:
     """``accum``: the plan's accumulation steps (a resize changes them), the config's when None."""
     e = cfg.engine

@@ -4,7 +4,7 @@ and the device-hours clock (wall time of the training loop, summed over ranks)."
 import json
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Dict, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -17,11 +17,17 @@ class RunLogger:
         self.enabled = enabled
         self.writer: Optional['SummaryWriter'] = None
         self.jsonl: Optional[IO[str]] = None
+        self._unregister: Optional[Callable[[], None]] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            from ..failure import active_watch
+
             self.writer = SummaryWriter(log_dir=str(run_dir / 'tb'))
             self.jsonl = open(run_dir / 'log.jsonl', 'a', buffering=1)
+            watch = active_watch()
+            if watch is not None:  # a rank that another's failure ends leaves by os._exit: no close() then
+                self._unregister = watch.flush_at_exit(self.flush)
 
     def _open(self) -> Tuple['SummaryWriter', IO[str]]:
         """The writer and the JSON-lines file, which ``enabled`` promises are open."""
@@ -47,9 +53,14 @@ class RunLogger:
 
     def flush(self) -> None:
         if self.enabled:
-            self._open()[0].flush()
+            writer, jsonl = self._open()
+            writer.flush()
+            jsonl.flush()
 
     def close(self) -> None:
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         if self.enabled:
             writer, jsonl = self._open()
             writer.close()

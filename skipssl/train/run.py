@@ -28,6 +28,7 @@ def preflight(cfg: Config) -> str:
     from ..checkpoint import build_backbone
     from ..data import first_readable_sample, resolve_shards
     from .distributed import resolve_device
+    from .engine import precision_unsupported
     from .plan import make_plan
     from .state import newest_layout
 
@@ -35,8 +36,10 @@ def preflight(cfg: Config) -> str:
         device = resolve_device(cfg.engine.device)
     except RuntimeError as exn:
         raise ConfigError(f'engine.device: {exn}') from exn
-    if device == 'cpu' and cfg.engine.precision == 'fp16':
-        raise ConfigError('engine.precision: fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); use bf16 or fp32')
+    unsupported = precision_unsupported(cfg.engine.precision)
+    if unsupported:
+        usable = [p for p in ('bf16', 'fp16', 'fp32') if p != cfg.engine.precision and precision_unsupported(p) is None]
+        raise ConfigError(f'engine.precision: {unsupported}; use {" or ".join(usable)}')
     if not cfg.data.train_shards:
         raise ConfigError('data.train_shards: not set (a shard folder, index json, .txt list or brace pattern)')
     try:

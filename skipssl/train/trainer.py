@@ -27,7 +27,7 @@ from ..data.reader import batch_seed, iter_raw_samples
 from ..data.slots import SlotShards, iterations, join
 from ..dino import DINOLoss, collapse_state, make_teacher
 from . import state as train_state
-from .distributed import DistInfo, all_reduce_cpu
+from .distributed import DistInfo, StopVote, all_reduce_cpu
 from .engine import build_engine
 from .logger import DeviceClock, RunLogger, device_unit, devices_per_rank
 from .plan import build_student, layout, make_plan, make_schedules, model_spec
@@ -42,7 +42,8 @@ class NonFiniteLoss(RuntimeError):
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out), SIGUSR2 (submitit's choice for
-    ``--signal``) and SIGINT set a flag; the loop checkpoints at the next iteration boundary and returns."""
+    ``--signal``) and SIGINT set a flag; the ranks agree on it (``StopVote``, one iteration later with several
+    ranks), and the loop checkpoints at that iteration boundary and returns."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -91,6 +92,7 @@ class Trainer:
         self.urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
         self.ckpt_root = run_dir / 'checkpoints'
         self.stop = StopRequest()
+        self.stop_vote = StopVote(info)
 
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         student = build_student(cfg)
@@ -560,27 +562,30 @@ class Trainer:
             if self.pos.iteration % c.train.log_every == 0:
                 self.log_scalars(interval_iters, time.perf_counter() - interval_start, interval_wait)
                 interval_start, interval_iters, interval_wait = time.perf_counter(), 0, 0.0
-            flag = torch.tensor([self.stop.signum or 0], dtype=torch.int64)
-            signum = int(all_reduce_cpu(flag, self.info, op=torch.distributed.ReduceOp.MAX)[0])
+            signum = self.stop_vote(self.stop.signum or 0)  # no blocking collective: see StopVote
             if signum:
                 if self.pos.iteration == end_of_epoch:
                     self.end_epoch(epoch_start_wall, epoch_start_iter, images)
                 self.save()
                 self.clock.stop()
-                name = signal.Signals(signum).name
-                if self.info.is_main:
-                    log.warning(
-                        '%s received: checkpoint written at iteration %d; run the same command to resume',
-                        name,
-                        self.pos.iteration,
-                    )
-                return name
+                return self._stopped(signum)
             if self.pos.iteration % c.train.checkpoint_every == 0 and self.pos.iteration != end_of_epoch:
                 self.save()
         del batches
+        signum = self.stop_vote.settle()  # a signal of the last iteration: this boundary's checkpoint serves it
         if self.pos.iteration == end_of_epoch:
             self.end_epoch(epoch_start_wall, epoch_start_iter, images)
         self.save()
         self.clock.stop()
         self.logger.flush()
-        return None
+        return self._stopped(signum) if signum else None
+
+    def _stopped(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        if self.info.is_main:
+            log.warning(
+                '%s received: checkpoint written at iteration %d; run the same command to resume',
+                name,
+                self.pos.iteration,
+            )
+        return name
