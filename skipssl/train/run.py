@@ -13,7 +13,7 @@ import yaml
 
 from skipssl_common.artefacts import RunSummary
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, short
 from ..failure import FailureWatch, first_line
 from ..runlock import RunLock
 
@@ -54,7 +54,7 @@ def preflight(cfg: Config) -> str:
         build_backbone(cfg.model.name, kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as exn:  # timm checks kwargs with asserts
         raise ConfigError(
-            f'model: {cfg.model.name} cannot be built with {cfg.model.kwargs}: {str(exn) or type(exn).__name__}'
+            f'model: {cfg.model.name} cannot be built with {short(cfg.model.kwargs)}: {str(exn) or type(exn).__name__}'
         ) from exn
     check_output_dir(Path(cfg.experiment.output_dir))
     return device

@@ -289,6 +289,7 @@ class Trainer:
             shuffle_buffer=d.shuffle_buffer,
             channels=d.channels,
             max_skip_fraction=d.max_skip_fraction,
+            max_pixels=d.max_image_pixels,
         )
         try:
             dataset.set_state(self.reader_state)
@@ -431,7 +432,7 @@ class Trainer:
         images = []
         for sample in iter_raw_samples(self.urls[:1], handler=lambda exn: True):
             try:
-                images.append(tf(decode_sample(sample, self.cfg.data.channels)[0]))
+                images.append(tf(decode_sample(sample, self.cfg.data.channels, self.cfg.data.max_image_pixels)[0]))
             except ValueError:
                 continue
             if len(images) == n:
