@@ -50,7 +50,7 @@ class _ConfigLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.depth = 0
 
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+    def compose_node(self, parent, index):
         self.depth += 1
         try:
             if self.depth > MAX_YAML_DEPTH:
@@ -59,10 +59,12 @@ class _ConfigLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
-    def construct_document(self, node):  # type: ignore[no-untyped-def]
+    def construct_document(self, node):
         n = _expanded_size(node, {})
         if n > MAX_YAML_VALUES:
-            raise ConfigError(f'its aliases expand to {n} values, more than {MAX_YAML_VALUES} (a "billion laughs"?)')
+            raise ConfigError(
+                f'it holds {n} values with its aliases expanded, more than {MAX_YAML_VALUES} (a "billion laughs"?)'
+            )
         return super().construct_document(node)
 
 
@@ -172,6 +174,9 @@ class TrainSection:
     attention_images: int = 4  # last-layer attention maps of this many fixed images, every epoch
     collapse_warn_every: int = 100  # iterations between collapse checks
     restart_if_no_valid_checkpoint: bool = False  # checkpoints exist but none verifies: start again at 0 (else stop)
+    # resume although the shards, experiment.seed or data.shuffle_buffer changed (else refused): the interrupted
+    # epoch's stream of samples starts again
+    resume_with_changed_data: bool = False
 
 
 @dataclass
