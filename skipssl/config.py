@@ -10,6 +10,7 @@ key, before anything expensive starts.
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -21,10 +22,70 @@ import yaml
 from skipssl_common.io import deep_merge
 
 from .data.multicrop import MultiCropConfig
+from .data.pixels import MAX_IMAGE_PIXELS
 
 
 class ConfigError(ValueError):
     pass
+
+
+# A config is a few dozen values: deeper nesting or more values than these is a malformed or hostile file
+# (a "billion laughs" document expands a few aliases into 10^9 values), refused before anything reads it.
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
+_SHORT.maxdict = _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 8
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a bounded length without walking the whole value: what messages quote."""
+    return _SHORT.repr(value)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounded nesting and alias expansion."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise ConfigError(f'nested more than {MAX_YAML_DEPTH} levels deep')
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node):
+        n = _expanded_size(node, {})
+        if n > MAX_YAML_VALUES:
+            raise ConfigError(
+                f'it holds {n} values with its aliases expanded, more than {MAX_YAML_VALUES} (a "billion laughs"?)'
+            )
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, memo: Dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded, counted in time linear in the document (shared nodes once)."""
+    if id(node) not in memo:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for kv in node.value for n in kv]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        memo[id(node)] = 1 + sum(_expanded_size(c, memo) for c in children)
+    return memo[id(node)]
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with nesting and alias expansion bounded; ConfigError (or yaml.YAMLError) when bad."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -96,6 +157,7 @@ class DataSection:
     canvas_size: int = 256  # device augmentation: images reach the device at this size
     max_skip_fraction: float = 0.01
     allow_pipe_shards: bool = False  # run 'pipe:' shard specs (also lines of a .txt list) as shell commands
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped undecoded (decompression bombs); 0: no limit
     eval_resize: int = 256  # evaluation preprocessing, stored with exports
     eval_crop: int = 224
 
@@ -112,6 +174,9 @@ class TrainSection:
     attention_images: int = 4  # last-layer attention maps of this many fixed images, every epoch
     collapse_warn_every: int = 100  # iterations between collapse checks
     restart_if_no_valid_checkpoint: bool = False  # checkpoints exist but none verifies: start again at 0 (else stop)
+    # resume although the shards, experiment.seed or data.shuffle_buffer changed (else refused): the interrupted
+    # epoch's stream of samples starts again
+    resume_with_changed_data: bool = False
 
 
 @dataclass
@@ -171,30 +236,30 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as exn:
                 errors.append(str(exn))
-        raise ConfigError(errors[0] if errors else f'{key}: invalid value {value!r}')
+        raise ConfigError(errors[0] if errors else f'{key}: invalid value {short(value)}')
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f'{key}: expected a list, got {value!r}')
+            raise ConfigError(f'{key}: expected a list, got {short(value)}')
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f'{key}[{i}]') for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f'{key}: expected {len(args)} values, got {len(value)} ({value!r})')
+            raise ConfigError(f'{key}: expected {len(args)} values, got {len(value)} ({short(value)})')
         return tuple(_coerce(v, a, f'{key}[{i}]') for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise ConfigError(f'{key}: expected a mapping, got {value!r}')
+            raise ConfigError(f'{key}: expected a mapping, got {short(value)}')
         return dict(value)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f'{key}: expected a list, got {value!r}')
+            raise ConfigError(f'{key}: expected a list, got {short(value)}')
         return [_coerce(v, args[0], f'{key}[{i}]') for i, v in enumerate(value)] if args else list(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f'{key}: expected true or false, got {value!r}')
+            raise ConfigError(f'{key}: expected true or false, got {short(value)}')
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f'{key}: expected an integer, got {value!r}')
+            raise ConfigError(f'{key}: expected an integer, got {short(value)}')
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
@@ -203,11 +268,13 @@ def _coerce(value: Any, tp, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f'{key}: expected a number, got {value!r}')
+            raise ConfigError(f'{key}: expected a number, got {short(value)}')
+        if not math.isfinite(value):  # no setting means infinity, and NaN passes every comparison check
+            raise ConfigError(f'{key}: expected a finite number, got {value}')
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f'{key}: expected a string, got {value!r}')
+            raise ConfigError(f'{key}: expected a string, got {short(value)}')
         return value
     raise ConfigError(f'{key}: unsupported type {_type_name(tp)}')
 
@@ -220,7 +287,7 @@ def _unknown(key: str, known: Sequence[str]) -> ConfigError:
 
 def _build(cls, values: Dict[str, Any], prefix: str = ''):
     if not isinstance(values, dict):
-        raise ConfigError(f'{prefix.rstrip(".") or "config"}: expected a mapping, got {values!r}')
+        raise ConfigError(f'{prefix.rstrip(".") or "config"}: expected a mapping, got {short(values)}')
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     for k in values:
@@ -252,9 +319,11 @@ def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict:
     if path in seen:
         raise ConfigError(f'config inheritance loop: {" -> ".join(map(str, seen + (path,)))}')
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exn:
         raise ConfigError(f'{path}: not valid YAML: {exn}') from exn
+    except ConfigError as exn:
+        raise ConfigError(f'{path}: {exn}') from None
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: the top level must be a mapping of sections')
     base = data.pop('base', None)
@@ -269,17 +338,19 @@ def parse_overrides(overrides: Sequence[str]) -> Dict:
     for item in overrides:
         key, sep, raw = item.partition('=')
         if not sep or not key or any(not part for part in key.split('.')):
-            raise ConfigError(f'override {item!r} is not of the form section.key=value')
+            raise ConfigError(f'override {short(item)} is not of the form section.key=value')
         try:
-            value = yaml.safe_load(raw) if raw != '' else ''
+            value = load_yaml(raw) if raw != '' else ''
         except yaml.YAMLError as exn:
-            raise ConfigError(f'override {item!r}: value is not valid YAML: {exn}') from exn
+            raise ConfigError(f'override {short(item)}: value is not valid YAML: {exn}') from exn
+        except ConfigError as exn:
+            raise ConfigError(f'override {short(item)}: {exn}') from None
         node = out
         *parents, leaf = key.split('.')
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f'override {item!r} conflicts with another override of {p!r}')
+                raise ConfigError(f'override {short(item)} conflicts with another override of {p!r}')
         node[leaf] = value
     return out
 
@@ -308,6 +379,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Value checks that need no files or devices (those are checked at start-up)."""
     e, o, d, t, a, lo = cfg.engine, cfg.optim, cfg.data, cfg.train, cfg.augment, cfg.loss
+    # first: the warm-up checks below are bounded by it, and would name the warm-up for train.epochs=0
+    _check(t.epochs >= 1, 'train.epochs', f'must be >= 1, got {t.epochs}')
     _check(e.precision in ('bf16', 'fp16', 'fp32'), 'engine.precision', f'bf16, fp16 or fp32, got {e.precision!r}')
     _check(e.zero_stage in (0, 1, 2), 'engine.zero_stage', f'0, 1 or 2, got {e.zero_stage}')
     # DeepSpeed's ZeRO-0 fp16 optimizer for a client optimizer (FP16_UnfusedOptimizer) is never handed the loss
@@ -325,7 +398,8 @@ def validate(cfg: Config) -> None:
         f'per_param, global or none, got {o.clip_mode!r}',
     )
     _check(o.clip_grad >= 0, 'optim.clip_grad', f'must be >= 0, got {o.clip_grad}')
-    _check(o.base_lr > 0 and o.min_lr >= 0, 'optim.base_lr', f'lr must be positive (base {o.base_lr}, min {o.min_lr})')
+    _check(o.base_lr > 0, 'optim.base_lr', f'must be > 0, got {o.base_lr}')
+    _check(o.min_lr >= 0, 'optim.min_lr', f'must be >= 0, got {o.min_lr}')
     _check(0 <= o.warmup_epochs <= t.epochs, 'optim.warmup_epochs', f'must be in [0, train.epochs={t.epochs}]')
     _check(0 <= o.freeze_last_layer_epochs, 'optim.freeze_last_layer_epochs', 'must be >= 0')
     _check(d.augment_on in ('cpu', 'device'), 'data.augment_on', f'cpu or device, got {d.augment_on!r}')
@@ -337,15 +411,11 @@ def validate(cfg: Config) -> None:
         'augment.mean',
         f'mean {a.mean} and std {a.std} need one value per channel (data.channels={d.channels})',
     )
-    _check(t.epochs >= 1, 'train.epochs', f'must be >= 1, got {t.epochs}')
     _check(t.grad_accum_steps >= 1, 'train.grad_accum_steps', f'must be >= 1, got {t.grad_accum_steps}')
     _check(t.log_every >= 1 and t.checkpoint_every >= 1, 'train.log_every', 'log_every and checkpoint_every >= 1')
     _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', f'must be >= 1, got {t.keep_checkpoints}')
-    _check(
-        0 < lo.teacher_temp and 0 < lo.warmup_teacher_temp and 0 < lo.student_temp,
-        'loss.teacher_temp',
-        'temperatures must be positive',
-    )
+    for key in ('student_temp', 'teacher_temp', 'warmup_teacher_temp'):
+        _check(getattr(lo, key) > 0, f'loss.{key}', f'temperatures must be > 0, got {getattr(lo, key)}')
     _check(
         0 <= lo.warmup_teacher_temp_epochs <= t.epochs,
         'loss.warmup_teacher_temp_epochs',
@@ -385,6 +455,7 @@ def validate(cfg: Config) -> None:
         f'must be >= 0 (0: count from the shard index), got {d.samples_per_epoch}',
     )
     _check(d.shuffle_buffer >= 0, 'data.shuffle_buffer', f'must be >= 0, got {d.shuffle_buffer}')
+    _check(d.max_image_pixels >= 0, 'data.max_image_pixels', f'must be >= 0 (0: no limit), got {d.max_image_pixels}')
     _check(d.virtual_slots >= 0, 'data.virtual_slots', f'must be >= 0 (0: ranks x workers), got {d.virtual_slots}')
     _check(0 <= d.max_skip_fraction <= 1, 'data.max_skip_fraction', f'must be in [0, 1], got {d.max_skip_fraction}')
     for key in ('canvas_size', 'eval_resize', 'eval_crop'):

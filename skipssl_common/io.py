@@ -93,7 +93,12 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     import torch
 
     with atomic_open(path, 'wb') as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exn:  # torch reports a failed write (disk full) as 'unexpected pos ...'
+            if isinstance(exn.__context__, OSError):
+                raise exn.__context__ from None
+            raise
 
 
 def deep_merge(base: Dict, over: Dict, whole: Collection[Tuple[str, ...]] = (), _path: Tuple[str, ...] = ()) -> Dict:

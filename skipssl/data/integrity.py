@@ -24,7 +24,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from webdataset import tariterators
 
@@ -259,3 +259,78 @@ def content_digest(scans: Dict[str, ShardScan], classes: Optional[List[str]] = N
     class names its index gives the labels."""
     blob = json.dumps({'shards': sorted(s.sha256 for s in scans.values()), 'classes': classes})
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- the identity of a training set ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a set of shards is, for telling a resumed run's data from the one it started with, at the cost of
+    one ``stat`` per shard and one read per index (no shard is read): each shard's name (not its folder: shards
+    copied elsewhere are the same data), size, and the sample count and SHA-256 its index records, in stream
+    order, and a digest of each index. Shards without an index that are rebuilt to the same names and sizes are
+    not told apart."""
+
+    shards: Tuple[Tuple[str, Optional[int], Optional[int], Optional[str]], ...]  # name, bytes, samples, sha256
+    indices: Tuple[Tuple[str, str], ...]  # index file name, digest of its content
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps({'shards': self.shards, 'indices': self.indices})
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_dict(self) -> Dict:
+        shards, indices = [list(s) for s in self.shards], [list(i) for i in self.indices]
+        return {'fingerprint': self.fingerprint, 'shards': shards, 'indices': indices}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> 'DataIdentity':
+        return cls(tuple(tuple(s) for s in d['shards']), tuple(tuple(i) for i in d['indices']))
+
+    def changes_from(self, old: 'DataIdentity') -> str:
+        """What differs from ``old``, in a phrase ('' when nothing does)."""
+        if old == self:
+            return ''
+        before, now = {s[0]: s for s in old.shards}, {s[0]: s for s in self.shards}
+        out = []
+        for what, names in (
+            ('added', [n for n in now if n not in before]),
+            ('gone', [n for n in before if n not in now]),
+        ):
+            if names:
+                out.append(f'{len(names)} shard(s) {what} ({_some(names)})')
+        for i, field in ((1, 'bytes'), (2, 'samples')):
+            diff = [
+                f'{n} {before[n][i]} -> {s[i]} {field}' for n, s in now.items() if n in before and before[n][i] != s[i]
+            ]
+            if diff:
+                out.append(_some(diff))
+        rehashed = [n for n, s in now.items() if n in before and before[n][1:3] == s[1:3] and before[n][3] != s[3]]
+        if rehashed:
+            out.append(f'{_some(rehashed)}: other content (SHA-256 in the index)')
+        old_idx, new_idx = dict(old.indices), dict(self.indices)
+        idx = sorted(n for n in set(old_idx) | set(new_idx) if old_idx.get(n) != new_idx.get(n))
+        if idx:
+            out.append(f'index {_some(idx)} rewritten')
+        if not out:
+            out.append('the same shards in another order')
+        return '; '.join(out)
+
+
+def _some(items: List[str], n: int = 3) -> str:
+    return ', '.join(items[:n]) + (f' and {len(items) - n} more' if len(items) > n else '')
+
+
+def data_identity(urls: Sequence[str]) -> DataIdentity:
+    """The identity of the shards ``urls`` (``resolve_shards``'s answer), in stream order."""
+    entries = indexed_shards(urls)
+    shards = []
+    for url in urls:
+        e = entries.get(url)
+        size = None if is_remote(url) else os.path.getsize(url)
+        count, digest = (None, None) if e is None else (e.num_samples, e.sha256)
+        shards.append((url.rstrip('/').rsplit('/', 1)[-1], size, count, digest))
+    indices = []
+    for path in sorted({e.index for e in entries.values()}):
+        content = json.dumps(read_index(path), sort_keys=True)
+        indices.append((Path(path).name, hashlib.sha256(content.encode()).hexdigest()))
+    return DataIdentity(tuple(shards), tuple(indices))

@@ -60,7 +60,8 @@ from tqdm import tqdm
 from skipssl_common.artefacts import SHARD_INDEX_FORMAT
 from skipssl_common.io import atomic_open, atomic_write_json, sha256
 
-from .sources import FASHION_MNIST_ROOT, SOURCES, ImageFolderSource, PathLike, Source, open_source
+from .pixels import MAX_IMAGE_PIXELS, check_pixels
+from .sources import FASHION_MNIST_ROOT, SOURCES, ImageFolderSource, PathLike, Source, open_source, pil_rgb
 
 DEFAULT_MAX_SAMPLES = 10_000
 DEFAULT_MAX_BYTES = 1 << 30
@@ -77,16 +78,21 @@ class Encoding:
     image_format: str  # 'as-is', 'jpeg' or 'png'
     quality: int = 90  # JPEG only
     resize_shorter: Optional[int] = None  # shorter side in pixels, re-encoding only
+    # images whose header declares more are refused before decoding (0: no limit); not a plan parameter: it
+    # changes no shard that gets written
+    max_pixels: int = MAX_IMAGE_PIXELS
 
 
 def encode_image(source: Source, index: int, encoding: Encoding) -> Tuple[str, bytes]:
     """(tar extension, bytes) of one image; any failure is re-raised as ValueError naming the image."""
     try:
+        if not isinstance(source, ImageFolderSource):  # Fashion-MNIST: 28 x 28 arrays, not files
+            return _reencode(source.load_image(index), encoding)
+        data = source.read_bytes(index)
+        check_pixels(data, encoding.max_pixels)
         if encoding.image_format == 'as-is':
-            assert isinstance(source, ImageFolderSource), 'only image folders store files as-is (Source.formats)'
-            data = source.read_bytes(index)
             return _sniff_extension(data), data
-        return _reencode(source.load_image(index), encoding)
+        return _reencode(pil_rgb(data), encoding)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f'cannot store image {source.location(index)}: {err}') from err
 
@@ -304,7 +310,9 @@ def _is_finished(out_dir: Path, record: Optional[dict], num_samples: int) -> boo
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def _resolve_encoding(source: Source, reencode: Optional[str], quality: int, resize_shorter: Optional[int]) -> Encoding:
+def _resolve_encoding(
+    source: Source, reencode: Optional[str], quality: int, resize_shorter: Optional[int], max_pixels: int
+) -> Encoding:
     image_format = reencode or source.formats[0]
     if image_format not in source.formats:
         raise ValueError(f'{source.kind} images can be stored as {"/".join(source.formats)}, not {image_format}')
@@ -312,9 +320,11 @@ def _resolve_encoding(source: Source, reencode: Optional[str], quality: int, res
         raise ValueError('--resize-shorter needs --reencode jpeg|png and a size >= 1')
     if not 1 <= quality <= 100:
         raise ValueError(f'--quality must be in 1..100, got {quality}')
+    if max_pixels < 0:
+        raise ValueError(f'--max-image-pixels must be >= 0 (0: no limit), got {max_pixels}')
     if image_format == 'as-is':
         _check_storable_as_is(source)
-    return Encoding(image_format, quality, resize_shorter)
+    return Encoding(image_format, quality, resize_shorter, max_pixels)
 
 
 def _check_storable_as_is(source: Source) -> None:
@@ -325,6 +335,13 @@ def _check_storable_as_is(source: Source) -> None:
                 f'cannot store image {source.location(i)} as-is: only JPEG and PNG files can be; '
                 'use --reencode jpeg|png'
             )
+
+
+def check_out_dir_outside(root: PathLike, out_dir: PathLike) -> None:
+    """Shards written inside the image tree would be listed as a class folder of it by the next run."""
+    root, out = Path(root).resolve(), Path(out_dir).resolve()
+    if out != root and out.is_relative_to(root):
+        raise ValueError(f'--out-dir {out_dir} is inside --root {root}: write the shards outside the image tree')
 
 
 def _check_options(prefix: str, max_samples: int, max_bytes: Optional[int], workers: int) -> None:
@@ -419,19 +436,23 @@ def write_shards(
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Dict[str, Any]:
     """Write `source` as shards `{out_dir}/{prefix}-%06d.tar` plus `{prefix}-index.json`; return the index.
 
     prefix: defaults to the source's split. max_bytes: None or 0 for no byte bound. reencode: None stores
     the source's default ('as-is' for image folders, 'png' for Fashion-MNIST), or 'jpeg' / 'png'.
-    workers: processes writing shards (default os.cpu_count()). Resumes an interrupted run with the same
+    workers: processes writing shards (default os.cpu_count()). max_pixels: an image whose header declares more
+    pixels is refused, naming it, before it is decoded (0: no limit). Resumes an interrupted run with the same
     parameters; raises ValueError if out_dir holds shards made otherwise, unless overwrite.
     """
     prefix = prefix or source.split
     max_bytes = max_bytes or None
     workers = workers or os.cpu_count() or 1
     _check_options(prefix, max_samples, max_bytes, workers)
-    encoding = _resolve_encoding(source, reencode, quality, resize_shorter)
+    encoding = _resolve_encoding(source, reencode, quality, resize_shorter, max_pixels)
+    if isinstance(source, ImageFolderSource):
+        check_out_dir_outside(source.root, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = _plan_params(source, prefix, seed, max_samples, max_bytes, encoding)
@@ -506,6 +527,12 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--resize-shorter', type=int, help='resize the shorter side to N pixels (bicubic)')
     p.add_argument('--seed', type=int, default=0, help='seed of the global shuffle')
     p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        '--max-image-pixels',
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="refuse an image whose header declares more pixels (a decompression bomb); 0: no limit (default: PIL's)",
+    )
     p.add_argument('--overwrite', action='store_true', help='replace shards made with other parameters')
     p.add_argument('--no-progress', action='store_true', help='no progress bars on stderr')
     return p.parse_args(argv)
@@ -514,6 +541,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
+        if args.source == ImageFolderSource.kind:  # before listing: the tree would hold the out-dir as a class
+            check_out_dir_outside(args.root, args.out_dir)
         source = open_source(args.source, args.root, args.split)
         index = write_shards(
             source,
@@ -528,6 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            max_pixels=args.max_image_pixels,
         )
     except (OSError, ValueError) as err:  # bad input or paths: one line, the status argparse gives usage errors
         print(f'make_shards: error: {err}', file=sys.stderr)

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset import filters, tariterators
 
 from .integrity import index_counts
+from .pixels import MAX_IMAGE_PIXELS, check_pixels
 from .shards import is_remote
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,19 @@ def read_share(
     return samples if stride is None else itertools.islice(samples, slot, None, stride)
 
 
-def decode_sample(sample: Dict, channels: int = 3) -> Tuple[torch.Tensor, int]:
-    """(uint8 CxHxW image, label) of a raw sample; raises ValueError naming shard and key when bad."""
+def decode_sample(
+    sample: Dict, channels: int = 3, max_pixels: Optional[int] = MAX_IMAGE_PIXELS
+) -> Tuple[torch.Tensor, int]:
+    """(uint8 CxHxW image, label) of a raw sample; raises ValueError naming shard and key when bad, an image
+    whose header declares more than ``max_pixels`` pixels (``pixels.check_pixels``) included, before decoding."""
     where = f'shard {sample.get("__url__")} key {sample.get("__key__")}'
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         raise ValueError(f'{where}: no image ({"/".join(IMAGE_KEYS)}) in sample')
+    try:
+        check_pixels(data, max_pixels)
+    except ValueError as exn:
+        raise ValueError(f'{where}: {exn}') from None
     try:
         image = decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8),

@@ -2,12 +2,16 @@
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Union, cast
+from typing import Dict, List, Optional, Sequence, Union, cast
 
 from webdataset.shardlists import expand_urls
 
 INDEX_SUFFIX = '-index.json'
+# words that name a dataset split in shard file names: make_shards' 'train-000000.tar', timm's
+# 'imagenet1k-validation-0000.tar'
+SPLIT_WORDS = ('train', 'validation', 'val', 'test')
 _REMOTE = ('pipe:', 'http://', 'https://', 'gs://', 's3://')
 
 
@@ -56,7 +60,9 @@ def resolve_shards(
     """Shard URLs from ``spec``; fails at once, naming the path, if nothing usable is there.
 
     - a folder: the shards of its ``*-index.json`` (``prefix`` picks one when there are several, e.g.
-      train and test), else every ``*.tar`` in it, sorted;
+      train and test), else its ``{prefix}-*.tar``, or without a prefix every ``*.tar`` in it, sorted, unless
+      their names belong to several splits (``SPLIT_WORDS``: ``*-train-*.tar`` and ``*-validation-*.tar``),
+      which is refused, naming them: a test set read as training data would go unnoticed;
     - an index file (``*-index.json``): its shards, relative to the file;
     - a ``.txt`` file: one URL or path per line;
     - a brace pattern or URL (``data/train-{000000..000099}.tar``, ``pipe:curl -s ...``), or a list of them.
@@ -114,7 +120,54 @@ def _from_folder(folder: Path, prefix: Optional[str]) -> List[str]:
     tars = sorted(str(p) for p in folder.glob(pattern))
     if not tars:
         raise FileNotFoundError(f'no shards ({pattern}) or shard index in folder {folder}')
+    if prefix is None:
+        _check_one_split(folder, tars)
     return tars
+
+
+def split_prefix(name: str) -> Optional[str]:
+    """The part of a shard's file name up to the word naming its split ('imagenet1k-validation' of
+    'imagenet1k-validation-0003.tar'), or None when no word of it names one."""
+    words = re.split(r'([-_.])', name)
+    for i in range(0, len(words), 2):
+        if words[i].lower() in SPLIT_WORDS:
+            return ''.join(words[: i + 1])
+    return None
+
+
+def _check_one_split(folder: Path, tars: List[str]) -> None:
+    groups: Dict[str, List[str]] = {}
+    for t in tars:
+        p = split_prefix(Path(t).name)
+        if p is not None:
+            groups.setdefault(p, []).append(Path(t).name)
+    by_word = {re.split(r'[-_.]', p)[-1].lower(): p for p in groups}
+    if len(by_word) < 2:
+        return
+    found = ', '.join(f'{p}-*.tar ({len(names)})' for p, names in groups.items())
+    train = by_word.get('train', next(iter(groups)))
+    test = next(p for p in groups if p != train)
+    pattern = brace_pattern(groups[train])
+    example = f'the pattern {folder / pattern}' if pattern else f'a .txt list of the {train}-* shards'
+    raise ValueError(
+        f'{folder} holds shards of several splits and no index: {found}; name one, e.g. {example} '
+        f'(the evaluators also take --train-prefix {train} --test-prefix {test})'
+    )
+
+
+def brace_pattern(names: Sequence[str]) -> Optional[str]:
+    """'x-{0000..0009}.tar' for the names 'x-0000.tar' ... 'x-0009.tar' (one stem, consecutive numbers of
+    one width); None for names that no brace pattern gives exactly."""
+    parts = [re.fullmatch(r'(.*?)(\d+)\.tar', n) for n in names]
+    if not parts or None in parts:
+        return None
+    heads = {m.group(1) for m in parts if m}
+    digits = [m.group(2) for m in parts if m]
+    numbers = sorted(int(d) for d in digits)
+    if len(heads) != 1 or len({len(d) for d in digits}) != 1 or numbers != list(range(numbers[0], numbers[-1] + 1)):
+        return None
+    width = len(digits[0])
+    return f'{heads.pop()}{{{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}}}.tar'
 
 
 def _from_index(path: Path) -> List[str]:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .integrity import index_counts
+from .pixels import MAX_IMAGE_PIXELS
 from .reader import (
     ReadCounter,
     ReaderState,
@@ -83,6 +84,7 @@ class SlotShards(IterableDataset):
         channels: int = 3,
         max_skip_fraction: float = 0.01,
         min_samples_before_skip_check: int = 200,
+        max_pixels: Optional[int] = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if not urls:
@@ -93,7 +95,7 @@ class SlotShards(IterableDataset):
         self.slots = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.iterations_per_epoch, self.num_workers = iterations_per_epoch, max(num_workers, 1)
         self.transform, self.seed, self.shuffle_buffer, self.channels = transform, seed, shuffle_buffer, channels
-        self.max_skip_fraction = max_skip_fraction
+        self.max_skip_fraction, self.max_pixels = max_skip_fraction, max_pixels
         self.min_samples_before_skip_check = min_samples_before_skip_check
         self.expected = index_counts(self.urls)
         self.state = ReaderState()
@@ -141,7 +143,7 @@ class _SlotReader:
             index = self.offset
             self.offset += 1
             try:
-                image, label = decode_sample(sample, ds.channels)
+                image, label = decode_sample(sample, ds.channels, ds.max_pixels)
                 # seeded by the sample, not by who reads it: the same crops on any number of ranks and workers
                 with cpu_rng_seeded(sample_seed(ds.seed, self.epoch, self.slot, index)):
                     items.append(ds.transform(image))

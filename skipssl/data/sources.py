@@ -11,6 +11,7 @@ to whichever process writes that image's shard.
 
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -93,9 +94,7 @@ class ImageFolderSource:
         return (self.root / self.samples[index].source).read_bytes()
 
     def load_image(self, index: int) -> Image.Image:
-        # RGB whatever is on disk (ImageNet has grayscale and CMYK JPEGs): what the training reader expects.
-        with Image.open(self.root / self.samples[index].source) as image:
-            return image.convert('RGB')
+        return pil_rgb(self.read_bytes(index))
 
     def fingerprint(self) -> str:
         """Hash of the listing (paths and sizes): a changed dataset cannot resume an old plan."""
@@ -103,6 +102,13 @@ class ImageFolderSource:
         for sample in self.samples:
             digest.update(f'{sample.source}\t{sample.size}\n'.encode())
         return digest.hexdigest()
+
+
+def pil_rgb(data: bytes) -> Image.Image:
+    """An encoded image as RGB whatever it is (ImageNet has grayscale and CMYK JPEGs): what the training reader
+    expects."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert('RGB')
 
 
 def _class_dirs(root: Path) -> List[str]:
@@ -140,7 +146,21 @@ def _image_key(class_name: str, in_class: Path) -> str:
 
 def _image_files(class_dir: Path) -> List[Path]:
     found = []
+    walked = set()  # real folders: linked folders are followed, each once, so a link loop ends
     for folder, subdirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        parent = os.path.realpath(os.path.dirname(folder))
+        loop = folder != str(class_dir) and os.path.commonpath([real, parent]) == real
+        if loop or real in walked:
+            log.warning(
+                'skipping %s: a symbolic link to %s, %s',
+                folder,
+                real,
+                'a folder above it (a link loop)' if loop else 'whose images are listed already',
+            )
+            subdirs[:] = []
+            continue
+        walked.add(real)
         subdirs[:] = [d for d in subdirs if not d.startswith('.')]
         found += [Path(folder, n) for n in names if not n.startswith('.') and n.lower().endswith(IMG_EXTENSIONS)]
     return sorted(p for p in found if _regular(p))

@@ -3,8 +3,9 @@ every schedule is indexed by), DINO's per-iteration schedules, the student netwo
 the launcher's pre-submission checks and the benchmarks build from here; the global-batch formula lives here
 only (``global_batch``)."""
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, cast
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 
@@ -132,6 +133,27 @@ def make_plan(cfg: Config, world_size: int, saved: Optional[Dict] = None) -> Pla
             f'{micro} x {accum} accumulation steps)'
         )
     return Plan(world_size, micro, accum, ipe, cfg.train.epochs, slots)
+
+
+def in_effect(cfg: Config, plan: Plan) -> Tuple[Config, List[str]]:
+    """``cfg`` with the values ``plan`` keeps where they differ (a resumed run keeps its virtual slots and the
+    global batch its accumulation steps give), and a note for each value of ``cfg`` that is not applied: what a
+    run records as its config is what it runs with."""
+    d, t = cfg.data, cfg.train
+    notes = []
+    if d.virtual_slots not in (0, plan.slots):
+        notes.append(f'data.virtual_slots={d.virtual_slots} (the run keeps the {plan.slots} it started with)')
+    if t.grad_accum_steps != plan.accum:
+        notes.append(
+            f'train.grad_accum_steps={t.grad_accum_steps} (the run keeps its global batch of {plan.global_batch} '
+            f'images: {plan.accum} on {plan.world_size} rank(s) of {plan.micro_batch})'
+        )
+    kept = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(d, virtual_slots=plan.slots),
+        train=dataclasses.replace(t, grad_accum_steps=plan.accum),
+    )
+    return kept, notes
 
 
 def layout(cfg: Config, plan: Plan) -> Dict:

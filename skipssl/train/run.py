@@ -13,7 +13,7 @@ import yaml
 
 from skipssl_common.artefacts import RunSummary
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, short
 from ..failure import FailureWatch, first_line
 from ..runlock import RunLock
 
@@ -57,20 +57,32 @@ def preflight(cfg: Config) -> str:
         build_backbone(cfg.model.name, kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as exn:  # timm checks kwargs with asserts
         raise ConfigError(
-            f'model: {cfg.model.name} cannot be built with {cfg.model.kwargs}: {str(exn) or type(exn).__name__}'
+            f'model: {cfg.model.name} cannot be built with {short(cfg.model.kwargs)}: {str(exn) or type(exn).__name__}'
         ) from exn
     check_output_dir(Path(cfg.experiment.output_dir))
     return device
 
 
+# what a run (or skipssl_launch, before it) writes into its folder: one of them marks a folder as a run's
+RUN_ENTRIES = ('config.yaml', 'checkpoints', '.writer.lock', 'log.jsonl', 'tb', 'export', 'summary.json', 'submitit')
+
+
 def check_output_dir(run_dir: Path) -> None:
-    """The run folder, or the nearest folder above it that exists, must be writable."""
+    """The run folder, or the nearest folder above it that exists, must be writable; an existing folder must be
+    empty or a run's: a run writes, and may later prune, files in it."""
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
             f'experiment.output_dir: cannot write to {existing}'
             + ('' if existing == run_dir else f' (to create {run_dir})')
         )
+    if existing == run_dir:
+        entries = {p.name for p in run_dir.iterdir()}
+        if entries and not entries & set(RUN_ENTRIES):
+            raise ConfigError(
+                f'experiment.output_dir: {run_dir} holds {len(entries)} file(s) or folder(s) and is not a run '
+                f'folder (none of {", ".join(RUN_ENTRIES)}): name a new or empty folder, or a run folder to resume'
+            )
 
 
 def _save_config(cfg: Config, run_dir: Path) -> None:
@@ -114,12 +126,15 @@ def describe_failure(exn: BaseException) -> Tuple[int, Optional[str]]:
     return 1, None
 
 
-def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Optional[Path]]:
-    """Rank 0 takes the run folder's lock (None elsewhere) and decides where to resume; every rank gets the
-    answer or stops. Nothing of an existing run changes before its resume is accepted."""
+def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Optional[Path], bool]:
+    """Rank 0 takes the run folder's lock (None elsewhere) and decides where to resume and whether the
+    interrupted epoch's stream starts again (``state.check_stream``); every rank gets the answer or stops.
+    Nothing of an existing run changes before its resume is accepted."""
+    from ..data import resolve_shards
+    from ..data.integrity import data_identity
     from .distributed import rank0_decides
-    from .plan import model_spec
-    from .state import find_resumable
+    from .plan import make_plan, model_spec
+    from .state import check_stream, find_resumable, saved_layout, stream_record
 
     held: List[RunLock] = []
     rank0_decides(lambda: held.append(RunLock(run_dir).acquire()), info)
@@ -130,13 +145,25 @@ def _start_run(cfg: Config, info, run_dir: Path) -> Tuple[Optional[RunLock], Opt
         cfg.train.restart_if_no_valid_checkpoint,
         cfg.data.batch_size_per_rank,
     )
-    return (held[0] if held else None), folder
+
+    def restart_stream() -> bool:
+        if folder is None:
+            return False
+        plan = make_plan(cfg, info.world_size, saved_layout(folder))
+        urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
+        current = stream_record(
+            cfg.experiment.seed, cfg.data.shuffle_buffer, plan.iterations_per_epoch, data_identity(urls)
+        )
+        return check_stream(folder, current, cfg.train.resume_with_changed_data)
+
+    return (held[0] if held else None), folder, rank0_decides(restart_stream, info)
 
 
 def pretrain(cfg: Config) -> RunSummary:
     """Train (or resume) the run in ``cfg.experiment.output_dir``; returns its summary. Collective: every
     rank calls it. With several ranks, a failure on any of them ends this process (``skipssl.failure``)."""
     from .distributed import init_distributed, shutdown
+    from .plan import in_effect, make_plan
     from .state import saved_layout
     from .trainer import Trainer
 
@@ -150,11 +177,15 @@ def pretrain(cfg: Config) -> RunSummary:
             format=f'%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s',
         )
         run_dir = Path(cfg.experiment.output_dir)
-        lock, resume_from = _start_run(cfg, info, run_dir)
+        lock, resume_from, restart_stream = _start_run(cfg, info, run_dir)
+        layout = saved_layout(resume_from)
+        cfg, not_applied = in_effect(cfg, make_plan(cfg, info.world_size, layout))
         if info.is_main:
+            if not_applied:
+                log.warning('not applied on resume, kept as the run started: %s', '; '.join(not_applied))
             _save_config(cfg, run_dir)
             log.info('run %s on %d %s rank(s) (launcher: %s)', run_dir, info.world_size, device, info.launcher)
-        summary = Trainer(cfg, info, run_dir, saved_layout(resume_from)).fit(resume_from)
+        summary = Trainer(cfg, info, run_dir, layout, restart_stream).fit(resume_from)
     except BaseException as exn:
         if watch.active:
             watch.fail(exn, describe_failure)  # ends this process: no tear-down that could wait for a peer

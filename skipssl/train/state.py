@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -26,6 +27,8 @@ import torch.distributed as dist
 from skipssl_common.io import atomic_torch_save
 
 from .. import checkpoint as ckpt
+from ..config import short
+from ..data.integrity import DataIdentity
 from .distributed import DistInfo, rank0_decides
 from .plan import accumulation_for
 
@@ -83,30 +86,93 @@ def save(
     keep: int,
     layout: Dict,
     optimizer_blob: Optional[Dict] = None,
+    stream: Optional[Dict] = None,
 ) -> Path:
     """Write checkpoint ``iteration`` under ``root`` from every rank (collective); returns its folder.
-    ``model_blob`` and ``optimizer_blob``: rank 0's; ``layout``: ``plan.layout``."""
+    ``model_blob`` and ``optimizer_blob``: rank 0's; ``layout``: ``plan.layout``; ``stream``: ``stream_record``.
+    A write that fails (disk full) is a CheckpointError; the checkpoints before it are untouched."""
     final = root / ckpt.checkpoint_name(iteration)
     tmp = root / f'.{ckpt.checkpoint_name(iteration)}.tmp'
+    record = {'iteration': iteration, 'world_size': info.world_size, 'layout': layout, 'stream': stream}
+    try:
+        if info.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier(info)
+        atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
+        if info.is_main:
+            atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
+            atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
+        _barrier(info)
+        if info.is_main:
+            ckpt.finalize_checkpoint(tmp, final, record)
+    except OSError as exn:
+        shutil.rmtree(tmp, ignore_errors=True)  # what was written of it: space a full disk needs back
+        newest = ckpt.list_checkpoints(root)
+        kept = f'{newest[-1][1].name} is kept' if newest else 'there is no earlier checkpoint'
+        raise ckpt.CheckpointError(
+            f'cannot write checkpoint {final}: {exn.strerror or exn} ({type(exn).__name__}, errno {exn.errno}); '
+            f'{kept}: free space and run the same command to resume'
+        ) from exn
     if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(info)
-    atomic_torch_save(rank_blob, tmp / ckpt.rank_file(info.rank))
-    if info.is_main:
-        atomic_torch_save(model_blob, tmp / ckpt.MODEL_FILE)
-        atomic_torch_save(optimizer_blob, tmp / OPTIMIZER_FILE)
-    _barrier(info)
-    if info.is_main:
-        ckpt.finalize_checkpoint(tmp, final, {'iteration': iteration, 'world_size': info.world_size, 'layout': layout})
         for old in ckpt.prune_checkpoints(root, keep):
             log.info('removed old checkpoint %s', old)
     _barrier(info)
     return final
+
+
+def stream_record(seed: int, shuffle_buffer: int, iterations_per_epoch: int, data: DataIdentity) -> Dict:
+    """What an epoch's stream of samples is made of, recorded with every checkpoint: a resumed reader continues
+    each slot at its offset, which is only the same place in the same stream (``check_stream``)."""
+    return {
+        'seed': seed,
+        'shuffle_buffer': shuffle_buffer,
+        'iterations_per_epoch': iterations_per_epoch,
+        'data': data.to_dict(),
+    }
+
+
+def check_stream(folder: Path, current: Dict, accept_change: bool) -> bool:
+    """Whether a resume from ``folder`` must start the interrupted epoch's stream again: False when the
+    checkpoint's stream (``stream_record``) is this one's; True when the data, ``experiment.seed`` or
+    ``data.shuffle_buffer`` changed and ``accept_change`` (``train.resume_with_changed_data``) says to go on;
+    CheckpointError naming what changed otherwise, and always when the epoch's length changed."""
+    saved = json.loads((folder / ckpt.COMPLETE).read_text()).get('stream')
+    if saved is None:  # written before streams were recorded: nothing to compare with
+        return False
+    if saved['iterations_per_epoch'] != current['iterations_per_epoch']:
+        raise ckpt.CheckpointError(
+            f"{folder}: the run's epochs are {saved['iterations_per_epoch']} iterations, this config makes them "
+            f"{current['iterations_per_epoch']} (data.samples_per_epoch, or the shard index's count): a run keeps "
+            'its epoch length; set data.samples_per_epoch to the number it started with, or use a new '
+            'experiment.output_dir'
+        )
+    changes = [
+        f'{key} {saved[name]} -> {current[name]}'
+        for key, name in (('experiment.seed', 'seed'), ('data.shuffle_buffer', 'shuffle_buffer'))
+        if saved[name] != current[name]
+    ]
+    data = DataIdentity.from_dict(current['data']).changes_from(DataIdentity.from_dict(saved['data']))
+    if data:
+        changes.append(f'training data changed: {data}')
+    if not changes:
+        return False
+    what = '; '.join(changes)
+    if not accept_change:
+        raise ckpt.CheckpointError(
+            f'{folder} was written in another stream of samples ({what}): the interrupted epoch cannot go on '
+            'where it stopped. Set train.resume_with_changed_data=true to resume with its stream started again, '
+            'or use a new experiment.output_dir'
+        )
+    log.warning(
+        'resuming from %s in another stream of samples (%s), as train.resume_with_changed_data asks: the '
+        "interrupted epoch's stream starts again",
+        folder,
+        what,
+    )
+    return True
 
 
 def find_resumable(
@@ -182,7 +248,8 @@ def _choose_checkpoint(
             saved = ckpt.load_file(folder / ckpt.MODEL_FILE)['model']
             if saved != model:
                 raise ckpt.CheckpointError(
-                    f'{folder} holds {saved}, the config asks for {model}: use a new experiment.output_dir'
+                    f'{folder} holds {short(saved)}, the config asks for {short(model)}: '
+                    'use a new experiment.output_dir'
                 )
         return folder
     if unusable and not restart_if_none_valid:

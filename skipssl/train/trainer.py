@@ -23,6 +23,7 @@ from .. import checkpoint as ckpt
 from ..analysis.attention import cls_attention_maps, mass_masks, render
 from ..config import Config
 from ..data import BatchedMultiCrop, MultiCropTransform, ReaderState, canvas_resize, decode_sample, resolve_shards
+from ..data.integrity import data_identity
 from ..data.reader import batch_seed, iter_raw_samples
 from ..data.slots import SlotShards, iterations, join
 from ..dino import DINOLoss, collapse_state, make_teacher
@@ -80,16 +81,27 @@ class Position:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, saved_layout: Optional[Dict] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        run_dir: Path,
+        saved_layout: Optional[Dict] = None,
+        restart_stream: bool = False,
+    ) -> None:
         """``saved_layout``: that of the checkpoint the run will resume from (``train_state.saved_layout``), whose
-        global batch the plan keeps."""
+        global batch the plan keeps; ``restart_stream``: the interrupted epoch's stream starts again on resume
+        (``train_state.check_stream``: the data changed)."""
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.device = info.device
-        self.saved_layout = saved_layout
+        self.saved_layout, self.restart_stream = saved_layout, restart_stream
         self.plan = make_plan(cfg, info.world_size, saved_layout)
         self.layout = layout(cfg, self.plan)
         self.sched = make_schedules(cfg, self.plan)
         self.urls = resolve_shards(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe_shards)
+        self.stream = train_state.stream_record(
+            cfg.experiment.seed, cfg.data.shuffle_buffer, self.plan.iterations_per_epoch, data_identity(self.urls)
+        )
         self.ckpt_root = run_dir / 'checkpoints'
         self.stop = StopRequest()
         self.stop_vote = StopVote(info)
@@ -205,6 +217,7 @@ class Trainer:
             self.cfg.train.keep_checkpoints,
             self.layout,
             optimizer_blob if self.info.is_main else None,
+            self.stream,
         )
         if self.info.is_main:
             log.info('checkpoint %s', folder)
@@ -244,14 +257,15 @@ class Trainer:
         self.loss_fn.center.copy_(model_blob['loss_center'])
         p = model_blob['position']
         self.pos = Position(p['epoch'], p['iteration'], p['images_seen'], json.loads(model_blob['per_epoch']))
-        if 'reader' in model_blob:
+        if 'reader' in model_blob and not self.restart_stream:
             self.reader_state = ReaderState.from_dict(model_blob['reader'])
         else:
-            log.warning(
-                "%s holds no slot positions (written before virtual slots): the interrupted epoch's stream "
-                'starts again',
-                folder,
-            )
+            if not self.restart_stream:
+                log.warning(
+                    "%s holds no slot positions (written before virtual slots): the interrupted epoch's stream "
+                    'starts again',
+                    folder,
+                )
             self.reader_state = ReaderState(epoch=p['epoch'], step=p['iteration'] % self.plan.iterations_per_epoch)
         if rank_blob is not None:
             self.clock = DeviceClock(rank_blob['device_seconds'])
@@ -291,6 +305,7 @@ class Trainer:
             shuffle_buffer=d.shuffle_buffer,
             channels=d.channels,
             max_skip_fraction=d.max_skip_fraction,
+            max_pixels=d.max_image_pixels,
         )
         try:
             dataset.set_state(self.reader_state)
@@ -433,7 +448,7 @@ class Trainer:
         images = []
         for sample in iter_raw_samples(self.urls[:1], handler=lambda exn: True):
             try:
-                images.append(tf(decode_sample(sample, self.cfg.data.channels)[0]))
+                images.append(tf(decode_sample(sample, self.cfg.data.channels, self.cfg.data.max_image_pixels)[0]))
             except ValueError:
                 continue
             if len(images) == n:
@@ -521,6 +536,7 @@ class Trainer:
             per_epoch=self.pos.per_epoch,
             finished=finished,
             stopped_by=stopped_by,
+            data_fingerprint=self.stream['data']['fingerprint'],
         )
 
     def fit(self, resume_from: Optional[Path]) -> RunSummary:
