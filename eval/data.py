@@ -18,8 +18,9 @@ from .errors import EvalError
 
 SCAN_MEMO = 'shard-scans.json'
 # Without an index naming the classes, a label must be below the number of training samples (a class no training
-# sample can have is never predicted); where that number is unknown (remote shards), below this.
-MAX_UNNAMED_CLASSES = 1 << 17
+# sample can have is never predicted) and below this (ImageNet-21k has 21,841 classes; the k-NN votes and the linear
+# heads are sized by the largest label, so a stray 5000000 must not size them).
+MAX_UNNAMED_CLASSES = 1 << 16
 
 
 _ROLE_PREFIXES = {'train': ('train',), 'test': ('test', 'val'), 'val': ('val',)}
@@ -149,11 +150,10 @@ def set_label_limits(train: Split, splits: Sequence[Split]) -> None:
             split.label_limit = len(split.classes)
             split.label_limit_reason = 'the class list of its shard index'
         else:
-            split.label_limit = train.num_samples or MAX_UNNAMED_CLASSES
+            split.label_limit = min(train.num_samples or MAX_UNNAMED_CLASSES, MAX_UNNAMED_CLASSES)
             split.label_limit_reason = (
-                'no shard index names the classes, so a label must be below the number of training samples'
-                if train.num_samples
-                else f'no shard index names the classes: at most {MAX_UNNAMED_CLASSES}'
+                'no shard index names the classes, so a label must be below the number of training samples '
+                f'and {MAX_UNNAMED_CLASSES}'
             )
 
 

@@ -280,3 +280,14 @@ def test_bad_preprocessing_in_an_export_names_the_export(toy, tmp_path):
     bad = export(tmp_path / 'bad.safetensors', data=dict(DATA, std=[0.0]))
     with pytest.raises(EvalError, match=f"{bad}: its preprocessing's std \\[0.0\\]: must be finite and positive"):
         run_knn(str(bad), str(toy / 'train'), str(toy / 'test'), ks=[5], num_workers=0)
+
+
+def test_augmented_probe_checks_the_training_labels_it_reads(toy, tmp_path):
+    """--augment reads the training shards itself (no feature extraction to check them): a label beyond the
+    classes stops it in one line, not in cross_entropy."""
+    train = tmp_path / 'train'
+    write_shards(train, 'train', [32])
+    rewrite_labels(train / 'train-000000.tar', {f'train_{i:06d}': b'7' for i in range(1, 32)})
+    exp = export(tmp_path / 'run' / 'export' / 'teacher-00000005.safetensors')
+    with pytest.raises(EvalError, match='augmented linear probe: training sample train_0000.. has label 7, not one of'):
+        run_linear(str(exp), str(train), str(toy / 'test'), augment=True, epochs=1, linear_batch_size=16, num_workers=0)
