@@ -176,22 +176,11 @@ MODEL_KWARGS: Dict[str, Tuple[tuple, object]] = {
     'mlp_ratio': (_FLOAT, (0, 64)),
     'reg_tokens': (_INT, (0, 64)),
     'init_values': (_FLOAT + (type(None),), (0, 10)),
-    'drop_rate': (_FLOAT, (0, 1)),
-    'pos_drop_rate': (_FLOAT, (0, 1)),
-    'patch_drop_rate': (_FLOAT, (0, 1)),
-    'proj_drop_rate': (_FLOAT, (0, 1)),
-    'attn_drop_rate': (_FLOAT, (0, 1)),
-    'drop_path_rate': (_FLOAT, (0, 1)),
-    'qkv_bias': (_BOOL, None),
-    'qk_norm': (_BOOL, None),
-    'proj_bias': (_BOOL, None),
-    'class_token': (_BOOL, None),
-    'no_embed_class': (_BOOL, None),
-    'pre_norm': (_BOOL, None),
-    'final_norm': (_BOOL, None),
+    **{rate: (_FLOAT, (0, 1)) for rate in ('drop_rate', 'pos_drop_rate', 'patch_drop_rate', 'proj_drop_rate')},
+    **{rate: (_FLOAT, (0, 1)) for rate in ('attn_drop_rate', 'drop_path_rate')},
+    **{flag: (_BOOL, None) for flag in ('qkv_bias', 'qk_norm', 'proj_bias', 'class_token', 'no_embed_class')},
+    **{flag: (_BOOL, None) for flag in ('pre_norm', 'final_norm', 'dynamic_img_size', 'dynamic_img_pad')},
     'fc_norm': (_BOOL + (type(None),), None),
-    'dynamic_img_size': (_BOOL, None),
-    'dynamic_img_pad': (_BOOL, None),
     'global_pool': ((str,), ('', 'token', 'avg', 'max', 'avgmax', 'map')),
     'pos_embed': ((str,), ('learn', 'none')),
     'skip_indices': ((list, tuple), (0, 255)),
@@ -222,8 +211,8 @@ def check_model_kwargs(kwargs: object, where: str) -> None:
     for key, value in kwargs.items():
         if key not in MODEL_KWARGS:
             raise CheckpointError(
-                f'{where}: model kwarg {str(key)[:60]!r} is not accepted from a file (only the ViT architecture '
-                f'arguments: {", ".join(MODEL_KWARGS)})'
+                f'{where}: model kwarg {str(key)[:60]!r} is refused (only the ViT architecture arguments reach '
+                f'timm: {", ".join(MODEL_KWARGS)})'
             )
         types, allowed = MODEL_KWARGS[key]
         if key == 'skip_indices':

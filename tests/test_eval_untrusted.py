@@ -192,8 +192,8 @@ def test_an_export_carried_out_of_its_run_writes_beside_itself(toy, tmp_path):
 @pytest.mark.parametrize(
     'kwargs, match',
     [
-        (dict(KWARGS, checkpoint_path='/etc/passwd'), "model kwarg 'checkpoint_path' is not accepted from a file"),
-        (dict(KWARGS, pretrained_cfg={'file': '/x'}), "model kwarg 'pretrained_cfg' is not accepted"),
+        (dict(KWARGS, checkpoint_path='/etc/passwd'), "model kwarg 'checkpoint_path' is refused \\(only the ViT"),
+        (dict(KWARGS, pretrained_cfg={'file': '/x'}), "model kwarg 'pretrained_cfg' is refused"),
         (dict(KWARGS, depth=200000), 'model kwarg depth=200000 is out of range'),
         (dict(KWARGS, depth=True), 'model kwarg depth=True is out of range or of the wrong type'),
         (dict(KWARGS, embed_dim=8192, depth=200), 'model kwargs ask for a ViT of about 1.6e\\+11 parameters'),
