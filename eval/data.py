@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from skipssl.data import read_index, resolve_shards
-from skipssl.data.integrity import content_digest, verify_content
+from skipssl.data.integrity import content_digest, indexed_shards, verify_content
 from skipssl.data.reader import iter_raw_samples, sample_label
 from skipssl.data.shards import INDEX_SUFFIX, find_indices, index_path, is_remote
 
@@ -78,6 +78,12 @@ def open_split(
     found = index_path(spec, prefix)
     index = read_index(found) if found else None
     classes = index.get('classes') if index else None
+    if found is None and local:  # a shard or a pattern: the index that lists all of them names their classes
+        entries = indexed_shards(urls)
+        listing = {entry.index for entry in entries.values()}
+        if len(listing) == 1 and len(entries) == len(urls):
+            found = Path(listing.pop())
+            classes = read_index(found).get('classes')
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise EvalError(f'{role} shards {spec}: the class list of {found} is not a list of names')
     if require_labels and local:

@@ -291,3 +291,13 @@ def test_augmented_probe_checks_the_training_labels_it_reads(toy, tmp_path):
     exp = export(tmp_path / 'run' / 'export' / 'teacher-00000005.safetensors')
     with pytest.raises(EvalError, match='augmented linear probe: training sample train_0000.. has label 7, not one of'):
         run_linear(str(exp), str(train), str(toy / 'test'), augment=True, epochs=1, linear_batch_size=16, num_workers=0)
+
+
+def test_a_shard_named_alone_takes_its_classes_from_the_index_that_lists_it(tmp_path):
+    """One training shard named by path (as the demo does): its folder's index still names the classes, so the
+    test labels are matched by name, not by number."""
+    data = tmp_path / 'data'
+    shards_of(image_tree(tmp_path / 'train', {f'c{i}': i for i in range(4)}, 12, 1), data, 'train')
+    shards_of(image_tree(tmp_path / 'test', {'c2': 2, 'c3': 3}, 8, 2), data, 'test')
+    [res] = run_knn('pixels', str(data / 'train-000000.tar'), str(data), out_dir=str(tmp_path / 'out'), **PIXELS)
+    assert res['top1']['5'] == 100.0 and res['classes_matched_by'] == 'name'
