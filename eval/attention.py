@@ -65,6 +65,8 @@ def render_files(args: argparse.Namespace) -> None:
             raise EvalError(f'--image {path}: cannot decode it ({exn})') from exn
         x = tf(image).unsqueeze(0)
         maps = cls_attention_maps(module, x)
+        if not bool(torch.isfinite(maps).all()):
+            raise EvalError(f'--image {path}: the model gives non-finite attention (NaN/Inf) for it: nothing to draw')
         overlays, masked = render(x * std + mean, maps, mass_masks(maps, args.keep))
         grid = torch.stack([overlays, masked], dim=1).flatten(0, 1)  # per head: heat map, mask
         target = out / f'{Path(path).stem}-attention.png'

@@ -81,6 +81,7 @@ def cache_path(cache_dir: os.PathLike, info: ModelInfo, split: Split, spec: Feat
         {
             'spec': asdict(spec),
             'shards': split.digest,
+            'label_limit': split.label_limit,
             'which': info.which,
             'model': [info.model_name, info.model_kwargs],
         },
@@ -152,6 +153,8 @@ def extract(
         world_size=ranks.world_size,
         channels=spec.channels,
         require_labels=True,
+        num_classes=split.label_limit,
+        label_bound=split.label_limit_reason,
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda')
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if spec.precision == 'bf16' else nullcontext()
@@ -167,7 +170,14 @@ def extract(
     try:
         with torch.inference_mode(), amp:
             for step, (images, y, k) in enumerate(loader):
-                feats.append(fn(images.to(device, non_blocking=True)).float().cpu())
+                out = fn(images.to(device, non_blocking=True)).float().cpu()
+                finite = torch.isfinite(out).all(1)
+                if not bool(finite.all()):  # finite weights can still give NaN (overflow in bf16, a bad norm)
+                    raise EvalError(
+                        f'{split.role} shards {split.spec}: the model gives non-finite features (NaN/Inf) for sample '
+                        f'{k[int((~finite).nonzero()[0])]}: no accuracy can be computed from them'
+                    )
+                feats.append(out)
                 labels.append(y)
                 keys.extend(k)
                 seen += len(y)
@@ -176,8 +186,8 @@ def extract(
                         f'[features] {split.role}: {seen * ranks.world_size} images, '
                         f'{seen / (time.perf_counter() - start):.0f} img/s per rank'
                     )
-    except ValueError as exn:  # EvalShards: a sample without a label further into the shards
-        raise EvalError(f'{split.role} shards {split.spec}: {exn}') from exn
+    except ValueError as exn:  # EvalShards: a sample without a label, or a label out of range, further in
+        raise EvalError(f'{split.role} shards {split.spec}: {worker_message(exn)}') from exn
     feats = torch.cat(feats) if feats else torch.empty(0, dim)
     labels = torch.cat(labels).long() if labels else torch.empty(0, dtype=torch.long)
     all_feats = gather_rows(feats, ranks)
@@ -198,6 +208,17 @@ def extract(
         )
     index = torch.from_numpy(order)
     return all_feats[index], all_labels[index], sorted_keys
+
+
+def worker_message(exn: BaseException) -> str:
+    """The message a data-loader worker raised: the loader re-raises it in the main process as 'Caught
+    ValueError in DataLoader worker process 0.' followed by the worker's whole traceback; its last line is the
+    error itself."""
+    text = str(exn)
+    if not text.startswith('Caught '):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(': ', 1)[1] if ': ' in last else last
 
 
 def save_features(path: Path, features: torch.Tensor, labels: torch.Tensor, keys: list, meta: dict) -> None:

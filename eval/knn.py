@@ -36,6 +36,7 @@ DEFAULT_TEMPERATURE = 0.07
 GPU_MAX_K = 2048  # faiss's GPU k-selection limit
 GPU_OPTIONS = ('auto', 'yes', 'no', 'torch')
 TORCH_TILE_ELEMENTS = 1 << 27  # similarities per (query block x training tile): 512 MiB of float32
+VOTE_ELEMENTS = 1 << 25  # class votes per query batch (float64: 256 MiB): fewer queries a batch for many classes
 _GPU = {}
 
 
@@ -285,6 +286,7 @@ def knn_classify(
             raise EvalError("a bf16 shortlist runs on the torch search on a GPU, not on faiss's GPU index")
         backend = 'torch-cuda'
     kmax, top = ks[-1], min(5, num_classes)
+    query_batch = max(1, min(query_batch, VOTE_ELEMENTS // num_classes))
 
     t0 = time.perf_counter()
     if backend.startswith('torch'):

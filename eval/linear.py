@@ -109,6 +109,7 @@ def train_cached(
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
     rows: Optional[torch.Tensor] = None,
+    base_lrs: Optional[Sequence[float]] = None,
 ) -> tuple:
     """(trained LinearHeads, last epoch's mean loss per head) on in-memory features; ``rows``: the training
     rows of ``x`` (default all), drawn per batch so the held-out split costs no copy of the features."""
@@ -126,19 +127,36 @@ def train_cached(
             idx = perm[start : start + batch_size]
             losses += heads.train_step(x[idx], y[idx]) * len(idx)
         losses = (losses / len(perm)).cpu()
+        check_losses(losses, epoch, base_lrs or lrs, progress or (lambda msg: None))
         if progress and (epoch + 1) % max(1, epochs // 5) == 0:
             progress(f'[linear] epoch {epoch + 1}/{epochs}: loss {", ".join(f"{v:.3f}" for v in losses)}')
     return heads, losses
 
 
-def choose(heads: LinearHeads, val: Optional[tuple]) -> tuple:
-    """(index of the chosen head, held-out accuracies or None): best held-out top-1, first of equals."""
+def check_losses(losses: torch.Tensor, epoch: int, base_lrs: Sequence[float], progress: Callable[[str], None]) -> None:
+    """Stop (EvalError) when every head's loss is NaN or Inf: no head is left to report an accuracy of. A sweep's
+    diverged heads are named and left out of the choice (``choose``)."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.any()):
+        raise EvalError(
+            f'linear probe: the training loss is not finite ({float(losses[0])}) at epoch {epoch + 1} for every '
+            f'learning rate {list(base_lrs)}: diverged; no accuracy is reported (lower --lrs, or check the features)'
+        )
+    if not bool(finite.all()):
+        bad = [lr for lr, ok in zip(base_lrs, finite.tolist()) if not ok]
+        progress(f'[linear] warning: base lr {bad} diverged (non-finite loss at epoch {epoch + 1}): not chosen')
+
+
+def choose(heads: LinearHeads, val: Optional[tuple], losses: torch.Tensor) -> tuple:
+    """(index of the chosen head, held-out accuracies or None): best held-out top-1 among the heads whose loss is
+    finite, first of equals."""
     if val is None:
         if len(heads.heads) > 1:
             raise EvalError('several learning rates need a held-out set to choose from (not the test set)')
         return 0, None
     acc = heads.accuracy(*val)
-    return int(np.argmax(acc['top1'])), acc
+    score = np.where(torch.isfinite(losses).numpy(), acc['top1'], -np.inf)
+    return int(np.argmax(score)), acc
 
 
 def report(heads: LinearHeads, best: int, val_acc, test: tuple, base_lrs, batch_size: int, losses) -> Dict:
@@ -150,7 +168,7 @@ def report(heads: LinearHeads, best: int, val_acc, test: tuple, base_lrs, batch_
         'best_lr_scaled': scaled_lrs(base_lrs, batch_size)[best],
         'top1': float(test_acc['top1'][best]),
         'top5': float(test_acc['top5'][best]),
-        'train_loss': [float(v) for v in losses],
+        'train_loss': [float(v) if math.isfinite(v) else None for v in losses.tolist()],  # strict JSON
     }
     if val_acc is not None:
         out['val_top1'] = [float(v) for v in val_acc['top1']]
@@ -195,12 +213,13 @@ def probe_cached(
         seed,
         progress,
         rows=tr,
+        base_lrs=base_lrs,
     )
     if val is not None:
         val, n_val = (val[0].to(device), val[1]), len(val[0])
     else:
         val, n_val = ((train_x[va].to(device), train_y[va]) if len(va) else None), len(va)
-    best, val_acc = choose(heads, val)
+    best, val_acc = choose(heads, val, losses)
     out = report(heads, best, val_acc, (test_x.to(device), test_y), base_lrs, batch_size, losses)
     out.update(
         mode='cached',
@@ -303,17 +322,25 @@ def probe_augmented(
         for batch in batches(loader, dataset):
             with torch.no_grad(), amp:
                 feats = feature_fn(batch['crops'][0].to(device, non_blocking=True)).float()
+            bad = ((batch['labels'] < 0) | (batch['labels'] >= num_classes)).nonzero()
+            if len(bad):  # the training shards are read here, not by the feature extraction that checks labels
+                i = int(bad[0])
+                raise EvalError(
+                    f'augmented linear probe: training sample {batch["keys"][i]} has label '
+                    f'{int(batch["labels"][i])}, not one of the {num_classes} classes (0..{num_classes - 1})'
+                )
             labels = batch['labels'].to(device)
             total += heads.train_step(feats, labels, ranks).cpu() * len(labels)
             seen += len(labels)
         losses = total / max(seen, 1)
         all_reduce_mean_([losses], ranks)  # every rank ran the same number of equal batches
+        check_losses(losses, epoch, base_lrs, progress if ranks.main else (lambda msg: None))
         if ranks.main and (epoch + 1) % max(1, epochs // 5) == 0:
             progress(f'[linear] epoch {epoch + 1}/{epochs}: loss {", ".join(f"{v:.3f}" for v in losses)}')
     if not ranks.main:
         return None
     val_dev = (val[0].to(device), val[1]) if val is not None else None
-    best, val_acc = choose(heads, val_dev)
+    best, val_acc = choose(heads, val_dev, losses)
     out = report(heads, best, val_acc, (test[0].to(device), test[1]), base_lrs, batch_size, losses)
     out.update(
         mode='augment',

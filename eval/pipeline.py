@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import distributed
-from .data import Split, check_k, open_split, verify_split
+from .data import ClassMap, Split, align_classes, check_disjoint, check_k, open_split, set_label_limits, verify_split
 from .errors import EvalError
 from .features import FeatureFile, FeatureSpec, feature_fn, get_features
 from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
@@ -98,6 +99,8 @@ class _Job:
         self.train = open_split(train_shards, 'train', train_prefix, allow_pipe=allow_pipe_shards)
         self.test = open_split(test_shards, 'test', test_prefix, allow_pipe=allow_pipe_shards)
         self.val: Optional[Split] = None
+        check_disjoint([self.train, self.test])
+        self.classes = ClassMap(False, {})
         self.dataset = dataset or self.test.name
         self.specs = model_specs(checkpoint, all_exports)
         self.ranks = distributed.from_env(device)
@@ -119,6 +122,9 @@ class _Job:
     def check(self) -> None:
         """Every model loaded and checked (a bad export at epoch 90 fails now, not after 89 extractions), then
         the data read once and verified: content digests and sample counts on every split."""
+        check_disjoint(list(self.splits.values()))
+        others = [split for role, split in self.splits.items() if role != 'train']
+        self.classes = align_classes(self.train, others, say if self.ranks.main else lambda msg: None)
         self._first = self._load(self.specs[0])
         for spec in self.specs[1:]:
             self._load(spec)
@@ -135,6 +141,7 @@ class _Job:
             try:
                 for split in self.splits.values():
                     verify_split(split, memo_dir)
+                check_disjoint(list(self.splits.values()))  # now by content too: a copy of the test shards
                 outcome = {role: (s.digest, s.num_samples) for role, s in self.splits.items()}
             except EvalError as exn:
                 outcome = str(exn)
@@ -143,6 +150,11 @@ class _Job:
             raise EvalError(outcome)
         for role, split in self.splits.items():
             split.digest, split.num_samples = outcome[role]
+        set_label_limits(self.train, list(self.splits.values()))
+
+    def labels(self, role: str, features: FeatureFile) -> np.ndarray:
+        """The labels of a split's features as training class indices (``ClassMap``)."""
+        return self.classes.labels(role, features.labels)
 
     def data_digest(self) -> str:
         """What a result was computed on: the content of its train, test (and val) shards."""
@@ -222,6 +234,7 @@ def _common_payload(job: _Job, info, fspec: FeatureSpec, files: Dict[str, Featur
             'eval_crop': fspec.eval_crop,
         },
         'world_size': job.ranks.world_size,
+        'classes_matched_by': 'name' if job.classes.by_name else 'number',
     }
 
 
@@ -262,9 +275,9 @@ def run_knn(
             say(f'[knn] {info.spec}: {train.num} train x {test.num} test, {train.knn_dim}-d, k {ks}')
             res = knn_classify(
                 train.knn_rows(),
-                train.labels,
+                job.labels('train', train),
                 test.knn_rows(),
-                test.labels,
+                job.labels('test', test),
                 ks,
                 temperature,
                 max(train.num_classes, test.num_classes),
@@ -294,8 +307,8 @@ def run_knn(
     return out
 
 
-def _load_all(ff: FeatureFile):
-    return torch.from_numpy(ff.rows(0, ff.num)), torch.from_numpy(ff.labels)
+def _load_all(job: _Job, role: str, ff: FeatureFile):
+    return torch.from_numpy(ff.rows(0, ff.num)), torch.from_numpy(job.labels(role, ff))
 
 
 def run_linear(
@@ -357,14 +370,14 @@ def run_linear(
         if not augment:  # every model's features first; then rank 0 trains the heads alone
             prepared = job.extract_all({**splits, 'train': job.train})
             for info, fspec, results, files in prepared if job.ranks.main else []:
-                train_x, train_y = _load_all(files['train'])
-                val = _load_all(files['val']) if 'val' in files else None
+                train_x, train_y = _load_all(job, 'train', files['train'])
+                val = _load_all(job, 'val', files['val']) if 'val' in files else None
                 num_classes = max(f.num_classes for f in files.values())
                 say(f'[linear] {info.spec}: {len(train_x)} x {train_x.shape[1]} features, lrs {lrs}, {epochs} epochs')
                 res = probe_cached(
                     train_x,
                     train_y,
-                    *_load_all(files['test']),
+                    *_load_all(job, 'test', files['test']),
                     num_classes,
                     lrs,
                     epochs,
@@ -393,13 +406,13 @@ def run_linear(
                     job.train.num_samples,
                     fn,
                     fspec,
-                    _load_all(files['test']) if main else None,
+                    _load_all(job, 'test', files['test']) if main else None,
                     num_classes,
                     job.ranks,
                     lrs,
                     epochs,
                     linear_batch_size,
-                    _load_all(files['val']) if main and 'val' in files else None,
+                    _load_all(job, 'val', files['val']) if main and 'val' in files else None,
                     job.num_workers,
                     seed,
                     say,

@@ -12,6 +12,8 @@ Everything here is cheap (one weight load); feature extraction comes later.
 
 import hashlib
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,16 +22,20 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from skipssl.checkpoint import MODEL_FILE, build_backbone, load_backbone, resolve_checkpoint
+from skipssl.checkpoint import MODEL_FILE, build_backbone, check_model_kwargs, load_backbone, resolve_checkpoint
 from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, ExportMeta, Provenance, RunSummary
 
 from .errors import EvalError
+
+log = logging.getLogger(__name__)
 
 PIXELS = 'pixels'
 RANDOM_INIT = 'random-init'
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_KEYS = ('channels', 'mean', 'std', 'eval_resize', 'eval_crop')
+MAX_IMAGE_SIDE = 4096  # --resize / --crop: a ViT-S/16 at 4096 px has 65536 tokens per image
+_FLAGS = {'channels': 'channels', 'mean': 'mean', 'std': 'std', 'eval_resize': 'resize', 'eval_crop': 'crop'}
 IMAGENET_DATA = {
     'channels': 3,
     'mean': list(IMAGENET_MEAN),
@@ -61,17 +67,28 @@ def looks_like_path(spec: str) -> bool:
     return os.path.exists(spec) or os.sep in spec or spec.endswith(('.safetensors', '.pt'))
 
 
-def find_run_dir(path: Path, hinted: Optional[str] = None) -> Optional[Path]:
-    """The run folder of a checkpoint or export: from the folder layout (``{run}/export/``,
-    ``{run}/checkpoints/``, or a run folder itself), else the one its metadata names if it exists."""
+def find_run_dir(path: Path) -> Optional[Path]:
+    """The run folder of a checkpoint or export, from where it lies (``{run}/export/``, ``{run}/checkpoints/``,
+    or a run folder itself); never from what its metadata says (see ``_claimed_run``)."""
     path = Path(path).resolve()
     if path.is_dir() and any((path / n).exists() for n in (SUMMARY_FILE, 'config.yaml', 'checkpoints')):
         return path
     if path.parent.name in ('export', 'checkpoints'):
         return path.parent.parent
-    if hinted and Path(hinted).is_dir():
-        return Path(hinted)
     return None
+
+
+def _claimed_run(path: Path, claimed: Optional[str], run: Optional[Path]) -> None:
+    """A note when an export's metadata names a run it does not lie in (carried out of it, or the run moved):
+    its results go beside it (or to --out-dir), never into the named folder, which may be another run."""
+    if claimed and (run is None or Path(claimed).resolve() != run):
+        log.warning(
+            '%s: its metadata names run %s, but the file lies %s: results go %s, not into the named run',
+            path,
+            str(claimed)[:200],
+            f'in {run}' if run is not None else 'outside any run folder',
+            f'into {run}' if run is not None else f'beside it ({path.parent / "eval"}) unless --out-dir says',
+        )
 
 
 def export_metadata(path: Path) -> ExportMeta:
@@ -172,7 +189,8 @@ def _load_saved(path: Path, which: str) -> Tuple[nn.Module, ModelInfo]:
             device_hours_unit=export.device_hours_unit,
             data={k: export.data[k] for k in DATA_KEYS if k in export.data},
         )
-        run = find_run_dir(path, export.run_dir)
+        run = find_run_dir(path)
+        _claimed_run(path, export.run_dir, run)
     else:
         folder = resolve_checkpoint(path)  # raises CheckpointError naming what it expected
         module, meta = load_backbone(folder, which=which)
@@ -206,6 +224,8 @@ def _random_init(
         run_model, data = run_defaults(Path(run_dir))
         if kwargs is None and run_model.get('name') == name:
             kwargs = run_model.get('kwargs')
+    where = '--model-kwargs' if model_kwargs is not None else f'{run_dir}/{SUMMARY_FILE}'
+    check_model_kwargs(kwargs if kwargs is not None else {}, where)
     torch.manual_seed(seed)
     module = build_backbone(name, kwargs or {})  # ValueError naming the model when timm does not know it
     info = ModelInfo(name, RANDOM_INIT, name, dict(kwargs or {}), state_digest(module), RANDOM_INIT, data=data)
@@ -250,16 +270,35 @@ def data_settings(info: ModelInfo, overrides: Dict[str, Any]) -> Dict[str, Any]:
         settings.update(mean=[0.0], std=[1.0])
     settings.update({k: v for k, v in info.data.items() if v is not None})
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    channels = int(settings['channels'])
+
+    def refuse(key: str, why: str) -> EvalError:
+        flag = _FLAGS[key]
+        where = f'--{flag}' if overrides.get(key) is not None else f"{info.spec}: its preprocessing's {key}"
+        return EvalError(f'{where} {str(settings[key])[:80]}: {why}')
+
+    for key in ('channels', 'eval_resize', 'eval_crop'):
+        value = settings[key]
+        if isinstance(value, float) and value.is_integer():  # 256.0 in a hand-written export
+            value = settings[key] = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise refuse(key, 'not an integer')
+        if key == 'channels' and value not in (1, 3):
+            raise refuse(key, 'images are read as 1 (grey) or 3 (RGB) channels')
+        if not 1 <= value <= MAX_IMAGE_SIDE:
+            raise refuse(key, f'an image side in pixels, 1..{MAX_IMAGE_SIDE}')
+    channels = settings['channels']
     for key in ('mean', 'std'):
-        values = [float(v) for v in (settings[key] if isinstance(settings[key], (list, tuple)) else [settings[key]])]
+        raw = settings[key] if isinstance(settings[key], (list, tuple)) else [settings[key]]
+        if not raw or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+            raise refuse(key, 'not a list of numbers')
+        values = [float(v) for v in raw]
         if len(values) == 1:
             values = values * channels
         if len(values) != channels:
-            raise EvalError(f'{key} has {len(values)} values for {channels}-channel images')
+            raise refuse(key, f'{len(values)} values for {channels}-channel images')
+        if not all(math.isfinite(v) for v in values) or (key == 'std' and min(values) <= 0):
+            raise refuse(key, 'must be finite' + (' and positive (images are divided by it)' if key == 'std' else ''))
         settings[key] = values
-    settings['channels'] = channels
-    settings['eval_resize'], settings['eval_crop'] = int(settings['eval_resize']), int(settings['eval_crop'])
     return settings
 
 

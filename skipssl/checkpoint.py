@@ -161,6 +161,76 @@ def build_backbone(name: str, kwargs: Optional[Dict] = None) -> nn.Module:
         raise ValueError(f'model {name!r} does not take these arguments {sorted(kwargs)}: {exn}') from exn
 
 
+# What a file may ask timm.create_model for: the architecture arguments of timm's VisionTransformer and SkipAt's,
+# each with a type and bounds (numbers) or its choices (strings). Anything else (checkpoint_path, pretrained,
+# pretrained_cfg: weights or files from elsewhere; layer classes) is refused: a checkpoint or export is someone
+# else's file, and its kwargs reach timm unchecked otherwise.
+_INT, _FLOAT, _BOOL = (int,), (int, float), (bool,)
+MODEL_KWARGS: Dict[str, Tuple[tuple, object]] = {
+    'img_size': (_INT, (1, 4096)),
+    'patch_size': (_INT, (1, 1024)),
+    'in_chans': (_INT, (1, 16)),
+    'embed_dim': (_INT, (1, 8192)),
+    'depth': (_INT, (1, 256)),
+    'num_heads': (_INT, (1, 256)),
+    'mlp_ratio': (_FLOAT, (0, 64)),
+    'reg_tokens': (_INT, (0, 64)),
+    'init_values': (_FLOAT + (type(None),), (0, 10)),
+    **{rate: (_FLOAT, (0, 1)) for rate in ('drop_rate', 'pos_drop_rate', 'patch_drop_rate', 'proj_drop_rate')},
+    **{rate: (_FLOAT, (0, 1)) for rate in ('attn_drop_rate', 'drop_path_rate')},
+    **{flag: (_BOOL, None) for flag in ('qkv_bias', 'qk_norm', 'proj_bias', 'class_token', 'no_embed_class')},
+    **{flag: (_BOOL, None) for flag in ('pre_norm', 'final_norm', 'dynamic_img_size', 'dynamic_img_pad')},
+    'fc_norm': (_BOOL + (type(None),), None),
+    'global_pool': ((str,), ('', 'token', 'avg', 'max', 'avgmax', 'map')),
+    'pos_embed': ((str,), ('learn', 'none')),
+    'skip_indices': ((list, tuple), (0, 255)),
+    'phi_hidden_ratio': (_FLOAT, (0, 64)),
+    'phi_kernel_size': (_INT, (1, 63)),
+}
+MAX_PARAMETERS = 2_000_000_000  # a ViT-G/14 has 1.8e9; more would take minutes to build and fail on memory
+MAX_TOKENS = 65536  # patches per image at img_size / patch_size
+
+
+def _fits(value: object, types: tuple, allowed: object) -> bool:
+    if value is not None and isinstance(value, bool) != (bool in types):  # True is an int to Python, not a depth
+        return False
+    if not isinstance(value, types):
+        return False
+    if isinstance(value, str):
+        return isinstance(allowed, tuple) and value in allowed
+    if isinstance(value, (int, float)) and isinstance(allowed, tuple) and not isinstance(value, bool):
+        return bool(allowed[0] <= value <= allowed[1])  # False for NaN
+    return True
+
+
+def check_model_kwargs(kwargs: object, where: str) -> None:
+    """CheckpointError naming ``where`` and the key when ``kwargs`` (a file's model arguments) asks timm for
+    anything outside ``MODEL_KWARGS`` or its bounds, or for a model over MAX_PARAMETERS / MAX_TOKENS."""
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f'{where}: model kwargs are {type(kwargs).__name__}, not a mapping')
+    for key, value in kwargs.items():
+        if key not in MODEL_KWARGS:
+            raise CheckpointError(
+                f'{where}: model kwarg {str(key)[:60]!r} is refused (only the ViT architecture arguments reach '
+                f'timm: {", ".join(MODEL_KWARGS)})'
+            )
+        types, allowed = MODEL_KWARGS[key]
+        if key == 'skip_indices':
+            ok = isinstance(value, types) and len(value) <= 256 and all(_fits(v, _INT, allowed) for v in value)
+        else:
+            ok = _fits(value, types, allowed)
+        if not ok:
+            raise CheckpointError(f'{where}: model kwarg {key}={str(value)[:60]} is out of range or of the wrong type')
+    dim, depth = kwargs.get('embed_dim', 768), kwargs.get('depth', 12)
+    tokens = (kwargs.get('img_size', 224) // kwargs.get('patch_size', 16)) ** 2
+    params = depth * dim * dim * (4 + 2 * kwargs.get('mlp_ratio', 4.0)) + tokens * dim
+    if tokens > MAX_TOKENS or params > MAX_PARAMETERS:
+        raise CheckpointError(
+            f'{where}: model kwargs ask for a ViT of about {params:.2g} parameters and {tokens} patches per image '
+            f'(limits {MAX_PARAMETERS:.0e}, {MAX_TOKENS})'
+        )
+
+
 def save_backbone(backbone: nn.Module, path: PathLike, meta: ExportMeta) -> Path:
     """Export a backbone's weights as safetensors with what is needed to rebuild it; written atomically."""
     from safetensors.torch import save_file
@@ -216,10 +286,28 @@ def load_backbone(path: PathLike, which: str = 'teacher') -> Tuple[nn.Module, Di
             'which': which,
             **{k: json.dumps(v) for k, v in blob.get('data', {}).items()},
         }
+    check_model_kwargs(kwargs, str(path))
+    check_finite(state, path)
     backbone = build_backbone(name, kwargs)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exn:  # shapes: the weights of another model under this one's metadata
+        detail = next((ln.strip() for ln in str(exn).splitlines() if 'size mismatch' in ln), str(exn)[:200])
+        raise CheckpointError(f'{path}: weights do not fit {name}({kwargs}): {detail}') from exn
     if missing or unexpected:
         raise CheckpointError(
             f'{path}: weights do not fit {name}({kwargs}): missing {missing[:5]}, unexpected {unexpected[:5]}'
         )
     return backbone.eval(), meta
+
+
+def check_finite(state: Dict[str, torch.Tensor], path: PathLike) -> None:
+    """CheckpointError naming the file and the first tensor holding NaN or Inf: such weights give features
+    and accuracies that look like numbers (10% on ten classes) but mean nothing."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f'{path}: weight {key} holds {bad} non-finite values (NaN/Inf) of {tensor.numel()}: a diverged or '
+                'damaged model, refused before any feature is extracted'
+            )

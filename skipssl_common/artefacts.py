@@ -15,6 +15,9 @@ SHARD_INDEX_FORMAT = 'skipssl-shards/1'  # {prefix}-index.json: make_shards and 
 BACKBONE_FORMAT = 'skipssl-backbone/1'  # safetensors metadata of an exported backbone
 SUMMARY_FORMAT = 'skipssl-run-summary/1'  # {run}/summary.json
 SUMMARY_FILE = 'summary.json'
+# An export's metadata is a few hundred bytes (model name, kwargs, position, preprocessing); readers copy it into
+# every result file, so a larger blob is refused rather than copied.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 class ArtefactError(ValueError):
@@ -127,6 +130,12 @@ class ExportMeta(Provenance):
     def from_metadata(cls, metadata: Mapping[str, str], where: str) -> 'ExportMeta':
         """Parsed from an export's metadata; ArtefactError naming ``where`` if it is not a skipssl export.
         Keys this version does not know are the data settings (written at the top level)."""
+        size = sum(len(str(k)) + len(str(v)) for k, v in metadata.items())
+        if size > MAX_METADATA_BYTES:
+            raise ArtefactError(
+                f'{where}: its metadata is {size} bytes, more than the {MAX_METADATA_BYTES} an export needs: '
+                'refused, not copied into results'
+            )
         if metadata.get('format') != BACKBONE_FORMAT:
             raise ArtefactError(
                 f'{where} is not a skipssl backbone export (metadata format '

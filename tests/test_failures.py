@@ -391,6 +391,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
             buf = io.BytesIO()
             Image.fromarray(np.full((28, 28), i, dtype=np.uint8)).save(buf, format='PNG')
             w.write({'__key__': f'nolabel{i:05d}', 'png': buf.getvalue()})
+    test = write_pattern_shards(tmp_path / 'test', n=64, n_shards=1, seed=1)  # held out: not a copy of train
     cmd = [
         sys.executable,
         '-m',
@@ -409,7 +410,7 @@ def test_an_evaluator_rank_that_fails_ends_the_torchrun_job_within_seconds(shard
         '--train-shards',
         str(data),
         '--test-shards',
-        str(shards),
+        str(test),
         '--channels',
         '1',
         '--resize',

@@ -197,7 +197,13 @@ def measure(
             capture.clear()
             with autocast:
                 cast(VisionTransformer, model).forward_features(images.to(device, non_blocking=True))  # a timm ViT
-            z_stream.update(capture.stacked(capture.z_grams, list(range(depth))))
+            z_grams = capture.stacked(capture.z_grams, list(range(depth)))
+            if not bool(torch.isfinite(z_grams).all()):  # NaN would give an all-null CKA matrix and a made-up choice
+                raise ValueError(
+                    f'the model gives non-finite activations (NaN/Inf) in images {seen}..{seen + len(images) - 1}: '
+                    'no CKA can be computed from them'
+                )
+            z_stream.update(z_grams)
             if computed:
                 attn = capture.stacked(capture.attn_grams, computed)  # (C, heads + 1, n, n)
                 attn_stream.update(attn.transpose(0, 1).reshape(-1, *attn.shape[2:]))

@@ -17,9 +17,10 @@ import itertools
 import json
 import logging
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -170,12 +171,31 @@ def decode_sample(
         )
     except Exception as exn:  # torchvision raises RuntimeError for corrupt or truncated data
         raise ValueError(f'{where}: cannot decode image: {exn}') from exn
-    label = -1
+    label = sample_label(sample)
+    return image, -1 if label is None else label
+
+
+def sample_label(sample: Dict) -> Optional[int]:
+    """The class index a raw sample carries (``.cls``, else json ``label``); None when it carries none.
+    ValueError naming shard and key for a label that is not an integer (``1e11``, ``abc``)."""
     if 'cls' in sample:
-        label = int(sample['cls'])
+        text = bytes(sample['cls']).decode('ascii', 'replace').strip()
     elif 'json' in sample:
-        label = int(json.loads(sample['json']).get('label', -1))
-    return image, label
+        try:
+            value = json.loads(sample['json']).get('label')
+        except (ValueError, AttributeError) as exn:
+            where = f'shard {sample.get("__url__")} key {sample.get("__key__")}'
+            raise ValueError(f'{where}: unreadable json ({exn})') from exn
+        if value is None:
+            return None
+        text = value if isinstance(value, str) else repr(value)
+    else:
+        return None
+    if not re.fullmatch(r'-?[0-9]{1,18}', text):
+        raise ValueError(
+            f'shard {sample.get("__url__")} key {sample.get("__key__")}: label {text[:40]!r} is not an integer'
+        )
+    return int(text)
 
 
 # -- pretraining ----------------------------------------------------------------------------------------
@@ -307,7 +327,9 @@ class EvalShards(IterableDataset):
     """Labelled samples in a fixed order, no augmentation: yields (image, label, key).
 
     Each (rank, worker) slot reads a disjoint part: whole shards when there are at least as many shards as
-    slots, else every n-th sample; sort by key after gathering for a fixed global order.
+    slots, else every n-th sample; sort by key after gathering for a fixed global order. With
+    ``require_labels``, a sample without a label, or with one outside [0, ``num_classes``), stops the reader
+    with a ValueError naming shard and key (``label_bound`` says where the bound comes from).
     """
 
     def __init__(
@@ -318,12 +340,15 @@ class EvalShards(IterableDataset):
         world_size: int = 1,
         channels: int = 3,
         require_labels: bool = True,
+        num_classes: Optional[int] = None,
+        label_bound: str = 'classes',
     ) -> None:
         super().__init__()
         if not urls:
             raise ValueError('EvalShards needs at least one shard')
         self.urls, self.transform, self.rank, self.world_size = list(urls), transform, rank, world_size
         self.channels, self.require_labels = channels, require_labels
+        self.num_classes, self.label_bound = num_classes, label_bound
         self.expected = index_counts(self.urls)
         self.skipped = 0
 
@@ -331,18 +356,24 @@ class EvalShards(IterableDataset):
         _, _, slot, n_slots = worker_slot(self.rank, self.world_size)
         urls, stride = slot_share(self.urls, slot, n_slots)
         for sample in read_share(urls, slot, stride, ReadCounter(), self.expected):
+            if self.require_labels:  # before decoding: a label error stops the reader, it is not a bad image
+                self.check_label(sample)
             try:
                 image, label = decode_sample(sample, self.channels)
             except ValueError as exn:
                 self.skipped += 1
                 log.warning('skipping sample: %s', exn)
                 continue
-            if self.require_labels and label < 0:
-                raise ValueError(
-                    f'shard {sample["__url__"]} key {sample["__key__"]} has no label (.cls or json '
-                    "'label'); evaluation needs labelled shards"
-                )
             yield (self.transform(image) if self.transform else image), label, sample['__key__']
+
+    def check_label(self, sample: Dict) -> None:
+        where = f'shard {sample["__url__"]} key {sample["__key__"]}'
+        label = sample_label(sample)
+        if label is None:
+            raise ValueError(f"{where} has no label (.cls or json 'label'); evaluation needs labelled shards")
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            bound = f'0..{self.num_classes - 1}' if self.num_classes is not None else '0 or more'
+            raise ValueError(f'{where}: label {label} is not a class index ({bound}: {self.label_bound})')
 
 
 def eval_transform(
