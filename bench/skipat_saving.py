@@ -41,6 +41,7 @@ from bench.backbone_throughput import (
     run_header,
     write_json,
 )
+from bench.knn_throughput import cpu_bf16_flags
 from bench.train_step_throughput import CONFIGS, build_step, init_process_group, model_flops_per_image, step_config
 from skipssl.models import ATTENTION_KINDS, SkipAttentionPhi, count_macs
 from skipssl.models.throughput import interleaved_rates, rate_report, synchronize
@@ -77,22 +78,12 @@ GRID = (
 QUICK_GRID = (Geometry('tiny', 64, 16),)  # 17 tokens: the smallest grid Phi's 5x5 convolution runs on
 
 
-def cpu_flags() -> List[str]:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('flags'):
-                return line.split(':', 1)[1].split()
-    except OSError:
-        pass
-    return []
-
-
 def has_bf16(device: torch.device) -> bool:
     """bf16 arithmetic in hardware: CUDA from Ampere on; on x86 CPUs AVX512-BF16 or AMX (without them torch
     emulates bf16 matmuls, slower than fp32, which would measure the emulation rather than the models)."""
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported()
-    return bool({'avx512_bf16', 'amx_bf16'} & set(cpu_flags()))
+    return bool({'avx512_bf16', 'amx_bf16'} & set(cpu_bf16_flags()))
 
 
 # -- where the time goes -------------------------------------------------------------------------------------
@@ -327,7 +318,7 @@ def header(args, device: torch.device) -> Dict:
     return {
         **run_header('skipat_saving', device),
         'timm': timm.__version__,
-        'cpu_flags_bf16': sorted({'avx512_bf16', 'amx_bf16'} & set(cpu_flags())),
+        'cpu_flags_bf16': cpu_bf16_flags(),
         'cpu_cores': os.cpu_count(),
         'threads': torch.get_num_threads(),
         'load_average_start': list(os.getloadavg()),

@@ -35,6 +35,7 @@ from skipssl.models.throughput import interleaved_rates, rate_report
 from skipssl.train.engine import build_engine
 from skipssl.train.plan import Plan, build_student, make_schedules
 from skipssl.train.step import DINOStep
+from skipssl_common.distributed import free_port
 
 CONFIGS = {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
@@ -180,13 +181,14 @@ def parse_args(argv=None):
 
 
 def init_process_group(device: torch.device) -> None:
-    """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one."""
+    """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one; on a free port, so
+    that benchmarks started side by side on one machine do not meet at one rendezvous and wait forever."""
     for key, value in (
         ('RANK', '0'),
         ('WORLD_SIZE', '1'),
         ('LOCAL_RANK', '0'),
         ('MASTER_ADDR', '127.0.0.1'),
-        ('MASTER_PORT', '29591'),
+        ('MASTER_PORT', str(free_port())),
     ):
         os.environ.setdefault(key, value)
     if device.type == 'cuda':
