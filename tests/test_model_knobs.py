@@ -1,6 +1,7 @@
 """The knobs that trade accuracy for cost: the attention kernel of both models of a comparison
 (``model.attention``: fused or explicit) and Phi's hidden expansion (``model.kwargs.phi_hidden_ratio``)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from skipssl.models import set_attention
 from skipssl.train.plan import build_student
 
 from .image_shards import write_pattern_shards
-from .test_train import TINY, _env
+from .test_train import TINY, _env, log_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VIT = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4)  # 65 tokens
@@ -145,5 +146,5 @@ def test_other_phi_ratios_and_explicit_attention_train(tmp_path, ratio, attentio
         assert f.get_tensor('blocks.2.phi.fc2.weight').shape == (32, width)
     backbone, _ = ckpt.load_backbone(exports[-1])  # rebuilds from the recorded kwargs, Phi's width included
     assert backbone.blocks[1].phi.fc1.out_features == width
-    losses = [yaml.safe_load(line)['loss'] for line in (out / 'log.jsonl').read_text().splitlines() if 'loss' in line]
-    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    losses = [rec['train/loss'] for rec in log_lines(out).values() if 'train/loss' in rec]
+    assert losses and all(math.isfinite(v) for v in losses)
