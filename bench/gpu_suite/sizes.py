@@ -119,7 +119,7 @@ MODES = _modes(
     saving_args=(
         ('--device', 'cuda', '--sizes', 'small', '--dtypes', 'bf16', '--batch-infer', '256', '--batch-step', '32')
         + ('--step-grid', 'first', '--repeats', '3', '--iters', '3', '--warmup', '2'),
-        ('--quick', '--device', 'cpu', '--dtypes', 'fp32'),
+        ('--quick', '--device', 'cpu', '--dtypes', 'fp32', '--attention', 'explicit'),  # fused: in (c) and (d)
     ),
     aug_batch=(128, 4),
     aug_canvas=(256, 48),
