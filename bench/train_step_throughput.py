@@ -15,7 +15,7 @@ known bf16 peak the model FLOP utilisation (MFU) is reported.
 import argparse
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, NamedTuple, Sequence
 
 import torch
 
@@ -28,13 +28,14 @@ from bench.backbone_throughput import (
     run_header,
     write_json,
 )
-from skipssl.config import load_config
+from skipssl.config import Config, load_config
 from skipssl.dino import DINOLoss, make_teacher
 from skipssl.models import count_macs
 from skipssl.models.throughput import interleaved_rates, rate_report
 from skipssl.train.engine import build_engine
 from skipssl.train.plan import Plan, build_student, make_schedules
 from skipssl.train.step import DINOStep
+from skipssl_common.distributed import free_port
 
 CONFIGS = {'vit': 'dino_vit_s16_100ep.yaml', 'skipat': 'dino_skipat_vit_s16_100ep.yaml'}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
@@ -70,7 +71,15 @@ def model_flops_per_image(student, global_size: int, local_size: int, n_local: i
     return 3 * student_fwd + 2 * fwd(global_size)
 
 
-def build_step(key: str, args, device: torch.device):
+class StepBench(NamedTuple):
+    run: Callable[[], None]  # one whole DINO step
+    flops: float  # model FLOPs per image (model_flops_per_image)
+    backbones: Dict[str, torch.nn.Module]  # 'student', 'teacher'
+
+
+def step_config(key: str, args, device: torch.device, extra_overrides: Sequence[str] = ()) -> Config:
+    """The config of the benchmark's DINO step for ``key`` ('vit' or 'skipat'), with ``extra_overrides``
+    (config overrides, e.g. ``model.attention=explicit``) on top."""
     overrides = [
         f'engine.precision={args.precision}',
         f'engine.device={device.type}',
@@ -86,7 +95,12 @@ def build_step(key: str, args, device: torch.device):
     if args.size != 'small':
         name = {'vit': f'vit_{args.size}_patch16_224', 'skipat': f'vit_{args.size}_patch16_skipat_224'}[key]
         overrides.append(f'model.name={name}')
-    cfg = load_config(CONFIG_DIR / CONFIGS[key], overrides)
+    return load_config(CONFIG_DIR / CONFIGS[key], [*overrides, *extra_overrides])
+
+
+def build_step(key: str, args, device: torch.device, extra_overrides: Sequence[str] = ()) -> StepBench:
+    """The trainer's DINO step for ``key`` on synthetic crops (:func:`step_config`)."""
+    cfg = step_config(key, args, device, extra_overrides)
     plan = Plan(1, args.batch_size, 1, iterations_per_epoch=1000, epochs=cfg.train.epochs)
     torch.manual_seed(0)
     student = build_student(cfg)
@@ -110,13 +124,13 @@ def build_step(key: str, args, device: torch.device):
         step.finish(state['it'])
         state['it'] += 1
 
-    return run, flops
+    return StepBench(run, flops, {'student': engine.module.backbone, 'teacher': teacher.backbone})
 
 
 def measure(args, device) -> Dict:
     runs, flops = {}, {}
     for key in CONFIGS:
-        runs[key], flops[key] = build_step(key, args, device)
+        runs[key], flops[key], _ = build_step(key, args, device)
     rates = interleaved_rates(runs, args.batch_size, args.iters, args.repeats, device, warmup=args.warmup)
     out = {
         'batch_size': args.batch_size,
@@ -167,13 +181,14 @@ def parse_args(argv=None):
 
 
 def init_process_group(device: torch.device) -> None:
-    """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one."""
+    """A one-process group (nccl on CUDA, gloo on CPU), as DeepSpeed's engine needs one; on a free port, so
+    that benchmarks started side by side on one machine do not meet at one rendezvous and wait forever."""
     for key, value in (
         ('RANK', '0'),
         ('WORLD_SIZE', '1'),
         ('LOCAL_RANK', '0'),
         ('MASTER_ADDR', '127.0.0.1'),
-        ('MASTER_PORT', '29591'),
+        ('MASTER_PORT', str(free_port())),
     ):
         os.environ.setdefault(key, value)
     if device.type == 'cuda':

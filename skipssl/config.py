@@ -99,6 +99,9 @@ class ExperimentSection:
 class ModelSection:
     name: str = 'vit_small_patch16_skipat_224'  # any timm ViT or vit_*_skipat_* (SkipAt)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, skip_indices...)
+    # 'fused' (timm's scaled-dot-product kernel) or 'explicit' (the N x N matrix written out, as timm 0.5.4 did);
+    # same outputs, different time: docs/saving.md
+    attention: str = 'fused'
     drop_path_rate: float = 0.1  # student only
     compile: bool = False  # torch.compile the backbone
     grad_checkpointing: bool = False
@@ -465,6 +468,12 @@ def validate(cfg: Config) -> None:
     _check(0 <= lo.center_momentum <= 1, 'loss.center_momentum', f'must be in [0, 1], got {lo.center_momentum}')
     _check_skip_indices(cfg.model.kwargs.get('skip_indices', []))
     _check(
+        cfg.model.attention in ('fused', 'explicit'),
+        'model.attention',
+        f'fused or explicit, got {cfg.model.attention!r}',
+    )
+    _check_phi(cfg.model.kwargs)
+    _check(
         not math.isnan(cfg.model.drop_path_rate) and 0 <= cfg.model.drop_path_rate < 1,
         'model.drop_path_rate',
         'must be in [0, 1)',
@@ -473,6 +482,21 @@ def validate(cfg: Config) -> None:
         'num_classes' not in cfg.model.kwargs and 'drop_path_rate' not in cfg.model.kwargs,
         'model.kwargs',
         'num_classes is fixed to 0 (the DINO head follows) and drop_path_rate is model.drop_path_rate',
+    )
+
+
+def _check_phi(kwargs: Dict[str, Any]) -> None:
+    ratio = kwargs.get('phi_hidden_ratio', 2.0)
+    _check(
+        isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0,
+        'model.kwargs.phi_hidden_ratio',
+        f"Phi's hidden width as a multiple of the embedding width, a number > 0 (the paper: 2), got {ratio!r}",
+    )
+    size = kwargs.get('phi_kernel_size', 5)
+    _check(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 1 and size % 2 == 1,
+        'model.kwargs.phi_kernel_size',
+        f"Phi's depth-wise convolution size, an odd integer >= 1 (the paper: 5), got {size!r}",
     )
 
 

@@ -90,7 +90,7 @@ class RunSummary:
 
 
 # metadata values are strings: these are stored as they are, every other value JSON-encoded
-_RAW = ('format', 'model_name', 'run_dir', 'device_hours_unit')
+_RAW = ('format', 'model_name', 'run_dir', 'device_hours_unit', 'attention')
 
 
 @dataclass(kw_only=True)
@@ -114,6 +114,7 @@ class ExportMeta(Provenance):
     model_name: str
     model_kwargs: Dict[str, Any]
     format: str = BACKBONE_FORMAT
+    attention: Optional[str] = None  # the attention kernel it was trained with: fused or explicit (model.attention)
 
     def to_metadata(self) -> Dict[str, str]:
         """The safetensors metadata: one string per key, the data settings at the top level."""

@@ -46,6 +46,9 @@ def test_dry_run_runs_every_stage_ok(tmp_path):
     assert trainer['fp16']['status'] == 'skipped'
     assert {(r['mode'], r['batch_size']) for r in m['backbone']['results']} == {('infer', 2), ('train', 2)}
     assert m['step']['results'][0]['model_gflops_per_image']['skipat'] > 0
+    saving = m['saving']['results']
+    assert {(r['mode'], r['attention']) for r in saving} == {('infer', 'explicit'), ('dino_step', 'explicit')}
+    assert all(r['ratio_skipat_over_vit'] > 0 and r['time_share']['skipat']['phi'] > 0 for r in saving)
     assert 0 < m['augment']['share_of_step']['share'] < 1 and m['augment']['decode_cpu_1thread_img_per_s'] > 0
     assert m['knn']['comparison']['predictions_match']
     assert m['knn']['comparison']['backends'] == ['torch-cpu', 'faiss-cpu']

@@ -21,6 +21,8 @@ measurements, the end of its log) and ``{out}/summary.json``:
                     and training (bench.backbone_throughput)
   step          (d) the DINO step, 2x224 + 10x96, batch 64 and 128: images/s, model FLOPs, MFU
                     (bench.train_step_throughput)
+  saving        (h) what SkipAt saves (bench.skipat_saving): SkipAt-S/16 vs ViT-S/16 with explicit and fused
+                    attention at 197, 577 and 785 tokens, bf16, inference batch 256, the DINO step at 197 tokens
   augment       (e) BatchedMultiCrop images/s and its share of a step; decode_jpeg on CUDA vs one CPU core
   knn           (f) feature extraction; exact k-NN of 200k x 384 against 10k queries with the torch search
                     on the GPU, compared with faiss on the CPU (same predictions)

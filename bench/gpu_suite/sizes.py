@@ -10,11 +10,12 @@ STAGE_SECONDS: Dict[str, float] = {
     'prepare': 40,
     'env': 15,
     'trainer': 125,
-    'backbone': 70,
-    'step': 70,
+    'backbone': 55,
+    'step': 50,
+    'saving': 45,
     'augment': 25,
     'knn': 40,
-    'equal_images': 95,
+    'equal_images': 85,
 }
 MIN_STAGE_SECONDS = 10.0  # a stage with less left than this is skipped, not started
 
@@ -41,6 +42,8 @@ class Sizes:
     # (d) DINO step (bench.train_step_throughput arguments)
     step_args: Tuple[str, ...]
     step_batches: Tuple[int, ...]
+    # (h) what SkipAt saves: the grid of bench.skipat_saving (its arguments)
+    saving_args: Tuple[str, ...]
     # (e) augmentation and decoding
     aug_batch: int
     aug_canvas: int
@@ -102,16 +105,22 @@ MODES = _modes(
     trainer_epochs=(2, 3),
     sigterm_after=(15, 4),
     backbone_args=(
-        ('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '2'),
+        ('--size', 'small', '--repeats', '3', '--iters', '4', '--warmup', '2'),
         ('--size', 'tiny', '--img-size', '64', '--repeats', '1', '--iters', '1', '--warmup', '1'),
     ),
     backbone_batches=((256, 1024), (2,)),
     step_args=(
-        ('--size', 'small', '--repeats', '3', '--iters', '5', '--warmup', '3'),
+        ('--size', 'small', '--repeats', '3', '--iters', '3', '--warmup', '2'),
         ('--size', 'tiny', '--global-size', '32', '--local-size', '16', '--n-local', '2', '--head-out-dim', '1024')
         + ('--repeats', '1', '--iters', '1', '--warmup', '1'),
     ),
     step_batches=((64, 128), (2,)),
+    # S/16 at 197, 577 and S/8 at 785 tokens, explicit and fused, bf16; the DINO step at 197 tokens only
+    saving_args=(
+        ('--device', 'cuda', '--sizes', 'small', '--dtypes', 'bf16', '--batch-infer', '256', '--batch-step', '32')
+        + ('--step-grid', 'first', '--repeats', '3', '--iters', '3', '--warmup', '2'),
+        ('--quick', '--device', 'cpu', '--dtypes', 'fp32', '--attention', 'explicit'),  # fused: in (c) and (d)
+    ),
     aug_batch=(128, 4),
     aug_canvas=(256, 48),
     aug_n_local=(10, 2),
@@ -131,7 +140,7 @@ MODES = _modes(
     ),
     equal_overrides=(_S16 + ('data.num_workers=12',), _TINY),
     equal_batch=(64, 8),
-    equal_iterations=(64, 6),
+    equal_iterations=(56, 6),
     knn_ks=((10, 20), (5, 10)),
 )
 GPU, DRY = MODES['gpu'], MODES['dry']

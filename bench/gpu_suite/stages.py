@@ -334,6 +334,26 @@ def step(ctx: Context) -> None:
             _free_device_memory()
 
 
+# -- (h) what SkipAt saves --------------------------------------------------------------------------------------
+def saving(ctx: Context) -> None:
+    """SkipAt against ViT by attention kind and token count (bench.skipat_saving), each cell recorded as it
+    comes: a stage cut at its cap keeps the first geometries (197 tokens first)."""
+    from bench import skipat_saving as ss
+    from bench.train_step_throughput import init_process_group
+
+    args, device = ss.parse_args(list(ctx.sizes.saving_args))
+    if 'dino_step' in args.modes:
+        init_process_group(device)
+    report = ss.header(args, device)
+    ctx.rec.put('header', dict(report))
+
+    def save(r: Dict) -> None:
+        ctx.rec.put('geometries', r['geometries'])
+        ctx.rec.put('results', r['results'])
+
+    ss.run_grid(args, device, report, save)
+
+
 # -- (e) device augmentation and JPEG decoding -----------------------------------------------------------------
 def _jpegs(shard_dir: Path, n: int) -> List[bytes]:
     out = []
@@ -548,6 +568,7 @@ STAGES: Dict[str, Callable[[Context], None]] = {
     'trainer': trainer,
     'backbone': backbone,
     'step': step,
+    'saving': saving,
     'augment': augment,
     'knn': knn,
     'equal_images': equal_images,
@@ -558,6 +579,7 @@ TITLES = {
     'trainer': '(b) pretrain.py: bf16 ZeRO-2 device augmentation, SIGTERM + resume, ZeRO-0 compiled, fp16',
     'backbone': '(c) backbone throughput ViT vs SkipAt, inference and training, eager and compiled',
     'step': '(d) DINO step (2 global + 10 local crops): images/s, model FLOPs, MFU, SkipAt vs ViT',
+    'saving': '(h) what SkipAt saves: SkipAt-S vs ViT-S, explicit and fused attention, 197/577/785 tokens',
     'augment': '(e) BatchedMultiCrop images/s and share of a step; JPEG decoding on the device',
     'knn': '(f) feature extraction; exact k-NN on the device against faiss on the CPU, same features',
     'equal_images': '(g) equal-images DINO, ViT vs SkipAt: device-seconds per image, k-NN after',

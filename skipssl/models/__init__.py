@@ -1,6 +1,7 @@
 """Backbones: SkipAt Vision Transformers built on timm (importing this registers them with timm)."""
 
 from . import registry  # noqa: F401  (registers vit_*_patch16_skipat_224 with timm)
+from .attention import ATTENTION_KINDS, set_attention
 from .complexity import count_macs, count_params
 from .phi import EfficientChannelAttention, SkipAttentionPhi
 from .skipat_vit import (
@@ -15,6 +16,7 @@ from .skipat_vit import (
 )
 
 __all__ = [
+    'ATTENTION_KINDS',
     'DEFAULT_SKIP_INDICES',
     'EfficientChannelAttention',
     'SkipAtVisionTransformer',
@@ -26,5 +28,6 @@ __all__ = [
     'count_params',
     'get_last_selfattention',
     'last_cls_tokens',
+    'set_attention',
     'validate_skip_indices',
 ]

@@ -43,6 +43,8 @@ class SkipAttentionPhi(nn.Module):
     ) -> None:
         super().__init__()
         hidden = int(dim * hidden_ratio)
+        if hidden < 1:
+            raise ValueError(f'phi_hidden_ratio {hidden_ratio} leaves Phi no hidden channel at width {dim}')
         self.fc1 = nn.Linear(dim, hidden)
         self.act1 = act_layer()
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=True)

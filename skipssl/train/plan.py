@@ -174,6 +174,8 @@ def model_spec(cfg: Config) -> Dict:
 
 
 def build_student(cfg: Config) -> MultiCropWrapper:
+    from ..models import set_attention
+
     # typed as timm's ViT for its backbone API (num_features, set_grad_checkpointing), which nn.Module lacks
     backbone = cast(
         'VisionTransformer',
@@ -181,6 +183,7 @@ def build_student(cfg: Config) -> MultiCropWrapper:
     )
     if backbone.num_features <= 0:
         raise ValueError(f'model {cfg.model.name} has no feature dimension')
+    set_attention(backbone, cfg.model.attention)  # the teacher, a copy of the student, inherits it
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     h = cfg.head

@@ -507,6 +507,7 @@ class Trainer:
             device_hours_unit=device_unit(self.device.type),
             run_dir=str(self.run_dir),
             data=self.data_meta(),
+            attention=self.cfg.model.attention,
         )
         return ckpt.save_backbone(self.teacher.backbone, self.run_dir / 'export' / name, meta)
 
