@@ -58,6 +58,7 @@ class RunSummary:
     finished: bool = False
     stopped_by: Optional[str] = None  # the signal that stopped an unfinished run, if any
     format: str = SUMMARY_FORMAT
+    data_fingerprint: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
