@@ -309,11 +309,11 @@ def _same_data(g: Group, v: Group) -> Tuple[bool, Optional[str]]:
             f'{g.label} is not compared with {v.label}: they were pretrained on different data '
             f'(data fingerprints {g.data_fingerprint[:12]} and {v.data_fingerprint[:12]})'
         )
-    missing = ' and '.join(x.label for x in (g, v) if not x.data_fingerprint)
+    missing = _which([x for x in (g, v) if not x.data_fingerprint])
     if g.train_shards is None or v.train_shards is None:
         return True, (
             f'{g.label} is compared with {v.label}, but the data identity is unknown '
-            f'({missing}: no data fingerprint; {" and ".join(x.label for x in (g, v) if x.train_shards is None)}: '
+            f'({missing}: no data fingerprint; {_which([x for x in (g, v) if x.train_shards is None])}: '
             f'no {CONFIG_FILE})'
         )
     if g.train_shards != v.train_shards:
@@ -325,6 +325,10 @@ def _same_data(g: Group, v: Group) -> Tuple[bool, Optional[str]]:
         f'{g.label} is compared with {v.label} by data.train_shards ({g.train_shards}): the data identity is '
         f'unknown ({missing}: no data fingerprint)'
     )
+
+
+def _which(groups: List[Group]) -> str:
+    return 'both' if len(groups) == 2 else groups[0].label
 
 
 def _pair(groups: List[Group]) -> Tuple[Dict[str, Group], List[str]]:

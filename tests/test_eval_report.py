@@ -139,8 +139,8 @@ def test_table_compares_skipat_with_the_vit_run_of_the_same_config(tmp_path):
     assert group['knn_top1_diff']['low'] is None and group['knn_top1_diff']['estimate'] == pytest.approx(-0.5)
     # run folders without config.yaml or data fingerprint: paired as before, with a note
     assert report['datasets']['fmnist']['notes'] == [
-        'skipat is compared with vit, but the data identity is unknown (skipat and vit: no data fingerprint; '
-        'skipat and vit: no config.yaml)'
+        'skipat is compared with vit, but the data identity is unknown (both: no data fingerprint; both: no '
+        'config.yaml)'
     ]
     # one point per run, evaluator and checkpoint (+ the random-init baseline at 0 hours)
     points = report['datasets']['fmnist']['points']
@@ -308,7 +308,7 @@ def test_runs_differing_only_in_their_seed_are_one_group_with_a_paired_interval(
     # no fingerprints (runs from before them): paired by data.train_shards, with a note
     assert part['notes'] == [
         f'{s["group"]} is compared with {v["group"]} by data.train_shards (/data/fmnist/train-index.json): '
-        f'the data identity is unknown ({s["group"]} and {v["group"]}: no data fingerprint)'
+        'the data identity is unknown (both: no data fingerprint)'
     ]
     md = paths['md'].read_text()
     d = [SKIPAT[seed][0] - VIT[seed][0] for seed in (0, 1, 2)]
@@ -360,6 +360,14 @@ def test_runs_pretrained_on_other_data_are_not_paired(tmp_path):
     other = fake_run(tmp_path, 'skipat-seed3', True, [0.1], [60.0], [None], seed=3, fingerprint='c' * 64)
     groups = [g['group'] for g in collect([*skip, other])['datasets']['fmnist']['groups']]
     assert groups == ['skipat, skipat-seed1, skipat-seed2', 'skipat-seed3']
+    # a fingerprint on one side only: the same data.train_shards pairs them, with a note
+    unknown = seeded_runs(tmp_path / 'unknown', 'vit', False, VIT)
+    part = collect(skip + unknown)['datasets']['fmnist']
+    assert part['groups'][0]['compared_with'] == 'vit, vit-seed1, vit-seed2'
+    assert part['notes'] == [
+        'skipat, skipat-seed1, skipat-seed2 is compared with vit, vit-seed1, vit-seed2 by data.train_shards '
+        '(/data/fmnist/train-index.json): the data identity is unknown (vit, vit-seed1, vit-seed2: no data fingerprint)'
+    ]
     # no fingerprints, other data.train_shards: not paired either
     shards = ['data.train_shards=/data/other/train-index.json']
     old = seeded_runs(tmp_path / 'old', 'vit', False, {0: VIT[0]}, overrides=shards)
