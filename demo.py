@@ -8,6 +8,10 @@ at random initialisation and of raw pixels -> SkipAt-ViT-S/16 vs ViT-S/16 throug
 python demo.py                 # everything; a re-run reuses finished stages
 python demo.py --fresh         # start over (deletes runs/demo)
 python demo.py --iterations 60 --out runs/demo-small   # a reduced budget (the end-to-end test)
+python demo.py --seeds 3 --out runs/demo3                # both runs with seeds 0, 1, 2: the report's mean,
+                                                         # standard deviation and confidence interval
+
+Seed 0's runs are runs/demo/{skipat,vit} (the config's seed); seed s > 0 runs in runs/demo/{skipat,vit}-seed{s}.
 """
 
 import argparse
@@ -37,6 +41,7 @@ class Demo:
         self.logs = self.out / 'logs'
         self.start = time.perf_counter()
         self.python = sys.executable
+        self.seeds = range(args.seeds)
 
     # -- output ---------------------------------------------------------------------------------------------
     def status(self, stage: str, msg: str) -> None:
@@ -63,6 +68,11 @@ class Demo:
             tail = ''.join(log_path.read_text().splitlines(keepends=True)[-30:])
             raise SystemExit(f'demo: stage {stage} failed (exit {proc.returncode}); log {log_path}:\n{tail}')
 
+    @staticmethod
+    def run_name(name: str, seed: int) -> str:
+        """The run folder's name: seed 0 (the configs' seed) keeps the single-seed demo's folders."""
+        return name if seed == 0 else f'{name}-seed{seed}'
+
     # -- stages ---------------------------------------------------------------------------------------------
     def shards(self) -> None:
         from skipssl.data.make_shards import write_shards
@@ -88,15 +98,18 @@ class Demo:
                 f'({time.perf_counter() - t:.0f} s)',
             )
 
-    def pretrain(self, name: str) -> None:
-        run_dir = self.out / name
+    def pretrain(self, name: str, seed: int) -> None:
+        run = self.run_name(name, seed)
+        run_dir = self.out / run
         if (run_dir / SUMMARY_FILE).is_file() and RunSummary.read(run_dir).finished:
-            self.status(f'pretrain {name}', f'reusing finished run {run_dir}')
+            self.status(f'pretrain {run}', f'reusing finished run {run_dir}')
             return
         from skipssl.config import load_config
         from skipssl.train.plan import make_plan
 
         overrides = [f'experiment.output_dir={run_dir}', f'data.train_shards={self.data / "train-index.json"}']
+        if seed != 0:  # seed 0 is the configs' own: its command line stays the single-seed demo's
+            overrides.append(f'experiment.seed={seed}')
         if self.args.iterations:
             # the same schedule shape in fewer iterations: 4 epochs of iterations/4 global batches
             per_epoch = max(self.args.iterations // 4, 1)
@@ -133,17 +146,18 @@ class Demo:
             ]
             return msgs[-1] if msgs else None
 
-        self.status(f'pretrain {name}', 'torchrun, 2 processes, DeepSpeed (gloo, fp32)')
-        self.run(f'pretrain {name}', cmd, f'pretrain-{name}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
+        self.status(f'pretrain {run}', 'torchrun, 2 processes, DeepSpeed (gloo, fp32)')
+        self.run(f'pretrain {run}', cmd, f'pretrain-{run}.log', env={'OMP_NUM_THREADS': '1'}, progress=progress)
         s = RunSummary.read(run_dir)
         self.status(
-            f'pretrain {name}',
+            f'pretrain {run}',
             f'done: {s.iterations} iterations, {s.images_seen} images, '
             f'{s.images_per_s:.0f} img/s, {s.device_hours:.3f} {s.device_hours_unit}',
         )
 
-    def evaluate(self, name: str) -> None:
-        run_dir = self.out / name
+    def evaluate(self, name: str, seed: int) -> None:
+        run = self.run_name(name, seed)
+        run_dir = self.out / run
         # the first train shard (10,000 images) as the k-NN / linear-probe training set, the 10,000 test images
         # as queries: the prototype's protocol, and 6x less extraction than the full train split
         common = [
@@ -159,27 +173,30 @@ class Demo:
             '0',
         ]
         spec = RunSummary.read(run_dir).model
-        jobs = [
-            ('teacher', ['--checkpoint', str(run_dir), '--all-exports']),
-            ('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])]),
-        ]
-        if name == 'vit':  # preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
+        # seed 0: every per-epoch export (the k-NN-against-iterations curve); other seeds: the final teacher, the
+        # figure the report's spread is over (each export costs a feature extraction of 20,000 images)
+        teacher = ['--checkpoint', str(run_dir)] + (['--all-exports'] if seed == 0 else [])
+        jobs = [('teacher', teacher)]
+        if seed == 0:  # the baselines do not depend on the pretraining seed: evaluated once
+            jobs.append(('random init', ['--checkpoint', spec['name'], '--model-kwargs', json.dumps(spec['kwargs'])]))
+        # raw pixels, preprocessed as the run's own data (--run-dir): 28 px, 1 channel, its mean/std
+        if name == 'vit' and seed == 0:
             jobs.append(('raw pixels', ['--checkpoint', 'pixels']))
         for what, model_args in jobs:
-            self.status(f'k-NN {name}', what)
+            self.status(f'k-NN {run}', what)
             self.run(
-                f'k-NN {name}',
+                f'k-NN {run}',
                 [self.python, 'knn_eval.py', *model_args, *common],
-                f'knn-{name}-{what.replace(" ", "-")}.log',
+                f'knn-{run}-{what.replace(" ", "-")}.log',
             )
             if what != 'raw pixels':
                 # the linear probe takes --all-exports too; the demo probes the final teacher only, for time
                 linear_args = [a for a in model_args if a != '--all-exports']
-                self.status(f'linear probe {name}', what)
+                self.status(f'linear probe {run}', what)
                 self.run(
-                    f'linear probe {name}',
+                    f'linear probe {run}',
                     [self.python, 'linear_probe.py', *linear_args, *common],
-                    f'linear-{name}-{what.replace(" ", "-")}.log',
+                    f'linear-{run}-{what.replace(" ", "-")}.log',
                 )
 
     def benchmark(self) -> None:
@@ -203,8 +220,7 @@ class Demo:
                 self.python,
                 '-m',
                 'skipssl_eval.report',
-                str(self.out / 'skipat'),
-                str(self.out / 'vit'),
+                *[str(self.out / self.run_name(name, seed)) for seed in self.seeds for name in ('skipat', 'vit')],
                 '--out-dir',
                 str(report_dir),
             ],
@@ -226,10 +242,11 @@ class Demo:
         if self.args.fresh and self.out.exists():
             shutil.rmtree(self.out)
         self.shards()
-        for name in ('skipat', 'vit'):
-            self.pretrain(name)
-        for name in ('skipat', 'vit'):
-            self.evaluate(name)
+        for seed in self.seeds:  # one seed's runs and evaluations finished before the next seed starts
+            for name in ('skipat', 'vit'):
+                self.pretrain(name, seed)
+            for name in ('skipat', 'vit'):
+                self.evaluate(name, seed)
         self.benchmark()
         self.report()
         self.status('total', f'{(time.perf_counter() - self.start) / 60:.1f} min wall time')
@@ -258,7 +275,14 @@ def main(argv=None) -> int:
     p.add_argument('--data', default='data/fmnist', help='shard folder (default data/fmnist)')
     p.add_argument('--iterations', type=int, default=0, help="pretraining budget per run (default: the config's)")
     p.add_argument('--fresh', action='store_true', help="delete the demo's runs and start over (shards are kept)")
-    Demo(p.parse_args(argv)).main()
+    p.add_argument(
+        '--seeds', type=int, default=1, help='pretrain and evaluate both models with seeds 0..N-1 (default 1)'
+    )
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        print(f'demo.py: error: --seeds must be at least 1, got {args.seeds}', file=sys.stderr)
+        return 2
+    Demo(args).main()
     return 0
 
 

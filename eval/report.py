@@ -5,27 +5,80 @@
 For each run folder: ``summary.json`` (written by the trainer) and the evaluators' ``eval/*.json``. One row per
 run and dataset, at the newest evaluated checkpoint: model, epochs, images seen, images/s, device-hours
 (measured by the trainer; GPU-hours on GPUs, core-hours on CPUs), k-NN top-1 (at --k) and linear top-1
-(DINO's augmented protocol where it was run, else on cached features). A SkipAt run is compared with the
-plain-ViT run of the same ``config_name``: device-hour saving (%) and accuracy difference (points).
-Random-init baselines get rows of their own. The plot has one point per run and evaluated checkpoint
-(accuracy against device-hours), as in the SkipAt paper's DINO figure.
+(DINO's augmented protocol where it was run, else on cached features), seed and attention kind (the run's
+``config.yaml``; ``fused`` where it does not say). Random-init baselines get rows of their own.
+
+Runs whose ``config.yaml`` differ only in ``experiment.seed`` (and ``experiment.output_dir``), pretrained on the
+same data, form a group: one row with the mean and sample standard deviation of each figure over its seeds.
+A SkipAt group is compared with the plain-ViT group of the same ``config_name`` pretrained on the same data
+(the runs' data fingerprints; by ``data.train_shards`` with a note where a run predates them), of the same
+attention kind where there is one (else with a note): device-hour saving (%) and the accuracy difference
+(points) with its 95% confidence interval, paired by seed where both groups ran the same seeds, else Welch's
+(stats.py; docs/demo.md says why). Each SkipAt run is also compared with the ViT run of its seed. The plot has
+one point per group and evaluated checkpoint (accuracy against device-hours, mean with standard-deviation
+bars over seeds), as in the SkipAt paper's DINO figure.
 """
 
 import argparse
+import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import yaml
+
+from skipssl.failure import first_line
 from skipssl_common.artefacts import SUMMARY_FILE, ArtefactError, RunSummary
 from skipssl_common.io import atomic_path, atomic_write_json, atomic_write_text
 
 from .errors import EvalError
 from .results import read_results, writable_dir
+from .stats import Difference, Spread, paired_interval, spread, welch_interval
 
 BASELINE_TAGS = ('random-init', 'pixels')
 LINEAR_EVALUATORS = ('linear_augment', 'linear')  # preferred first
+CONFIG_FILE = 'config.yaml'
+DEFAULT_ATTENTION = 'fused'  # what a config without model.attention ran: timm's fused attention
+SHORT_UNITS = {'GPU-hours': 'GPU-h', 'core-hours': 'core-h'}
+GROUP_FIGURES = ('knn_top1', 'linear_top1', 'device_hours')  # the figures a group row spreads over its seeds
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the report reads from a run's config.yaml. A run folder without one forms a group of its own, its
+    seed and training data unknown."""
+
+    seed: Optional[int]
+    attention: str
+    train_shards: Optional[str]
+    group_key: str  # the config without experiment.seed and experiment.output_dir, as canonical JSON
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return RunConfig(None, DEFAULT_ATTENTION, None, f'no {CONFIG_FILE}: {Path(run_dir).resolve()}')
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exn:
+        raise EvalError(f'{path} is unreadable: {first_line(exn)}') from exn
+    sections = ('experiment', 'model', 'data')
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(s) or {}, dict) for s in sections):
+        raise EvalError(f'{path} is not a run config (a mapping of sections)')
+    experiment = dict(cfg.get('experiment') or {})
+    seed = experiment.pop('seed', None)
+    experiment.pop('output_dir', None)
+    attention = (cfg.get('model') or {}).get('attention', DEFAULT_ATTENTION)
+    shards = (cfg.get('data') or {}).get('train_shards')
+    return RunConfig(
+        seed if isinstance(seed, int) else None,
+        str(attention),
+        None if shards is None else str(shards),
+        json.dumps({**cfg, 'experiment': experiment}, sort_keys=True, default=str),
+    )
 
 
 def load_summary(run_dir: Path) -> RunSummary:
@@ -73,13 +126,13 @@ def collect(run_dirs: List[Path], k: int = 20, dataset: Optional[str] = None) ->
     """The report as a dict: {'k', 'datasets': {name: {'rows': [...], 'points': [...]}}, 'units'}."""
     runs = []
     for run_dir in run_dirs:
-        runs.append((Path(run_dir), load_summary(run_dir), read_results(run_dir)))
-    _label_datasets([r for _, _, results in runs for r in results])
+        runs.append((Path(run_dir), load_summary(run_dir), read_run_config(Path(run_dir)), read_results(run_dir)))
+    _label_datasets([r for *_, results in runs for r in results])
     runs = [
-        (d, summary, [r for r in results if dataset in (None, r['dataset'], r['_dataset'])])
-        for d, summary, results in runs
+        (d, summary, config, [r for r in results if dataset in (None, r['dataset'], r['_dataset'])])
+        for d, summary, config, results in runs
     ]
-    datasets = sorted({r['_dataset'] for _, _, results in runs for r in results})
+    datasets = sorted({r['_dataset'] for *_, results in runs for r in results})
     if dataset is not None and not datasets:
         raise EvalError(f'no evaluation results for dataset {dataset!r} in {[str(d) for d in run_dirs]}')
     report = {
@@ -88,14 +141,25 @@ def collect(run_dirs: List[Path], k: int = 20, dataset: Optional[str] = None) ->
         'runs': [str(d) for d in run_dirs],
         'datasets': {},
     }
+    keys = {str(d): (config.group_key, summary.data_fingerprint) for d, summary, config, _ in runs}
     for name in datasets:
         rows, points = [], []
-        for run_dir, summary, results in runs:
+        for run_dir, summary, config, results in runs:
             mine = [r for r in results if r['_dataset'] == name]
-            rows += _rows(run_dir, summary, mine, k)
+            rows += _rows(run_dir, summary, config, mine, k)
             points += _points(summary, mine, k)
-        _compare(rows)
-        report['datasets'][name] = {'rows': rows, 'points': points}
+        groups = _groups(rows, keys)
+        pairs, notes = _pair(groups)
+        _compare(groups, pairs)
+        group_of = {r['run']: g.label for g in groups for r in g.rows}
+        for p in points:
+            p['group'] = group_of.get(p['run'], p['run'])
+        report['datasets'][name] = {
+            'rows': rows,
+            'groups': [_group_row(g, pairs.get(g.label)) for g in groups],
+            'notes': notes,
+            'points': points,
+        }
     return report
 
 
@@ -110,13 +174,17 @@ def _label_datasets(results: List[Dict]) -> None:
         r['_dataset'] = f'{r["dataset"]}@{(r.get("data_digest") or "unknown")[:8]}' if several else r['dataset']
 
 
-def _rows(run_dir: Path, summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
+def _rows(run_dir: Path, summary: RunSummary, config: RunConfig, results: List[Dict], k: int) -> List[Dict]:
     trained = [r for r in results if r['checkpoint']['tag'] not in BASELINE_TAGS]
     base = {
         'run': summary.run_name,
         'run_dir': str(run_dir),
         'model': summary.model['name'],
         'skipat': bool(summary.skipat),
+        'attention': config.attention,
+        'seed': config.seed,
+        'data_fingerprint': summary.data_fingerprint,
+        'train_shards': config.train_shards,
         'config_name': summary.config_name,
         'epochs_planned': summary.epochs_planned,
         'images_per_s': summary.images_per_s,
@@ -193,27 +261,183 @@ def _points(summary: RunSummary, results: List[Dict], k: int) -> List[Dict]:
     return sorted(out, key=lambda p: (p['run'], p['evaluator'], p['device_hours']))
 
 
-def _compare(rows: List[Dict]) -> None:
-    """SkipAt rows against the plain-ViT row of the same config_name: saving (%) and accuracy difference."""
-    vit = {}
+@dataclass(frozen=True)
+class Group:
+    """The trained rows of runs that differ only in their seed (and run folder), ordered by seed, and what
+    those runs share."""
+
+    label: str
+    rows: List[Dict]
+    skipat: bool
+    model: str
+    attention: str
+    config_name: str
+    data_fingerprint: Optional[str]
+    train_shards: Optional[str]
+
+    @classmethod
+    def of(cls, rows: List[Dict]) -> 'Group':
+        rows = sorted(rows, key=lambda r: (r['seed'] is None, r['seed'] or 0))
+        first = rows[0]
+        shared = ('skipat', 'model', 'attention', 'config_name', 'data_fingerprint', 'train_shards')
+        return cls(', '.join(r['run'] for r in rows), rows, *(first[k] for k in shared))
+
+    @property
+    def seeds(self) -> List[Optional[int]]:
+        return [r['seed'] for r in self.rows]
+
+
+def _groups(rows: List[Dict], keys: Dict[str, Tuple[str, Optional[str]]]) -> List[Group]:
+    """The trained rows grouped by their run's config (seed and run folder left out) and data fingerprint."""
+    by_key: Dict[Tuple[str, Optional[str]], List[Dict]] = {}
     for row in rows:
-        if not row['skipat'] and 'baseline' not in row:
-            if row['config_name'] in vit:
-                raise EvalError(
-                    f'two plain-ViT runs share config_name {row["config_name"]!r}: '
-                    f'{vit[row["config_name"]]["run_dir"]} and {row["run_dir"]}; report one of them'
-                )
-            vit[row['config_name']] = row
-    for row in rows:
-        ref = vit.get(row['config_name'])
-        if not row['skipat'] or 'baseline' in row or ref is None:
+        if 'baseline' not in row:
+            by_key.setdefault(keys[row['run_dir']], []).append(row)
+    groups = [Group.of(members) for members in by_key.values()]
+    for g in groups:
+        for r in g.rows:
+            r['group'] = g.label
+    return groups
+
+
+def _same_data(g: Group, v: Group) -> Tuple[bool, Optional[str]]:
+    """Whether SkipAt group ``g`` and ViT group ``v`` were pretrained on the same data, and the note to print."""
+    if g.data_fingerprint and v.data_fingerprint:
+        if g.data_fingerprint == v.data_fingerprint:
+            return True, None
+        return False, (
+            f'{g.label} is not compared with {v.label}: they were pretrained on different data '
+            f'(data fingerprints {g.data_fingerprint[:12]} and {v.data_fingerprint[:12]})'
+        )
+    missing = _which([x for x in (g, v) if not x.data_fingerprint])
+    if g.train_shards is None or v.train_shards is None:
+        return True, (
+            f'{g.label} is compared with {v.label}, but the data identity is unknown '
+            f'({missing}: no data fingerprint; {_which([x for x in (g, v) if x.train_shards is None])}: '
+            f'no {CONFIG_FILE})'
+        )
+    if g.train_shards != v.train_shards:
+        return False, (
+            f'{g.label} is not compared with {v.label}: they were pretrained on different data.train_shards '
+            f'({g.train_shards} and {v.train_shards})'
+        )
+    return True, (
+        f'{g.label} is compared with {v.label} by data.train_shards ({g.train_shards}): the data identity is '
+        f'unknown ({missing}: no data fingerprint)'
+    )
+
+
+def _which(groups: List[Group]) -> str:
+    return 'both' if len(groups) == 2 else groups[0].label
+
+
+def _pair(groups: List[Group]) -> Tuple[Dict[str, Group], List[str]]:
+    """Each SkipAt group's plain-ViT group: same config_name, same data, the same attention kind where there is
+    one. Returns {SkipAt group label: ViT group} and one-line notes on what was not paired, or paired with a
+    caveat."""
+    pairs: Dict[str, Group] = {}
+    notes: List[str] = []
+    for g in groups:
+        if not g.skipat:
             continue
-        row['compared_with'] = ref['run']
-        if row['device_hours_unit'] == ref['device_hours_unit'] and row['device_hours'] and ref['device_hours']:
-            row['device_hours_saving_pct'] = 100.0 * (ref['device_hours'] - row['device_hours']) / ref['device_hours']
-        for key in ('knn_top1', 'linear_top1'):
-            if row[key] is not None and ref[key] is not None:
-                row[f'{key}_diff'] = row[key] - ref[key]
+        same_data = []
+        for v in groups:
+            if v.skipat or v.config_name != g.config_name:
+                continue
+            ok, note = _same_data(g, v)
+            if ok:
+                same_data.append((v, note))
+            elif note:
+                notes.append(note)
+        candidates = [(v, n) for v, n in same_data if v.attention == g.attention] or same_data
+        if len(candidates) > 1:
+            a, b = (v.rows[0]['run_dir'] for v, _ in candidates[:2])
+            raise EvalError(
+                f'two plain-ViT runs share config_name {g.config_name!r} and their data but differ in more than '
+                f'their seed: {a} and {b}; report one of them'
+            )
+        if not candidates:
+            continue
+        v, note = candidates[0]
+        pairs[g.label] = v
+        if note:
+            notes.append(note)
+        if v.attention != g.attention:
+            notes.append(
+                f'{g.label} ({g.attention} attention) is compared with {v.label} ({v.attention} attention): '
+                "its device-hour saving mixes SkipAt's with the attention kernel's"
+            )
+    return pairs, notes
+
+
+def _compare(groups: List[Group], pairs: Dict[str, Group]) -> None:
+    """Each SkipAt run against the run of its seed in the paired ViT group (that group's one run if it has no
+    such seed): saving (%) and accuracy difference."""
+    for g in groups:
+        v = pairs.get(g.label)
+        if v is None:
+            continue
+        by_seed = {r['seed']: r for r in v.rows if r['seed'] is not None}
+        for row in g.rows:
+            ref = by_seed.get(row['seed']) or (v.rows[0] if len(v.rows) == 1 else None)
+            if ref is None:
+                continue
+            row['compared_with'] = ref['run']
+            if row['device_hours_unit'] == ref['device_hours_unit'] and row['device_hours'] and ref['device_hours']:
+                row['device_hours_saving_pct'] = (
+                    100.0 * (ref['device_hours'] - row['device_hours']) / ref['device_hours']
+                )
+            for key in ('knn_top1', 'linear_top1'):
+                if row[key] is not None and ref[key] is not None:
+                    row[f'{key}_diff'] = row[key] - ref[key]
+
+
+def _paired(g: Group, v: Group) -> bool:
+    """Whether the two groups ran the same seeds: then SkipAt and ViT saw the same data order and crops per seed
+    and the seeds are the units of a paired comparison."""
+    seeds, ref = g.seeds, v.seeds
+    return None not in seeds and len(set(seeds)) == len(seeds) and sorted(seeds) == sorted(ref)
+
+
+def difference(g: Group, v: Group, key: str) -> Difference:
+    """Mean of ``key`` in SkipAt group ``g`` minus ViT group ``v``, with its 95% interval."""
+    if _paired(g, v):
+        ref = {r['seed']: r[key] for r in v.rows}
+        pairs = [(r[key], ref[r['seed']]) for r in g.rows if r[key] is not None and ref[r['seed']] is not None]
+        return paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+    values = [[r[key] for r in x.rows if r[key] is not None] for x in (g, v)]
+    return welch_interval(values[0], values[1])
+
+
+def _group_row(g: Group, v: Optional[Group]) -> Dict[str, Any]:
+    units = {r['device_hours_unit'] for r in g.rows}
+    row: Dict[str, Any] = {
+        'group': g.label,
+        'runs': [r['run'] for r in g.rows],
+        'seeds': g.seeds,
+        'n': len(g.rows),
+        'model': g.model,
+        'skipat': g.skipat,
+        'attention': g.attention,
+        'config_name': g.config_name,
+        'data_fingerprint': g.data_fingerprint,
+        'device_hours_unit': units.pop() if len(units) == 1 else None,
+    }
+    for key in GROUP_FIGURES:
+        row[key] = asdict(spread([r[key] for r in g.rows if r[key] is not None]))
+    if v is None:
+        return row
+    row['compared_with'] = v.label
+    same_unit = row['device_hours_unit'] is not None and {r['device_hours_unit'] for r in v.rows} == {
+        row['device_hours_unit']
+    }
+    for key in GROUP_FIGURES:
+        if key != 'device_hours' or same_unit:
+            row[f'{key}_diff'] = asdict(difference(g, v, key))
+    ref_hours = spread([r['device_hours'] for r in v.rows if r['device_hours']]).mean
+    if same_unit and ref_hours and row['device_hours']['mean']:
+        row['device_hours_saving_pct'] = 100.0 * (ref_hours - row['device_hours']['mean']) / ref_hours
+    return row
 
 
 def _fmt(value, spec: str = '.2f', suffix: str = '') -> str:
@@ -229,32 +453,73 @@ def markdown(report: Dict) -> str:
         '',
         f"k-NN: DINO's weighted k-NN, k={k}, T=0.07. Linear: DINO's linear probe (mode in brackets). "
         'Device-hours as measured by the trainer (GPU-hours on GPUs, core-hours on CPUs). Saving and '
-        'differences: SkipAt run against the plain-ViT run of the same config.',
+        'differences: SkipAt run against the plain-ViT run of the same config and seed. Over seeds: runs whose '
+        'configs differ only in their seed, mean ± sample standard deviation; Δ: SkipAt minus ViT with its 95% '
+        "confidence interval (paired by seed where both ran the same seeds, else Welch's).",
         '',
     ]
     for name, part in report['datasets'].items():
         lines += [
             f'## {name}',
             '',
-            '| run | model | epochs | images seen | images/s | device-hours | k-NN top-1 | linear top-1 '
-            '| saving vs ViT | Δ k-NN | Δ linear |',
-            '|---|---|---|---|---|---|---|---|---|---|---|',
+            '| run | model | attention | seed | epochs | images seen | images/s | device-hours | k-NN top-1 '
+            '| linear top-1 | saving vs ViT | Δ k-NN | Δ linear |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
         for r in part['rows']:
-            unit = {'GPU-hours': 'GPU-h', 'core-hours': 'core-h'}.get(r.get('device_hours_unit'), '')
+            unit = SHORT_UNITS.get(r.get('device_hours_unit'), '')
             hours = f'{r["device_hours"]:.3g} {unit}'.strip() if r['device_hours'] is not None else '—'
             epochs = f'{_fmt(r["epochs"], "d")}/{_fmt(r["epochs_planned"], "d")}' if 'baseline' not in r else '0'
             linear = _fmt(r['linear_top1'])
             if r['linear_mode']:
                 linear += f' ({"augment" if r["linear_mode"] == "linear_augment" else "cached"})'
             lines.append(
-                f'| {r["run"]} | {r["model"]}{" (SkipAt)" if r["skipat"] else ""} | {epochs} | '
-                f'{_fmt(r["images_seen"], ",")} | {_fmt(r["images_per_s"], ".1f")} | {hours} | {_fmt(r["knn_top1"])} | '
+                f'| {r["run"]} | {r["model"]}{" (SkipAt)" if r["skipat"] else ""} | {r["attention"]} | '
+                f'{_fmt(r["seed"], "d")} | {epochs} | {_fmt(r["images_seen"], ",")} | '
+                f'{_fmt(r["images_per_s"], ".1f")} | {hours} | {_fmt(r["knn_top1"])} | '
                 f'{linear} | {_fmt(r.get("device_hours_saving_pct"), "+.1f", "%")} | '
                 f'{_fmt(r.get("knn_top1_diff"), "+.2f")} | {_fmt(r.get("linear_top1_diff"), "+.2f")} |'
             )
         lines.append('')
+        if part['groups']:
+            lines += [
+                'Over seeds:',
+                '',
+                '| runs | model | attention | seeds | k-NN top-1 | linear top-1 | device-hours | saving vs ViT '
+                '| Δ k-NN (95% CI) | Δ linear (95% CI) |',
+                '|---|---|---|---|---|---|---|---|---|---|',
+            ]
+            for g in part['groups']:
+                unit = SHORT_UNITS.get(g['device_hours_unit'], '')
+                lines.append(
+                    f'| {g["group"]} | {g["model"]}{" (SkipAt)" if g["skipat"] else ""} | {g["attention"]} | '
+                    f'{", ".join(_fmt(x, "d") for x in g["seeds"])} | {_spread(g["knn_top1"])} | '
+                    f'{_spread(g["linear_top1"])} | {_spread(g["device_hours"], ".3g", f" {unit}".rstrip())} | '
+                    f'{_fmt(g.get("device_hours_saving_pct"), "+.1f", "%")} | {_difference(g.get("knn_top1_diff"))} | '
+                    f'{_difference(g.get("linear_top1_diff"))} |'
+                )
+            lines.append('')
+        lines += [f'- {note}' for note in part['notes']] + ([''] if part['notes'] else [])
     return '\n'.join(lines)
+
+
+def _spread(s: Dict, spec: str = '.2f', suffix: str = '') -> str:
+    """mean ± std (n), or the value alone for one seed."""
+    if s['mean'] is None:
+        return '—'
+    if s['std'] is None:
+        return f'{s["mean"]:{spec}}{suffix}'
+    return f'{s["mean"]:{spec}} ± {s["std"]:{spec}}{suffix} (n={s["n"]})'
+
+
+def _difference(d: Optional[Dict]) -> str:
+    """estimate [low, high] (method, n), or the estimate and why there is no interval."""
+    if d is None or d['estimate'] is None:
+        return '—'
+    n = f'{d["n"][0]} pairs' if d['method'] == 'paired' else f'n={d["n"][0]}+{d["n"][1]}'
+    if d['unavailable']:
+        return f'{d["estimate"]:+.2f} (no interval: {d["unavailable"]})'
+    return f'{d["estimate"]:+.2f} [{d["low"]:+.2f}, {d["high"]:+.2f}] ({d["method"]}, {n})'
 
 
 def plot(report: Dict, path: Path) -> Optional[Path]:
@@ -270,22 +535,27 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.8), squeeze=False)
     colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
     for ax, (name, part) in zip(axes[0], parts):
-        runs = sorted({p['run'] for p in part['points']})
+        groups = sorted({p['group'] for p in part['points']})
         units = {p['device_hours_unit'] for p in part['points'] if p['device_hours_unit']}
-        for i, run in enumerate(runs):
+        for i, group in enumerate(groups):
             for evaluator, style in (('knn', '-'), ('linear', '--'), ('linear_augment', ':')):
-                pts = [p for p in part['points'] if p['run'] == run and p['evaluator'] == evaluator]
+                pts = [p for p in part['points'] if p['group'] == group and p['evaluator'] == evaluator]
                 if not pts:
                     continue
                 skipat = pts[0]['skipat']
-                ax.plot(
-                    [p['device_hours'] for p in pts],
-                    [p['top1'] for p in pts],
-                    style,
+                # one point per checkpoint: the mean over the group's seeds, bars of one standard deviation
+                at = [spread_at(pts, it) for it in sorted({p['iteration'] for p in pts})]
+                ax.errorbar(
+                    [x.mean for x, _ in at],
+                    [y.mean for _, y in at],
+                    xerr=[x.std or 0.0 for x, _ in at],
+                    yerr=[y.std or 0.0 for _, y in at],
+                    fmt=style,
                     marker='*' if skipat else 'o',
                     markersize=10 if skipat else 6,
+                    capsize=3,
                     color=colours[i % len(colours)],
-                    label=f'{run}{" (SkipAt)" if skipat else ""}: {evaluator.replace("_", " ")}',
+                    label=f'{group}{" (SkipAt)" if skipat else ""}: {evaluator.replace("_", " ")}',
                 )
         ax.set_xlabel(' / '.join(sorted(units)) or 'device-hours')
         ax.set_ylabel('top-1 (%)')
@@ -298,6 +568,12 @@ def plot(report: Dict, path: Path) -> Optional[Path]:
         fig.savefig(tmp, format='png', dpi=120)
     plt.close(fig)
     return path
+
+
+def spread_at(points: List[Dict], iteration: int) -> Tuple[Spread, Spread]:
+    """(device-hours, top-1) over the points of one checkpoint iteration (one per seed)."""
+    at = [p for p in points if p['iteration'] == iteration]
+    return spread([p['device_hours'] for p in at]), spread([p['top1'] for p in at])
 
 
 def write_report(

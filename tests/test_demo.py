@@ -66,3 +66,31 @@ def check_report_figures(report):
     assert skipat['device_hours_saving_pct'] == pytest.approx(
         100 * (vit['device_hours'] - skipat['device_hours']) / vit['device_hours']
     )
+
+
+@pytest.mark.parametrize('seeds', ['0', '-2'])
+def test_seeds_below_one_are_refused_in_one_line(tmp_path, seeds):
+    out = tmp_path / 'demo'
+    proc = subprocess.run(
+        [sys.executable, 'demo.py', '--seeds', seeds, '--out', str(out), '--data', str(tmp_path / 'fmnist')],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (2, '')
+    assert proc.stderr == f'demo.py: error: --seeds must be at least 1, got {seeds}\n'
+    assert not out.exists() and not (tmp_path / 'fmnist').exists()  # refused before any stage
+
+
+def test_seed_zero_keeps_the_single_seed_run_folders():
+    from demo import Demo
+
+    assert [Demo.run_name(name, seed) for seed in range(3) for name in ('skipat', 'vit')] == [
+        'skipat',
+        'vit',
+        'skipat-seed1',
+        'vit-seed1',
+        'skipat-seed2',
+        'vit-seed2',
+    ]
