@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 
 from skipssl.analysis.attention import cls_attention_maps, mass_masks, render
 from skipssl.data import eval_transform
+from skipssl.data.pixels import check_pixels
 
 from .cli import add_preprocessing_arguments, run
 from .errors import EvalError
@@ -60,8 +61,10 @@ def render_files(args: argparse.Namespace) -> None:
     module.eval()
     for path in args.image:
         try:
-            image = decode_image(str(path), mode=mode)
-        except RuntimeError as exn:
+            encoded = Path(path).read_bytes()
+            check_pixels(encoded)  # torchvision's decoders have no pixel limit of their own
+            image = decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=mode)
+        except (OSError, ValueError, RuntimeError) as exn:
             raise EvalError(f'--image {path}: cannot decode it ({exn})') from exn
         x = tf(image).unsqueeze(0)
         maps = cls_attention_maps(module, x)

@@ -1,8 +1,10 @@
 """DINO-style attention maps: the 60% mass masks against DINO's visualize_attention.py procedure, the maps against
 the model's attention, the rendering, and the command on real image files."""
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,33 @@ def test_command_renders_a_png_per_image(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr and 'nope.jpg: no such file' in bad.stderr
+
+
+def test_command_refuses_an_image_declaring_too_many_pixels(tmp_path):
+    # a PNG whose header declares 30000 x 30000 pixels: refused from its header, never decoded
+    ihdr = struct.pack('>IIBBBBB', 30000, 30000, 8, 0, 0, 0, 0)
+    chunk = b'IHDR' + ihdr
+    png = b'\x89PNG\r\n\x1a\n' + struct.pack('>I', len(ihdr)) + chunk + struct.pack('>I', zlib.crc32(chunk))
+    bomb = tmp_path / 'bomb.png'
+    bomb.write_bytes(png + b'\x00' * 64)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'skipssl_eval.attention',
+            '--checkpoint',
+            'vit_tiny_patch16_skipat_224',
+            '--model-kwargs',
+            '{"depth": 2, "skip_indices": [1]}',
+            '--image',
+            str(bomb),
+            '--out',
+            str(tmp_path / 'attn'),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert 'bomb.png' in proc.stderr and '30000 x 30000 pixels' in proc.stderr
