@@ -280,6 +280,8 @@ def test_impossible_values_are_refused_naming_the_key(override, key):
     'override, expect',
     [
         ('model.kwargs.embed_dim=33', 'model: vit_tiny_patch16_skipat_224 cannot be built'),
+        # timm would take it, but the evaluators rebuild exports from the architecture arguments only
+        ('model.kwargs.act_layer=gelu_tanh', "model.kwargs: model kwarg 'act_layer' is refused"),
         ('data.samples_per_epoch=16', 'data.samples_per_epoch: an epoch of 16 samples is less than one global batch'),
     ],
 )

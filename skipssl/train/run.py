@@ -25,7 +25,7 @@ def preflight(cfg: Config) -> str:
     launcher's world size, model, output folder. Returns the device kind. Raises ConfigError naming the key."""
     from skipssl_common.distributed import world_size_from_env
 
-    from ..checkpoint import build_backbone
+    from ..checkpoint import CheckpointError, build_backbone, check_model_kwargs
     from ..data import first_readable_sample, resolve_shards
     from .distributed import resolve_device
     from .engine import precision_unsupported
@@ -52,6 +52,10 @@ def preflight(cfg: Config) -> str:
             make_plan(cfg, world_size_from_env())
     except ValueError as exn:
         raise ConfigError(f'data.samples_per_epoch: {exn}') from exn
+    try:  # the evaluators rebuild an export from these kwargs only: a run they could not evaluate never starts
+        check_model_kwargs(cfg.model.kwargs, 'model.kwargs')
+    except CheckpointError as exn:
+        raise ConfigError(str(exn)) from exn
     kwargs = dict(cfg.model.kwargs, drop_path_rate=cfg.model.drop_path_rate)
     try:
         build_backbone(cfg.model.name, kwargs)
