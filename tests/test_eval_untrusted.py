@@ -114,19 +114,21 @@ def test_test_labels_are_matched_to_the_training_classes_by_name(tmp_path):
 
 # -- train / test overlap -----------------------------------------------------------------------------------------
 def test_a_test_set_inside_the_training_data_is_refused(tmp_path):
-    mixed = tmp_path / 'mixed'  # no index: the folder's every tar is "the training set"
-    write_shards(mixed, 'train', [20], index=False)
-    write_shards(mixed, 'test', [10], index=False, key_offset=100)
+    # no index and no split names: the folder's every tar is "the training set" (a folder mixing split names
+    # is refused by the shard resolver itself)
+    mixed = tmp_path / 'mixed'
+    write_shards(mixed, 'part', [20], index=False)
+    write_shards(mixed, 'held', [10], index=False, key_offset=100)
     with pytest.raises(
-        EvalError, match=f'train shards {mixed} and test shards {mixed}/test-000000.tar share 1 shard file'
+        EvalError, match=f'train shards {mixed} and test shards {mixed}/held-000000.tar share 1 shard file'
     ):
-        run_knn('pixels', str(mixed), str(mixed / 'test-000000.tar'), out_dir=str(tmp_path / 'a'), **PIXELS)
+        run_knn('pixels', str(mixed), str(mixed / 'held-000000.tar'), out_dir=str(tmp_path / 'a'), **PIXELS)
     # a copy of the test shard among the training shards: caught by content, still before extraction
     train = tmp_path / 'train'
     write_shards(train, 'train', [20], index=False)
-    shutil.copy(mixed / 'test-000000.tar', train / 'train-000001.tar')
-    with pytest.raises(EvalError, match=r'share 1 shard with the same content\(s\) \(.*test-000000.tar\)'):
-        run_knn('pixels', str(train), str(mixed / 'test-000000.tar'), out_dir=str(tmp_path / 'b'), **PIXELS)
+    shutil.copy(mixed / 'held-000000.tar', train / 'train-000001.tar')
+    with pytest.raises(EvalError, match=r'share 1 shard with the same content\(s\) \(.*held-000000.tar\)'):
+        run_knn('pixels', str(train), str(mixed / 'held-000000.tar'), out_dir=str(tmp_path / 'b'), **PIXELS)
     assert no_features(tmp_path)
 
 
