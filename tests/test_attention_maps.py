@@ -69,6 +69,11 @@ def test_maps_are_the_class_tokens_attention_and_render_to_the_image():
     torch.testing.assert_close(masked, rgb * (0.2 + 0.8 * inside))
 
 
+def skipssl_attention(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'skipssl_eval.attention', '--checkpoint', 'vit_tiny_patch16_skipat_224', *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_command_renders_a_png_per_image(tmp_path):
     images = []
     for i, shape in enumerate([(3, 80, 64), (3, 50, 90)]):
@@ -76,49 +81,15 @@ def test_command_renders_a_png_per_image(tmp_path):
         write_png(torch.randint(0, 256, shape, dtype=torch.uint8), str(path))
         images += ['--image', str(path)]
     out = tmp_path / 'attn'
-    proc = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'skipssl_eval.attention',
-            '--checkpoint',
-            'vit_tiny_patch16_skipat_224',
-            '--model-kwargs',
-            '{"depth": 4, "skip_indices": [2]}',
-            '--resize',
-            '64',
-            '--crop',
-            '64',
-            *images,
-            '--out',
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    model = ['--model-kwargs', '{"depth": 4, "skip_indices": [2]}']
+    proc = skipssl_attention(*model, '--resize', '64', '--crop', '64', *images, '--out', str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     from torchvision.io import read_image
 
     for i in range(2):
         png = read_image(str(out / f'img{i}-attention.png'))
         assert png.shape == (3, 3 * 64 + 4 * 2, 2 * 64 + 3 * 2)  # 3 heads x (heat map, mask), 2 px padding
-    bad = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'skipssl_eval.attention',
-            '--checkpoint',
-            'vit_tiny_patch16_skipat_224',
-            '--image',
-            str(tmp_path / 'nope.jpg'),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = skipssl_attention('--image', str(tmp_path / 'nope.jpg'))
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr and 'nope.jpg: no such file' in bad.stderr
 
 
@@ -129,24 +100,7 @@ def test_command_refuses_an_image_declaring_too_many_pixels(tmp_path):
     png = b'\x89PNG\r\n\x1a\n' + struct.pack('>I', len(ihdr)) + chunk + struct.pack('>I', zlib.crc32(chunk))
     bomb = tmp_path / 'bomb.png'
     bomb.write_bytes(png + b'\x00' * 64)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'skipssl_eval.attention',
-            '--checkpoint',
-            'vit_tiny_patch16_skipat_224',
-            '--model-kwargs',
-            '{"depth": 2, "skip_indices": [1]}',
-            '--image',
-            str(bomb),
-            '--out',
-            str(tmp_path / 'attn'),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    model = ['--model-kwargs', '{"depth": 2, "skip_indices": [1]}']
+    proc = skipssl_attention(*model, '--image', str(bomb), '--out', str(tmp_path / 'attn'))
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert 'bomb.png' in proc.stderr and '30000 x 30000 pixels' in proc.stderr
